@@ -1,0 +1,1 @@
+"""Pretraining: train state, step, loop."""
