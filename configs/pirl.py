@@ -1,0 +1,167 @@
+"""PIRL pretraining configs.
+
+Select a preset with `--config=configs/pirl.py:<preset>`; override any field with
+`--config.<field>=<value>`.
+
+Presets:
+  default   The embedded synthetic ISIC-layout set, a narrow ResNet-18 and small views.
+            `python main.py --config=configs/pirl.py`
+            Expected: about 6-7 minutes on a 2-core CPU, compile included (see README).
+  tiny      For tests and smoke runs: a tiny ResNet, 32 px views, a few steps. Seconds.
+            `python main.py --config=configs/pirl.py:tiny --workdir=/tmp/pirl_tiny`
+  isic      The published ISIC 2017 reimplementation: ResNet-50, 224/255/64 views, the 2000
+            ISIC 2017 training images, K=1000, InfoNCE, batch 32.
+            `python main.py --config=configs/pirl.py:isic --config.data.path=/data/isic2017`
+            Expected: days on a CPU; on one modern GPU about 1-2 min per epoch.
+  imagenet  The paper: ResNet-50, ImageNet via tfds (imagenet2012 prepared in data_dir), global
+            batch 1024, K=32000, NCE at tau=0.07, 200 epochs, LR 0.03 x 1024/256 cosine.
+            `python main.py --config=configs/pirl.py:imagenet --config.data.tfds_data_dir=/data/tfds`
+            Expected: several days on 32 GPUs (as in the paper); not runnable on a laptop.
+"""
+
+import ml_collections
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+  """Returns the config for `preset` (default, tiny, isic, imagenet)."""
+  config = ml_collections.ConfigDict()
+  config.name = "pirl"
+  config.mode = "pretrain"  # main.py dispatches on this.
+  config.seed = 0
+
+  # --- Data -----------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  # 'synthetic': the embedded ISIC-layout set, generated once into data.cache_dir.
+  # 'isic': the ISIC 2017 training split under data.path (folders, nested folders or zips).
+  # 'folder': every jpg/png under data.path, recursively.
+  # 'tfds': the tfds dataset data.tfds_name / data.tfds_split from data.tfds_data_dir.
+  data.source = "synthetic"
+  data.path = ""
+  data.tfds_name = ""
+  data.tfds_split = "train"
+  data.tfds_data_dir = ""
+  data.cache_dir = ""  # '' = $PIRL_JAX_CACHE or ~/.cache/pirl_jax
+  data.synthetic_seed = 0
+  data.synthetic_num_unlabeled = 0
+  data.include_unlabeled = True  # synthetic: pretrain on train + the unlabelled pool.
+  # Images are decoded once, converted to RGB and downscaled to this short side (never up).
+  data.max_image_side = 128
+  data.min_image_side = 32  # smaller images are bad input (error, or skipped if on_bad_image='skip')
+  data.on_bad_image = "error"  # 'error' | 'skip' (skipped files are counted and logged)
+  data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
+  data.prefetch_batches = 2
+
+  # The two PIRL views (PIRL.md section 1); paper sizes are 224 / 255 / 64.
+  data.views = views = ml_collections.ConfigDict()
+  views.image_size = 64
+  views.image_crop_scale = (0.08, 1.0)
+  views.jigsaw_crop_size = 75
+  views.jigsaw_crop_scale = (0.6, 1.0)
+  views.grid = 3
+  views.tile_size = 19
+  views.color_jitter = (0.4, 0.4, 0.4, 0.2)
+  views.grayscale_prob = 0.2
+  views.flip_prob = 0.5
+  views.tile_photometric = True
+
+  # --- Model ----------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.trunk = "resnet18"
+  model.width_multiplier = 0.25
+  model.embed_dim = 128
+  model.head = "linear"  # 'linear' (paper) | 'mlp' (VISSL mlphead)
+  model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+
+  # --- Memory bank and loss ---------------------------------------------------------------
+  config.memory_bank = ml_collections.ConfigDict()
+  config.memory_bank.momentum = 0.5
+
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.kind = "infonce"  # 'nce' (paper/VISSL) | 'infonce' (softmax cross-entropy)
+  loss.temperature = 0.07
+  loss.jigsaw_weight = 0.5  # lambda: L = lambda * L(m, g(tiles)) + (1 - lambda) * L(m, f(image))
+  loss.num_negatives = 1000
+  loss.exclude_positive = True  # VISSL samples with replacement and does not exclude.
+  loss.nce_z_ema = 0.0  # 0: Z frozen after the first step (paper); >0: EMA decay of Z.
+
+  # --- Optimisation -----------------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.base_learning_rate = 0.03  # scaled by global_batch_size / 256
+  optim.momentum = 0.9
+  optim.nesterov = False
+  optim.weight_decay = 1e-4  # masked off BatchNorm parameters and biases
+  optim.warmup_epochs = 0.0
+  optim.final_learning_rate_fraction = 1e-3  # cosine ends at base * this
+
+  config.global_batch_size = 64
+  config.num_epochs = 30.0
+  config.num_train_steps = -1  # >0 overrides num_epochs
+
+  # --- Logging and checkpoints ------------------------------------------------------------
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 3
+  config.resume = "auto"  # 'auto': resume from the workdir's latest checkpoint | 'never'
+
+  preset = preset or "default"
+  if preset == "default":
+    pass
+  elif preset == "tiny":
+    config.name = "pirl-tiny"
+    data.synthetic_num_unlabeled = 0
+    data.include_unlabeled = False
+    data.max_image_side = 48
+    views.image_size = 32
+    views.jigsaw_crop_size = 36
+    views.tile_size = 10
+    model.trunk = "resnet_tiny"
+    model.width_multiplier = 1.0
+    loss.num_negatives = 64
+    config.global_batch_size = 16
+    config.num_epochs = 1.0
+    config.num_train_steps = 6
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 3
+  elif preset == "isic":
+    config.name = "pirl-isic"
+    data.source = "isic"
+    data.max_image_side = 320
+    data.min_image_side = 64
+    views.image_size = 224
+    views.jigsaw_crop_size = 255
+    views.tile_size = 64
+    model.trunk = "resnet50"
+    model.width_multiplier = 1.0
+    loss.kind = "infonce"
+    loss.temperature = 0.07
+    loss.num_negatives = 1000
+    config.global_batch_size = 32
+    optim.base_learning_rate = 1e-3 * 256 / 32  # the reimplementation's SGD lr 1e-3 at batch 32
+    optim.final_learning_rate_fraction = 1.0  # it used a constant learning rate
+    config.num_epochs = 1000.0
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+  elif preset == "imagenet":
+    config.name = "pirl-imagenet"
+    data.source = "tfds"
+    data.tfds_name = "imagenet2012"
+    data.tfds_split = "train"
+    data.max_image_side = 320
+    data.min_image_side = 64
+    views.image_size = 224
+    views.jigsaw_crop_size = 255
+    views.tile_size = 64
+    model.trunk = "resnet50"
+    model.width_multiplier = 1.0
+    loss.kind = "nce"
+    loss.temperature = 0.07
+    loss.num_negatives = 32000
+    config.global_batch_size = 1024
+    optim.base_learning_rate = 0.03
+    config.num_epochs = 200.0
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 2500
+  else:
+    raise ValueError(f"Unknown preset {preset!r} for configs/pirl.py; choose one of "
+                     "default, tiny, isic, imagenet.")
+  return config

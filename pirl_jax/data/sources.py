@@ -1,0 +1,150 @@
+"""Unlabelled image sources for pretraining.
+
+Every source yields (encoded image, stable dataset index). The index is the memory-bank row of the
+image, so it must not change between epochs, restarts or device counts.
+
+Two kinds:
+  * `InMemorySource` (an image folder, the ISIC 2017 train split, the embedded synthetic set): every
+    image is decoded once, converted to RGB, downscaled and re-encoded as a clean JPEG held in memory
+    (optionally cached on disk). Random access by index, so data order is a pure function of
+    (seed, epoch) and any step can be resumed exactly.
+  * `TfdsSource` (imagenet2012, stl10 unlabelled, ...): streamed from a prepared tfds `data_dir`,
+    indexed by position in the deterministic (unshuffled) split order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import re
+from typing import Callable, Sequence
+
+from absl import logging
+import numpy as np
+
+from pirl_jax.data import images as images_lib
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass
+class InMemorySource:
+  """Prepared JPEG bytes, indexed 0..N-1 in a stable order."""
+  name: str
+  encoded: list[bytes]
+  image_names: list[str]
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.encoded)
+
+
+@dataclasses.dataclass
+class TfdsSource:
+  """A tfds split streamed with encoded images (decoding happens in the view pipeline)."""
+  name: str
+  split: str
+  data_dir: str | None
+  num_examples: int
+
+  def as_dataset(self, process_index: int, process_count: int):
+    """This process's share of (image_bytes, index) in the split's stable order."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    ds = tfds.load(self.name, split=self.split, data_dir=self.data_dir, shuffle_files=False,
+                   download=False, decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.enumerate().shard(process_count, process_index)
+    return ds.map(lambda i, ex: (ex["image"], tf.cast(i, tf.int32)))
+
+
+def _cache_root(cache_dir: str) -> pathlib.Path:
+  return pathlib.Path(cache_dir or os.environ.get("PIRL_JAX_CACHE") or
+                      pathlib.Path.home() / ".cache" / "pirl_jax")
+
+
+def _prepare(name: str, items: Sequence[tuple[str, Callable[[], bytes]]], data_cfg,
+             ) -> InMemorySource:
+  if not items:
+    raise ValueError(f"Data source {name!r} has no images.")
+  key = hashlib.sha1(
+      repr((name, [n for n, _ in items], data_cfg.min_image_side, data_cfg.max_image_side)
+           ).encode()).hexdigest()[:16]
+  cache_path = _cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz"
+  prepared = images_lib.prepare_all(
+      items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side,
+      on_bad=data_cfg.on_bad_image, cache_path=cache_path)
+  names = [items[i][0] for i in prepared.kept]
+  if not prepared.encoded:
+    raise ValueError(f"Data source {name!r}: all {len(items)} images were skipped as bad input.")
+  return InMemorySource(name=name, encoded=list(prepared.encoded), image_names=names,
+                        skipped=list(prepared.skipped))
+
+
+def _file_loader(path: pathlib.Path) -> Callable[[], bytes]:
+  return lambda: path.read_bytes()
+
+
+def folder_items(root: str) -> list[tuple[str, Callable[[], bytes]]]:
+  """All jpg/png files under `root`, recursively, sorted by relative path."""
+  root_path = pathlib.Path(root)
+  if not root_path.is_dir():
+    raise FileNotFoundError(f"Image folder does not exist: {root} (config field data.path)")
+  paths = sorted(p for p in root_path.rglob("*")
+                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                 and not re.search(r"_superpixels\.png$", p.name))
+  return [(str(p), _file_loader(p)) for p in paths]
+
+
+def isic_items(root: str, split: str = "train") -> list[tuple[str, Callable[[], bytes]]]:
+  """The images of one ISIC 2017 split (labels ignored), in the reader's stable order."""
+  from pirl_jax.data import isic
+  isic_split = isic.read_split(root, split)
+  return [(str(isic_split.refs[i]), (lambda i=i: isic_split.read_bytes(i)))
+          for i in range(len(isic_split.image_ids))]
+
+
+def synthetic_root(data_cfg) -> pathlib.Path:
+  """The embedded synthetic set, generated once into the cache (logged) and reused."""
+  from pirl_jax.data import synthetic
+  cache = _cache_root(data_cfg.cache_dir) / "synthetic"
+  return synthetic.ensure_synthetic(cache, seed=data_cfg.synthetic_seed,
+                                    num_unlabeled=data_cfg.synthetic_num_unlabeled)
+
+
+def create_source(data_cfg) -> InMemorySource | TfdsSource:
+  """Builds the pretraining source named by `data_cfg.source`."""
+  kind = data_cfg.source
+  if kind == "synthetic":
+    root = synthetic_root(data_cfg)
+    items = isic_items(str(root), "train")
+    unlabeled = root / "ISIC-2017_Unlabeled_Data"
+    if data_cfg.include_unlabeled and unlabeled.is_dir():
+      items += folder_items(str(unlabeled))
+    return _prepare(f"synthetic:{root}", items, data_cfg)
+  if kind == "isic":
+    if not data_cfg.path:
+      raise ValueError("data.source='isic' needs data.path, the folder with the ISIC 2017 files.")
+    return _prepare(f"isic:{data_cfg.path}", isic_items(data_cfg.path, "train"), data_cfg)
+  if kind == "folder":
+    if not data_cfg.path:
+      raise ValueError("data.source='folder' needs data.path, a folder of jpg/png images.")
+    return _prepare(f"folder:{data_cfg.path}", folder_items(data_cfg.path), data_cfg)
+  if kind == "tfds":
+    if not data_cfg.tfds_name:
+      raise ValueError("data.source='tfds' needs data.tfds_name (e.g. imagenet2012, stl10).")
+    import tensorflow_datasets as tfds
+    data_dir = data_cfg.tfds_data_dir or None
+    try:
+      builder = tfds.builder(data_cfg.tfds_name, data_dir=data_dir)
+      num = builder.info.splits[data_cfg.tfds_split].num_examples
+    except Exception as e:  # tfds raises several types for "not prepared"/"unknown split".
+      raise ValueError(
+          f"tfds dataset {data_cfg.tfds_name!r} split {data_cfg.tfds_split!r} is not available in "
+          f"data_dir={data_dir!r} (config fields data.tfds_name / data.tfds_split / "
+          f"data.tfds_data_dir). Prepare it first; nothing is downloaded at run time. ({e})"
+      ) from e
+    return TfdsSource(data_cfg.tfds_name, data_cfg.tfds_split, data_dir, int(num))
+  raise ValueError(f"Unknown data.source {kind!r}; choose synthetic, isic, folder or tfds.")

@@ -1,0 +1,93 @@
+"""The PIRL train state (one pytree), the model and the optimizer built from a config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from pirl_jax import memory_bank
+from pirl_jax import sharding as sharding_lib
+from pirl_jax.models import pirl as pirl_model
+from pirl_jax.models import resnet
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during pretraining; checkpointed, sharded and donated as one."""
+  step: jax.Array  # int32 scalar
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  bank: jax.Array  # (N padded to a multiple of the device count, embed_dim), rows sharded
+  nce_z: jax.Array  # float32 scalar; 0 until estimated at the first NCE step
+  rng: jax.Array  # raw uint32 PRNG key for the negatives
+
+
+def compute_dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def create_model(model_cfg) -> pirl_model.PIRLNet:
+  trunk = resnet.get_trunk(model_cfg.trunk, width_multiplier=model_cfg.width_multiplier,
+                           dtype=compute_dtype(model_cfg.dtype))
+  return pirl_model.PIRLNet(trunk=trunk, embed_dim=model_cfg.embed_dim, head=model_cfg.head)
+
+
+def weight_decay_mask(params):
+  """True for conv and dense kernels; BatchNorm parameters and biases are not decayed."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def create_optimizer(optim_cfg, learning_rate: float, warmup_steps: int, total_steps: int):
+  """SGD with momentum, masked weight decay, cosine learning rate with optional warmup."""
+  end_value = learning_rate * optim_cfg.final_learning_rate_fraction
+  if warmup_steps > 0:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+        decay_steps=total_steps, end_value=end_value)
+  else:
+    schedule = optax.cosine_decay_schedule(
+        learning_rate, decay_steps=total_steps, alpha=optim_cfg.final_learning_rate_fraction)
+  tx = optax.chain(
+      optax.add_decayed_weights(optim_cfg.weight_decay, mask=weight_decay_mask),
+      optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
+  )
+  return tx, schedule
+
+
+def state_shardings(abstract_state: TrainState, mesh):
+  """Everything replicated except the memory bank, whose rows are split over 'data'."""
+  shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  return shardings.replace(bank=sharding_lib.bank_sharding(mesh))
+
+
+def create_train_state(config, model, tx, num_examples: int, mesh, seed: int):
+  """The initial state, born sharded on `mesh`. Returns (state, shardings)."""
+  views = config.data.views
+  images = jnp.zeros((1, views.image_size, views.image_size, 3), jnp.float32)
+  tiles = jnp.zeros((1, views.grid ** 2, views.tile_size, views.tile_size, 3), jnp.float32)
+  num_rows = memory_bank.padded_size(num_examples, mesh.size)
+
+  def init(rng):
+    params_rng, bank_rng, step_rng = jax.random.split(rng, 3)
+    variables = model.init(params_rng, images, tiles, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        bank=memory_bank.init_bank(bank_rng, num_examples, config.model.embed_dim, num_rows),
+        nce_z=jnp.zeros((), jnp.float32),
+        rng=step_rng,
+    )
+
+  rng = jax.random.PRNGKey(seed)
+  shardings = state_shardings(jax.eval_shape(init, rng), mesh)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings

@@ -1,0 +1,105 @@
+"""The PIRL train step: a pure function of (state, batch)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pirl_jax import losses
+from pirl_jax import memory_bank
+from pirl_jax import sharding as sharding_lib
+from pirl_jax.train.state import TrainState
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_momentum: float,
+               num_examples: int, bank_sharding=None):
+  """One PIRL step: both trunk passes, heads, loss, optimizer, then the bank write.
+
+  The order matters (PIRL.md section 8): both loss terms score against the *old* bank rows;
+  only the image embedding f(v_I) is written, after the gradient step, without gradient.
+
+  Returns:
+    (new_state, metrics) with scalar metrics for this step.
+  """
+  rng, jigsaw_rng, image_rng = jax.random.split(state.rng, 3)
+  index = batch["index"]
+  k = loss_cfg.num_negatives
+  negatives_jigsaw = memory_bank.sample_negatives(
+      jigsaw_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
+  negatives_image = memory_bank.sample_negatives(
+      image_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
+
+  def loss_fn(params):
+    (f_hat, g_hat), new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["tiles"],
+        train=True, mutable=["batch_stats"])
+    f_hat = f_hat.astype(jnp.float32)
+    g_hat = g_hat.astype(jnp.float32)
+    logits_jigsaw = losses.contrastive_scores(
+        g_hat, state.bank, index, negatives_jigsaw, loss_cfg.temperature)
+    logits_image = losses.contrastive_scores(
+        f_hat, state.bank, index, negatives_image, loss_cfg.temperature)
+    if loss_cfg.kind == "nce":
+      z_batch = losses.estimate_z(
+          [jax.lax.stop_gradient(logits_jigsaw), jax.lax.stop_gradient(logits_image)],
+          num_examples)
+      z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
+      loss_jigsaw = losses.nce_loss(logits_jigsaw, z, num_examples)
+      loss_image = losses.nce_loss(logits_image, z, num_examples)
+    else:
+      z_batch = z = jnp.zeros((), jnp.float32)
+      loss_jigsaw = losses.infonce_loss(logits_jigsaw)
+      loss_image = losses.infonce_loss(logits_image)
+    lam = loss_cfg.jigsaw_weight
+    total = lam * loss_jigsaw + (1.0 - lam) * loss_image
+    aux = dict(batch_stats=new_vars["batch_stats"], f_hat=f_hat, z=z, z_batch=z_batch,
+               loss_jigsaw=loss_jigsaw, loss_image=loss_image,
+               logits_jigsaw=logits_jigsaw, logits_image=logits_image)
+    return total, aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  bank = memory_bank.update(state.bank, index, aux["f_hat"], bank_momentum)
+  if bank_sharding is not None:
+    bank = jax.lax.with_sharding_constraint(bank, bank_sharding)
+
+  if loss_cfg.kind == "nce":
+    nce_z = jnp.where(state.nce_z > 0,
+                      losses.update_z(state.nce_z, aux["z_batch"], loss_cfg.nce_z_ema),
+                      aux["z_batch"])
+  else:
+    nce_z = state.nce_z
+
+  tau = loss_cfg.temperature
+  logits = jnp.concatenate([aux["logits_jigsaw"], aux["logits_image"]], axis=0)
+  metrics = {
+      "loss": loss,
+      "loss_jigsaw": aux["loss_jigsaw"],
+      "loss_image": aux["loss_image"],
+      "nce_z": aux["z"],
+      "learning_rate": schedule(state.step),
+      "positive_similarity": jnp.mean(logits[:, 0]) * tau,
+      "negative_similarity": jnp.mean(logits[:, 1:]) * tau,
+      "grad_norm": optax.global_norm(grads),
+  }
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=aux["batch_stats"], opt_state=opt_state, bank=bank,
+                            nce_z=nce_z, rng=rng)
+  return new_state, metrics
+
+
+def jit_train_step(mesh, state_shardings, **step_kwargs):
+  """`train_step` under jit with explicit shardings; the input state is donated."""
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  step = functools.partial(train_step, bank_sharding=state_shardings.bank, **step_kwargs)
+  return jax.jit(
+      step,
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=0,
+  )
