@@ -82,7 +82,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   loss.jigsaw_weight = 0.5  # lambda: L = lambda * L(m, g(tiles)) + (1 - lambda) * L(m, f(image))
   loss.num_negatives = 1000
   loss.exclude_positive = True  # VISSL samples with replacement and does not exclude.
-  loss.nce_z_ema = 0.0  # 0: Z frozen after the first step (paper); >0: EMA decay of Z.
+  loss.nce_z_ema = 0.0  # 0: Z frozen after the first step (paper); >0: weight of each new estimate in an EMA of Z.
 
   # --- Optimisation -----------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()

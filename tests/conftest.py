@@ -8,3 +8,14 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def small_isic_root(tmp_path_factory):
+  """A small synthetic set in the ISIC 2017 layout, generated once per test session."""
+  from pirl_jax.data import synthetic
+  root = tmp_path_factory.mktemp("small_isic")
+  synthetic.generate(root, seed=0, num_train=120, num_val=30, num_test=60)
+  return root

@@ -1,0 +1,210 @@
+"""Pretraining: multi-device equals single-device, learning, checkpoints and resume, config errors."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pirl as pirl_configs
+from pirl_jax import checkpointing
+from pirl_jax import configuration
+from pirl_jax import sharding as sharding_lib
+from pirl_jax.train import pretrain
+from pirl_jax.train import state as state_lib
+from pirl_jax.train import step as step_lib
+
+
+def _tiny_config(**overrides):
+  config = pirl_configs.get_config("tiny")
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _random_batch(config, num_examples, seed=0):
+  rng = np.random.default_rng(seed)
+  views, b = config.data.views, config.global_batch_size
+  return {
+      "image": rng.normal(size=(b, views.image_size, views.image_size, 3)).astype(np.float32),
+      "tiles": rng.normal(size=(b, 9, views.tile_size, views.tile_size, 3)).astype(np.float32),
+      "index": rng.permutation(num_examples)[:b].astype(np.int32),
+  }
+
+
+def _run_steps(config, num_devices, num_examples, num_steps):
+  mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
+  schedule = configuration.resolve_schedule(config, num_examples)
+  model = state_lib.create_model(config.model)
+  tx, lr = state_lib.create_optimizer(config.optim, schedule.learning_rate,
+                                      schedule.warmup_steps, schedule.total_steps)
+  state, shardings = state_lib.create_train_state(config, model, tx, num_examples, mesh, 0)
+  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=lr,
+                                 loss_cfg=config.loss, bank_momentum=0.5,
+                                 num_examples=num_examples)
+  metrics = []
+  for i in range(num_steps):
+    state, m = step(state, sharding_lib.global_batch(_random_batch(config, num_examples, i), mesh))
+    metrics.append(jax.device_get(m))
+  return state, metrics
+
+
+def _max_abs_diff(a, b):
+  diffs = jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))),
+      a, b)
+  return max(jax.tree.leaves(diffs))
+
+
+@pytest.mark.parametrize("loss_kind", ["nce", "infonce"])
+def test_eight_devices_equal_one_device(loss_kind):
+  # N=203 is not a multiple of 8: the 8-device bank carries 5 padding rows.
+  num_examples = 203
+  config = _tiny_config(**{"loss.kind": loss_kind})
+  one, metrics_one = _run_steps(config, 1, num_examples, 2)
+  eight, metrics_eight = _run_steps(config, 8, num_examples, 2)
+
+  assert eight.bank.shape == (208, 128) and one.bank.shape == (203, 128)
+  assert eight.bank.sharding.spec == sharding_lib.bank_sharding(
+      sharding_lib.create_mesh(jax.devices()[:8])).spec
+  # Each device holds 1/8 of the bank's rows.
+  assert {s.data.shape for s in eight.bank.addressable_shards} == {(26, 128)}
+  one, eight = jax.device_get(one), jax.device_get(eight)
+  # Tolerances: float32 reductions are ordered differently across 8 shards.
+  for m1, m8 in zip(metrics_one, metrics_eight):
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["nce_z"], m8["nce_z"], rtol=1e-5)
+  assert _max_abs_diff(one.params, eight.params) < 1e-5
+  assert _max_abs_diff(one.batch_stats, eight.batch_stats) < 1e-5
+  np.testing.assert_allclose(one.bank, eight.bank[:num_examples], atol=1e-5)
+  np.testing.assert_array_equal(eight.bank[num_examples:], 0.0)  # padding never written
+  if loss_kind == "nce":
+    assert metrics_one[0]["nce_z"] > 0
+    # Z is estimated at the first step and then frozen (nce_z_ema=0).
+    assert metrics_one[1]["nce_z"] == metrics_one[0]["nce_z"] == one.nce_z
+
+
+def test_weight_decay_mask_excludes_batchnorm_and_biases():
+  config = _tiny_config()
+  model = state_lib.create_model(config.model)
+  views = config.data.views
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
+                         np.zeros((1, 9, views.tile_size, views.tile_size, 3), np.float32),
+                         train=False))
+  mask = state_lib.weight_decay_mask(variables["params"])
+  flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+  decayed = {jax.tree_util.keystr(p) for p, m in flat if m}
+  kept = {jax.tree_util.keystr(p) for p, m in flat if not m}
+  assert decayed and all("kernel" in k for k in decayed)
+  assert any("scale" in k for k in kept) and any("bias" in k for k in kept)
+  assert not any("kernel" in k for k in kept)
+
+
+def _pretrain(tmp_path, name, isic_root, **overrides):
+  config = _tiny_config(**{"data.source": "isic", "data.path": str(isic_root),
+                           "data.cache_dir": str(tmp_path / "cache"), **overrides})
+  workdir = tmp_path / name
+  return config, workdir, pretrain.train_and_evaluate(config, str(workdir))
+
+
+def _scalars(workdir, tag):
+  """The values logged for `tag` in the workdir's TensorBoard event files, in step order."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  points = []
+  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          points.append((event.step, float(tf.make_ndarray(value.tensor))))
+  return [v for _, v in sorted(points)]
+
+
+def test_loss_decreases_and_positives_separate(tmp_path, small_isic_root):
+  _, workdir, summary = _pretrain(
+      tmp_path, "learn", small_isic_root,
+      **{"num_train_steps": 40, "log_every_steps": 10, "checkpoint_every_steps": 40,
+         "optim.base_learning_rate": 0.5})
+  logged = json.loads((workdir / "summary.json").read_text())
+  assert logged["step"] == 40
+  values = _scalars(workdir, "loss")
+  assert len(values) == 4
+  assert values[-1] < values[0]
+  final = summary["metrics"]
+  assert final["positive_similarity"] > final["negative_similarity"] + 0.1
+
+
+def test_checkpoint_roundtrip_is_identical(tmp_path):
+  config = _tiny_config()
+  state, _ = _run_steps(config, 1, 100, 1)
+  mesh = sharding_lib.create_mesh(jax.devices()[:1])
+  shardings = state_lib.state_shardings(state, mesh)
+  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", keep=2)
+  ckpt.save(1, state)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(1, checkpointing.abstract_like(state, shardings))
+  ckpt.close()
+  assert _max_abs_diff(jax.device_get(state), jax.device_get(restored)) == 0.0
+  assert restored.bank.sharding.spec == state.bank.sharding.spec
+
+
+def test_restart_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path,
+                                                                        small_isic_root):
+  _, full_dir, _ = _pretrain(tmp_path, "full", small_isic_root)
+  _, resumed_dir, _ = _pretrain(tmp_path, "resumed", small_isic_root)
+  ckpt_dir = resumed_dir / "checkpoints"
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [3, 6]
+  # Simulate an interruption after the step-3 checkpoint: drop everything after it.
+  shutil.rmtree(ckpt_dir / "6")
+  config, _, summary = _pretrain(tmp_path, "resumed", small_isic_root)
+  assert summary["step"] == 6
+
+  mesh = sharding_lib.create_mesh()
+  def restore(workdir):
+    template, shardings = _abstract_state(config, mesh)
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
+    assert ckpt.latest_step() == 6
+    state = ckpt.restore(6, checkpointing.abstract_like(template, shardings))
+    ckpt.close()
+    return jax.device_get(state)
+  full, resumed = restore(full_dir), restore(resumed_dir)
+  assert _max_abs_diff(full, resumed) == 0.0  # same machine, same devices: bitwise
+
+
+def _abstract_state(config, mesh):
+  from pirl_jax.data import sources  # pylint: disable=g-import-not-at-top
+  num_examples = sources.create_source(config.data).num_examples
+  schedule = configuration.resolve_schedule(config, num_examples)
+  model = state_lib.create_model(config.model)
+  tx, _ = state_lib.create_optimizer(config.optim, schedule.learning_rate,
+                                     schedule.warmup_steps, schedule.total_steps)
+  return state_lib.create_train_state(config, model, tx, num_examples, mesh, config.seed)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("global_batch_size", 12, "divisible by the number of devices (8)"),
+    ("loss.kind", "ntxent", "config.loss.kind='ntxent'"),
+    ("loss.temperature", 0.0, "config.loss.temperature"),
+    ("data.source", "s3", "config.data.source='s3'"),
+])
+def test_config_errors_name_the_field(field, value, message):
+  config = _tiny_config(**{field: value})
+  with pytest.raises(configuration.ConfigError, match=message.replace("(", r"\(").replace(
+      ")", r"\)").replace(".", r"\.")):
+    configuration.validate_pretrain_config(config, num_devices=8)
+
+
+def test_num_negatives_must_be_below_dataset_size():
+  config = _tiny_config(**{"loss.num_negatives": 100})
+  with pytest.raises(configuration.ConfigError, match=r"num_negatives=100 must be < .* N=100"):
+    configuration.validate_dataset_size(config, 100)
+  configuration.validate_dataset_size(config, 101)
+  config = _tiny_config(**{"global_batch_size": 64})
+  with pytest.raises(configuration.ConfigError, match="fewer than config.global_batch_size=64"):
+    configuration.validate_dataset_size(config, 50)
