@@ -1,0 +1,245 @@
+"""Reader for ISIC 2017 Part 3 (lesion classification) as distributed.
+
+Each split is an image archive and a ground-truth CSV under one root, with the official names
+(`SPLITS`). The images may be unzipped flat (`root/ISIC-2017_Training_Data/ISIC_0000000.jpg`),
+unzipped as the archives unpack (one folder deeper:
+`root/ISIC-2017_Training_Data/ISIC-2017_Training_Data/ISIC_0000000.jpg`), or left as the zip
+(`root/ISIC-2017_Training_Data.zip`). Only `ISIC_<7 digits>.jpg` files are images; the
+`_superpixels.png` files and `*_metadata.csv` next to them are ignored.
+
+Everything is validated up front, and every problem raises `IsicFormatError` naming the file (and
+the CSV line where there is one).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+from absl import logging
+
+# split -> (image folder / zip stem, ground-truth CSV).
+SPLITS = {
+    "train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part3_GroundTruth.csv"),
+    "validation": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part3_GroundTruth.csv"),
+    "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part3_GroundTruth.csv"),
+}
+CSV_COLUMNS = ("image_id", "melanoma", "seborrheic_keratosis")
+LABEL_NAMES = ("melanoma", "seborrheic_keratosis", "nevus")
+IMAGE_NAME_RE = re.compile(r"(ISIC_\d{7})\.jpg")
+_MAX_LISTED = 20  # ids named in one message; the rest are counted
+
+
+class IsicFormatError(ValueError):
+  """The ISIC files are missing or malformed; the message names the file (and line)."""
+
+
+class ImageRef(NamedTuple):
+  """Where one image lives: a file (`member` None) or a member of the zip at `path`."""
+  path: str
+  member: str | None = None
+
+  @property
+  def name(self) -> str:
+    """A readable location for messages: the path, or `archive.zip:member`."""
+    return self.path if self.member is None else f"{self.path}:{self.member}"
+
+
+@functools.lru_cache(maxsize=16)
+def _open_zip(path: str, pid: int) -> zipfile.ZipFile:
+  # Keyed by pid: a forked child must not share the parent's file offset, so it opens its own.
+  del pid
+  return zipfile.ZipFile(path)
+
+
+def _read_ref(ref: ImageRef) -> bytes:
+  if ref.member is None:
+    return Path(ref.path).read_bytes()
+  return _open_zip(ref.path, os.getpid()).read(ref.member)
+
+
+@dataclasses.dataclass(frozen=True)
+class IsicSplit:
+  """One validated split, sorted by image id.
+
+  Attributes:
+    split: 'train', 'validation' or 'test'.
+    csv_path: the ground-truth CSV it was read from.
+    image_ids: e.g. 'ISIC_0000000', sorted.
+    melanoma: int32 0/1 per image.
+    seborrheic_keratosis: int32 0/1 per image.
+    label: int32 per image: 0 melanoma, 1 seborrheic keratosis, 2 nevus.
+    refs: where each image lives (`ImageRef`).
+  """
+  split: str
+  csv_path: Path
+  image_ids: list[str]
+  melanoma: np.ndarray
+  seborrheic_keratosis: np.ndarray
+  label: np.ndarray
+  refs: list[ImageRef]
+
+  def __len__(self) -> int:
+    return len(self.image_ids)
+
+  def read_bytes(self, i: int) -> bytes:
+    """Returns the encoded bytes of image `i` (from its file or zip member)."""
+    return _read_ref(self.refs[i])
+
+  def items(self) -> list[tuple[str, Callable[[], bytes]]]:
+    """`(name, loader)` pairs for `images.prepare_all`, in split order."""
+    return [(ref.name, functools.partial(_read_ref, ref)) for ref in self.refs]
+
+
+def _find_images(root: Path, stem: str) -> tuple[Path, dict[str, ImageRef]]:
+  """Finds the split's image folder (flat or nested) or zip; returns it and image id -> ref."""
+  nested, flat, archive = root / stem / stem, root / stem, root / f"{stem}.zip"
+  found: dict[str, ImageRef] = {}
+  if flat.is_dir():
+    folder = nested if nested.is_dir() else flat
+    with os.scandir(folder) as entries:
+      entries = sorted(entries, key=lambda e: e.name)
+    for entry in entries:
+      match = IMAGE_NAME_RE.fullmatch(entry.name)
+      if match and entry.is_file():
+        found[match.group(1)] = ImageRef(str(folder / entry.name))
+    return folder, found
+  if archive.is_file():
+    try:
+      with zipfile.ZipFile(archive) as zf:
+        members = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+    except (zipfile.BadZipFile, OSError) as e:
+      raise IsicFormatError(f"{archive}: not a readable zip archive ({e})") from e
+    for member in members:
+      basename = member.rsplit("/", 1)[-1]
+      match = IMAGE_NAME_RE.fullmatch(basename)
+      if not match:  # also skips macOS "__MACOSX/.../._ISIC_..." resource forks
+        continue
+      if match.group(1) in found:
+        raise IsicFormatError(f"{archive}: image {basename} appears twice, as "
+                              f"{found[match.group(1)].member} and {member}")
+      found[match.group(1)] = ImageRef(str(archive), member)
+    return archive, found
+  raise IsicFormatError(f"{root}: no image folder or archive for this split; looked for "
+                        f"{flat}/ (or nested {nested}/) and {archive}")
+
+
+def _parse_label(value: str, column: str, where: str) -> int:
+  try:
+    number = float(value)
+  except ValueError:
+    raise IsicFormatError(f"{where}: {column} is {value!r}, not a number") from None
+  if number not in (0.0, 1.0):
+    raise IsicFormatError(f"{where}: {column} is {value!r}; must be 0 or 1")
+  return int(number)
+
+
+def _read_csv(csv_path: Path) -> list[tuple[str, int, int, int]]:
+  """Returns (image_id, melanoma, seborrheic_keratosis, line) rows, validated."""
+  rows = []
+  first_line: dict[str, int] = {}
+  try:
+    # utf-8-sig: spreadsheet programs often prepend a byte-order mark.
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f)
+      header = reader.fieldnames
+      if header is None:
+        raise IsicFormatError(f"{csv_path}: empty file; expected a header "
+                              f"{','.join(CSV_COLUMNS)}")
+      missing = [c for c in CSV_COLUMNS if c not in [h.strip() for h in header]]
+      if missing:
+        raise IsicFormatError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header is "
+                              f"{','.join(header)!r}, expected {','.join(CSV_COLUMNS)}")
+      for row in reader:
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+        where = f"{csv_path} line {reader.line_num}"
+        image_id = row["image_id"]
+        if not image_id:
+          raise IsicFormatError(f"{where}: empty image_id")
+        if image_id in first_line:
+          raise IsicFormatError(f"{where}: duplicate image_id {image_id} "
+                                f"(first on line {first_line[image_id]})")
+        first_line[image_id] = reader.line_num
+        mel = _parse_label(row["melanoma"], "melanoma", where)
+        sk = _parse_label(row["seborrheic_keratosis"], "seborrheic_keratosis", where)
+        if mel and sk:
+          raise IsicFormatError(f"{where}: {image_id} has both melanoma and "
+                                "seborrheic_keratosis set to 1; at most one may be")
+        rows.append((image_id, mel, sk, reader.line_num))
+  except UnicodeDecodeError as e:
+    raise IsicFormatError(f"{csv_path}: not valid UTF-8 text ({e.reason}); "
+                          "save the CSV as UTF-8") from e
+  except csv.Error as e:
+    raise IsicFormatError(f"{csv_path}: malformed CSV ({e})") from e
+  return rows
+
+
+def _listed(names: list[str]) -> str:
+  shown = ", ".join(names[:_MAX_LISTED])
+  return shown if len(names) <= _MAX_LISTED else f"{shown}, ... ({len(names)} in all)"
+
+
+def read_split(root: str | os.PathLike, split: str, *, strict: bool = False) -> IsicSplit:
+  """Reads and validates one ISIC 2017 split.
+
+  Args:
+    root: the folder holding the split's image folder or zip and its ground-truth CSV.
+    split: 'train', 'validation' or 'test'.
+    strict: if True, images with no CSV row are an error; otherwise they are ignored with a
+      warning that lists them.
+
+  Returns:
+    IsicSplit sorted by image id.
+
+  Raises:
+    IsicFormatError: for a missing root, CSV or image folder, a malformed CSV (missing column,
+      non-UTF-8, labels outside {0, 1}, both labels 1, duplicate id), a CSV row without an image,
+      an empty split, or (strict) an image without a CSV row.
+    ValueError: for an unknown split name.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"unknown ISIC 2017 split {split!r}; expected one of {list(SPLITS)}")
+  root = Path(root)
+  if not root.is_dir():
+    raise IsicFormatError(f"{root}: ISIC 2017 root folder does not exist")
+  stem, csv_name = SPLITS[split]
+  csv_path = root / csv_name
+  if not csv_path.is_file():
+    raise IsicFormatError(f"{csv_path}: ground-truth CSV for the {split} split not found")
+  image_location, images = _find_images(root, stem)
+  rows = _read_csv(csv_path)
+  if not rows:
+    raise IsicFormatError(f"{csv_path}: empty {split} split (no labelled rows)")
+
+  unmatched = [f"{image_id} (line {line})" for image_id, _, _, line in rows
+               if image_id not in images]
+  if unmatched:
+    raise IsicFormatError(f"{csv_path}: {len(unmatched)} image_id(s) have no image in "
+                          f"{image_location}: {_listed(unmatched)}")
+  unlabelled = sorted(set(images) - {row[0] for row in rows})
+  if unlabelled:
+    message = (f"{image_location}: {len(unlabelled)} image(s) have no row in {csv_path}: "
+               f"{_listed(unlabelled)}")
+    if strict:
+      raise IsicFormatError(message)
+    logging.warning("%s; ignoring them.", message)
+
+  rows.sort()
+  mel = np.array([r[1] for r in rows], dtype=np.int32)
+  sk = np.array([r[2] for r in rows], dtype=np.int32)
+  return IsicSplit(
+      split=split, csv_path=csv_path, image_ids=[r[0] for r in rows], melanoma=mel,
+      seborrheic_keratosis=sk, label=np.where(mel == 1, 0, np.where(sk == 1, 1, 2)).astype(np.int32),
+      refs=[images[r[0]] for r in rows])
+
+
+def read_isic2017(root: str | os.PathLike, strict: bool = False) -> dict[str, IsicSplit]:
+  """Reads all three splits (see `read_split`); returns {'train', 'validation', 'test'} -> split."""
+  return {split: read_split(root, split, strict=strict) for split in SPLITS}
