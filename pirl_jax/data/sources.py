@@ -101,9 +101,7 @@ def folder_items(root: str) -> list[tuple[str, Callable[[], bytes]]]:
 def isic_items(root: str, split: str = "train") -> list[tuple[str, Callable[[], bytes]]]:
   """The images of one ISIC 2017 split (labels ignored), in the reader's stable order."""
   from pirl_jax.data import isic
-  isic_split = isic.read_split(root, split)
-  return [(str(isic_split.refs[i]), (lambda i=i: isic_split.read_bytes(i)))
-          for i in range(len(isic_split.image_ids))]
+  return isic.read_split(root, split).items()
 
 
 def synthetic_root(data_cfg) -> pathlib.Path:
