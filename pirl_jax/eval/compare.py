@@ -1,0 +1,150 @@
+r"""Scratch vs PIRL (vs a supervised checkpoint) on ISIC 2017 under one recipe and the same seeds.
+
+  python -m pirl_jax.eval.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
+  python -m pirl_jax.eval.compare --pirl=runs/pirl --supervised=runs/supervised/checkpoints \
+      --config=configs/finetune_isic.py:linear --workdir=runs/compare-linear
+
+Every arm runs `finetune.train_and_evaluate` with the same config (`--config`, default
+configs/finetune_isic.py, with any `--config.<field>=...` override), the same trunk (the PIRL run's,
+from its config.json), the same label subset and seed; only the initialisation differs. Runs go to
+`<workdir>/<arm>/seed<k>/`; a run that already finished there (metrics.json present) is reused,
+so an interrupted comparison picks up where it stopped. Prints a Markdown table of test AUCs
+(mean ± sample standard deviation over the seeds) and writes it to `<workdir>/compare.md`, with all
+numbers in `<workdir>/compare.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", "configs/finetune_isic.py",
+    "The evaluation recipe shared by every arm (a configs/finetune_isic.py preset).",
+    lock_config=True)
+flags.DEFINE_string("pirl", None, "PIRL pretraining workdir (or checkpoint folder).")
+flags.DEFINE_string("supervised", None,
+                    "Optional: a checkpoint of the same trunk trained with labels (the blog's "
+                    "'ImageNet transfer' arm).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each arm runs once per seed.")
+flags.DEFINE_float("label_fraction", 0.1, "Fraction of the training labels (stratified subset).")
+flags.DEFINE_alias("label-fraction", "label_fraction")
+flags.DEFINE_string("workdir", None, "Where the runs and the table go (default: runs/compare).")
+
+ARM_TITLES = {"scratch": "scratch", "pirl": "PIRL (self-supervised)",
+              "supervised": "supervised checkpoint"}
+METRICS = (("auc_melanoma", "test AUC melanoma"),
+           ("auc_seborrheic_keratosis", "test AUC seb. keratosis"),
+           ("auc_mean", "test mean AUC"))
+
+
+def arm_config(base, arm: str, checkpoint: str, seed: int, label_fraction: float, trunk: tuple):
+  """The config of one run: the shared recipe with this arm's init and this seed."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.seed = seed
+  config.label_fraction = label_fraction
+  config.init.kind = arm if arm != "supervised" else "checkpoint"
+  config.init.checkpoint = checkpoint
+  config.init.inherit_trunk = False  # every arm uses the PIRL run's trunk, set here
+  config.model.trunk, config.model.width_multiplier = trunk
+  return config
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.asarray(values, np.float64)
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return float(np.mean(values)), std
+
+
+def markdown_table(results: dict[str, list[dict]], label_fraction: float,
+                   protocol: str) -> str:
+  """| init | test AUC melanoma | ... | with mean ± std over seeds, then the per-seed values."""
+  seeds = {arm: [r["seed"] for r in runs] for arm, runs in results.items()}
+  header = "| initialisation | " + " | ".join(t for _, t in METRICS) + " | seeds |"
+  lines = [f"ISIC 2017 Part 3 test AUC, {protocol}, label_fraction={label_fraction:g} "
+           "(mean ± std over seeds)", "", header,
+           "|" + "---|" * (len(METRICS) + 2)]
+  for arm, runs in results.items():
+    cells = []
+    for key, _ in METRICS:
+      mean, std = _mean_std([r["test"][key] for r in runs])
+      cells.append(f"{mean:.3f} ± {std:.3f}")
+    lines.append(f"| {ARM_TITLES[arm]} | " + " | ".join(cells) +
+                 f" | {','.join(map(str, seeds[arm]))} |")
+  lines += ["", "Per seed (test melanoma / SK / mean AUC; selected by validation mean AUC):", ""]
+  for arm, runs in results.items():
+    per_seed = "; ".join(
+        f"seed {r['seed']}: {r['test']['auc_melanoma']:.3f} / "
+        f"{r['test']['auc_seborrheic_keratosis']:.3f} / {r['test']['auc_mean']:.3f}"
+        for r in runs)
+    lines.append(f"- {ARM_TITLES[arm]}: {per_seed}")
+  return "\n".join(lines)
+
+
+def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
+                   seeds: list[int], label_fraction: float) -> tuple[dict, str]:
+  """Runs (or reuses) every arm x seed and returns (results per arm, Markdown table)."""
+  from pirl_jax.eval import finetune
+  if not pirl:
+    raise app.UsageError("--pirl is required: the PIRL pretraining workdir to compare.")
+  probe = ml_collections.ConfigDict(base_config.to_dict())
+  probe.init.kind, probe.init.checkpoint = "pirl", pirl
+  # The PIRL run's trunk (from its config.json, with init.inherit_trunk) is every arm's trunk.
+  resolved = finetune.resolve_config(probe, finetune.resolve_init(probe.init))
+  trunk = (resolved.model.trunk, float(resolved.model.width_multiplier))
+  arms = {"scratch": "", "pirl": pirl}
+  if supervised:
+    arms["supervised"] = supervised
+  root = pathlib.Path(workdir).absolute()
+  logging.info("Comparing %s on trunk %s x%g, seeds %s, label_fraction %g, in %s.",
+               ", ".join(arms), trunk[0], trunk[1], seeds, label_fraction, root)
+  results: dict[str, list[dict]] = {arm: [] for arm in arms}
+  for seed in seeds:
+    for arm, checkpoint in arms.items():
+      run_dir = root / arm / f"seed{seed}"
+      metrics_path = run_dir / "metrics.json"
+      if metrics_path.is_file():
+        logging.info("Reusing the finished run %s.", run_dir)
+      else:
+        if run_dir.exists():
+          logging.warning("Removing the unfinished run %s and starting it again.", run_dir)
+          shutil.rmtree(run_dir)
+        config = arm_config(base_config, arm, checkpoint, seed, label_fraction, trunk)
+        finetune.train_and_evaluate(config, str(run_dir))
+      metrics = json.loads(metrics_path.read_text())
+      results[arm].append(dict(seed=seed, test=metrics["test"], validation=metrics["validation"],
+                               workdir=str(run_dir)))
+  table = markdown_table(results, label_fraction, base_config.protocol)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "compare.md").write_text(table + "\n")
+  (root / "compare.json").write_text(json.dumps(
+      dict(label_fraction=label_fraction, seeds=seeds, trunk=list(trunk),
+           protocol=base_config.protocol, pirl=pirl, supervised=supervised, results=results),
+      indent=2))
+  return results, table
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  # TF is only used for tf.data: hidden from accelerators, it cannot reserve their memory.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  seeds = [int(s) for s in FLAGS.seeds]
+  workdir = FLAGS.workdir or "runs/compare"
+  _, table = run_comparison(FLAGS.config, workdir, FLAGS.pirl, FLAGS.supervised, seeds,
+                            FLAGS.label_fraction)
+  print("\n" + table + f"\n\n(written to {pathlib.Path(workdir).absolute() / 'compare.md'})")
+
+
+if __name__ == "__main__":
+  app.run(main)
