@@ -94,14 +94,22 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   optim.final_learning_rate_fraction = 1e-3  # cosine ends at base * this
 
   config.global_batch_size = 64
-  config.num_epochs = 30.0
+  config.num_epochs = 20.0
   config.num_train_steps = -1  # >0 overrides num_epochs
+  # Devices to train on: 0 = all devices of all processes; n > 0 = the first n (one process only).
+  # A checkpoint restores on any device count.
+  config.num_devices = 0
+  # A step with a non-finite loss or gradient norm stops training with an error naming the step
+  # (False), or is skipped, leaving the state as it was, and counted in nonfinite_steps (True).
+  config.skip_nonfinite_steps = False
 
   # --- Logging and checkpoints ------------------------------------------------------------
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
-  config.resume = "auto"  # 'auto': resume from the workdir's latest checkpoint | 'never'
+  # 'auto': resume from the workdir's latest checkpoint, refusing if the workdir's config.json
+  # describes another experiment; 'force': resume even then; 'never': start from scratch.
+  config.resume = "auto"
 
   preset = preset or "default"
   if preset == "default":

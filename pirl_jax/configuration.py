@@ -55,10 +55,31 @@ def validate_pretrain_config(config: ml_collections.ConfigDict, num_devices: int
       ("log_every_steps", config.log_every_steps >= 1, "must be >= 1"),
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
       ("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1"),
+      ("num_devices", config.get("num_devices", 0) >= 0, "must be >= 0 (0 = all devices)"),
   ]
   for field, ok, why in checks:
     if not ok:
       raise ConfigError(f"config.{field}={_get(config, field)!r} {why}.")
+
+
+def select_devices(config: ml_collections.ConfigDict, devices: list, process_count: int) -> list:
+  """The devices to train on: all of `devices`, or the first `config.num_devices` of them.
+
+  Args:
+    config: the run's config (its optional `num_devices`: 0 = all).
+    devices: every device of every process, `jax.devices()`.
+    process_count: `jax.process_count()`; a subset is only possible with one process.
+  """
+  n = config.get("num_devices", 0)
+  if n == 0:
+    return list(devices)
+  if n < 0 or n > len(devices):
+    raise ConfigError(f"config.num_devices={n} must be in [0, {len(devices)}] (0 = all "
+                      f"{len(devices)} devices).")
+  if process_count > 1 and n != len(devices):
+    raise ConfigError(f"config.num_devices={n}: with {process_count} processes every device "
+                      f"takes part; use 0 (all {len(devices)}).")
+  return list(devices)[:n]
 
 
 def validate_dataset_size(config: ml_collections.ConfigDict, num_examples: int) -> None:

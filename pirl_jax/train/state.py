@@ -25,6 +25,7 @@ class TrainState:
   bank: jax.Array  # (N padded to a multiple of the device count, embed_dim), rows sharded
   nce_z: jax.Array  # float32 scalar; 0 until estimated at the first NCE step
   rng: jax.Array  # raw uint32 PRNG key for the negatives
+  nonfinite_steps: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
 
 
 def compute_dtype(name: str):
@@ -66,12 +67,11 @@ def state_shardings(abstract_state: TrainState, mesh):
   return shardings.replace(bank=sharding_lib.bank_sharding(mesh))
 
 
-def create_train_state(config, model, tx, num_examples: int, mesh, seed: int):
-  """The initial state, born sharded on `mesh`. Returns (state, shardings)."""
+def _init_fn(config, model, tx, num_examples: int, num_shards: int):
   views = config.data.views
   images = jnp.zeros((1, views.image_size, views.image_size, 3), jnp.float32)
   tiles = jnp.zeros((1, views.grid ** 2, views.tile_size, views.tile_size, 3), jnp.float32)
-  num_rows = memory_bank.padded_size(num_examples, mesh.size)
+  num_rows = memory_bank.padded_size(num_examples, num_shards)
 
   def init(rng):
     params_rng, bank_rng, step_rng = jax.random.split(rng, 3)
@@ -85,8 +85,21 @@ def create_train_state(config, model, tx, num_examples: int, mesh, seed: int):
         bank=memory_bank.init_bank(bank_rng, num_examples, config.model.embed_dim, num_rows),
         nce_z=jnp.zeros((), jnp.float32),
         rng=step_rng,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
     )
+  return init
 
+
+def abstract_train_state(config, model, tx, num_examples: int, mesh):
+  """The state's shapes and dtypes, nothing computed or compiled. Returns (abstract, shardings)."""
+  init = _init_fn(config, model, tx, num_examples, mesh.size)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  return abstract, state_shardings(abstract, mesh)
+
+
+def create_train_state(config, model, tx, num_examples: int, mesh, seed: int):
+  """The initial state, born sharded on `mesh`. Returns (state, shardings)."""
+  init = _init_fn(config, model, tx, num_examples, mesh.size)
   rng = jax.random.PRNGKey(seed)
   shardings = state_shardings(jax.eval_shape(init, rng), mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)

@@ -14,12 +14,23 @@ from pirl_jax import sharding as sharding_lib
 from pirl_jax.train.state import TrainState
 
 
+def is_finite_step(metrics):
+  """True (a device bool) when the step's loss and gradient norm are both finite."""
+  return jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_momentum: float,
-               num_examples: int, bank_sharding=None):
+               num_examples: int, bank_sharding=None, skip_nonfinite: bool = False):
   """One PIRL step: both trunk passes, heads, loss, optimizer, then the bank write.
 
   The order matters (PIRL.md section 8): both loss terms score against the *old* bank rows;
   only the image embedding f(v_I) is written, after the gradient step, without gradient.
+
+  With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves params,
+  batch_stats, opt_state, bank and nce_z as they were; the step counter and the negatives' key
+  still advance (so the data and the randomness of later steps do not depend on skips) and
+  `nonfinite_steps` counts it. The optimizer's own step count is part of the kept state, so its
+  learning-rate schedule runs one step behind `state.step` per skipped step.
 
   Returns:
     (new_state, metrics) with scalar metrics for this step.
@@ -87,9 +98,17 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
       "negative_similarity": jnp.mean(logits[:, 1:]) * tau,
       "grad_norm": optax.global_norm(grads),
   }
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=aux["batch_stats"], opt_state=opt_state, bank=bank,
-                            nce_z=nce_z, rng=rng)
+  learned = dict(params=params, batch_stats=aux["batch_stats"], opt_state=opt_state, bank=bank,
+                 nce_z=nce_z)
+  nonfinite_steps = state.nonfinite_steps
+  if skip_nonfinite:
+    ok = is_finite_step(metrics)
+    old = dict(params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
+               bank=state.bank, nce_z=state.nce_z)
+    learned = jax.tree.map(lambda new, prev: jnp.where(ok, new, prev), learned, old)
+    nonfinite_steps = nonfinite_steps + jnp.where(ok, 0, 1).astype(nonfinite_steps.dtype)
+  new_state = state.replace(step=state.step + 1, rng=rng, nonfinite_steps=nonfinite_steps,
+                            **learned)
   return new_state, metrics
 
 

@@ -1,0 +1,187 @@
+"""Checks made before anything is compiled, so that a run fails in seconds, not hours in.
+
+Each check raises `PreflightError` with a message naming the file, field or number at fault:
+  * the workdir cannot be created or written;
+  * the disk holding the checkpoints has less free space than the checkpoints of this state
+    will take (estimated from the state's shapes, `jax.eval_shape`, before it exists);
+  * the workdir holds checkpoints of another experiment: its `config.json` differs from the new
+    config in a field that changes the result (`check_resume`). Fields that may legitimately
+    change between a run and its resumption are listed in `RESUMABLE_FIELDS`.
+
+Dataset size and device-count checks live in `pirl_jax.configuration` (they are config errors).
+
+On many processes, host-local checks run everywhere and `agree` makes every process fail when one
+does: a process that stopped alone would leave the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+from typing import Callable
+
+from absl import logging
+import jax
+import numpy as np
+
+# Fields that may differ between a run and its resumption without making it another experiment:
+# where and how often things are written, how many devices and input threads are used, and the
+# recovery knobs themselves. `num_devices` may change because checkpoints restore on any device
+# count; `skip_nonfinite_steps` is what one turns on to get past a step that diverged.
+RESUMABLE_FIELDS = frozenset({
+    "resume",
+    "num_devices",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "skip_nonfinite_steps",
+    "data.cache_dir",
+    "data.num_parallel_calls",
+    "data.prefetch_batches",
+})
+
+_MIB = 1 << 20
+
+
+class PreflightError(RuntimeError):
+  """The run cannot start; the message says what to change."""
+
+
+def check_workdir_writable(workdir: str | os.PathLike) -> None:
+  """Creates `workdir` if needed and checks that a file can be written and removed in it."""
+  workdir = pathlib.Path(workdir)
+  probe = workdir / f".preflight-{jax.process_index()}-{os.getpid()}"
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"ok")
+    probe.unlink()
+  except OSError as e:
+    raise PreflightError(
+        f"The workdir {workdir} is not a writable directory ({e.strerror or e}); checkpoints, "
+        "logs and config.json go there. Pass another --workdir.") from e
+
+
+def free_disk_bytes(path: str | os.PathLike) -> int:
+  """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+  path = pathlib.Path(path).absolute()
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  return shutil.disk_usage(path).free
+
+
+def state_bytes(abstract_state) -> int:
+  """Bytes of all arrays in a pytree of arrays or `jax.ShapeDtypeStruct`s (global shapes)."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract_state))
+
+
+def check_free_disk(checkpoint_dir: str | os.PathLike, bytes_per_checkpoint: int,
+                    num_checkpoints: int) -> None:
+  """Checks there is room for `num_checkpoints` more checkpoints of `bytes_per_checkpoint`.
+
+  Orbax deletes the oldest checkpoint only after the newest is complete, so a run keeping k needs
+  room for k + 1; the caller subtracts those already on disk. 5% and 16 MiB are added for
+  metadata. The free-space query is `free_disk_bytes` (replaced in tests).
+  """
+  needed = int(num_checkpoints * bytes_per_checkpoint * 1.05) + 16 * _MIB
+  free = free_disk_bytes(checkpoint_dir)
+  if free < needed:
+    raise PreflightError(
+        f"Not enough free disk for checkpoints in {checkpoint_dir}: {free / _MIB:.1f} MiB free, "
+        f"about {needed / _MIB:.1f} MiB needed ({num_checkpoints} checkpoint(s) of "
+        f"{bytes_per_checkpoint / _MIB:.1f} MiB each, config.keep_checkpoints + 1 at most). "
+        "Free some space, lower config.keep_checkpoints or pass another --workdir.")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, new: dict) -> list[str]:
+  """'field: <saved> in the workdir, <new> now' per differing field, RESUMABLE_FIELDS apart."""
+  saved, new = _flatten(saved), _flatten(new)
+  missing = object()
+  lines = []
+  for field in sorted(set(saved) | set(new)):
+    if field in RESUMABLE_FIELDS:
+      continue
+    before, after = saved.get(field, missing), new.get(field, missing)
+    if before != after:
+      show = lambda v: "(absent)" if v is missing else json.dumps(v)
+      lines.append(f"{field}: {show(before)} in the workdir, {show(after)} now")
+  return lines
+
+
+def config_as_dict(config) -> dict:
+  """The config as saved in config.json (tuples become lists), for comparison."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def check_resume(config, workdir: str | os.PathLike, latest_step: int | None) -> None:
+  """Refuses to resume into a workdir whose checkpoints belong to another experiment.
+
+  Args:
+    config: the new config; `config.resume` is 'auto' (check), 'force' (only warn) or 'never'.
+    workdir: the run's workdir, holding config.json from the run that wrote the checkpoints.
+    latest_step: the latest complete checkpoint there, or None (nothing to resume: no check).
+  """
+  if latest_step is None:
+    return
+  workdir = pathlib.Path(workdir)
+  if config.resume == "never":
+    raise PreflightError(
+        f"config.resume='never' but {workdir / 'checkpoints'} holds checkpoints (latest step "
+        f"{latest_step}); starting over there would mix two runs. Pass a new --workdir, delete "
+        "the checkpoints, or resume with config.resume='auto'.")
+  saved_path = workdir / "config.json"
+  if not saved_path.is_file():
+    logging.warning("%s has checkpoints but no config.json; cannot check that they come from "
+                    "the same experiment.", workdir)
+    return
+  try:
+    saved = json.loads(saved_path.read_text())
+  except (OSError, ValueError) as e:
+    raise PreflightError(f"Cannot read {saved_path} ({e}); fix or delete it, or pass "
+                         "--config.resume=force.") from e
+  differences = config_differences(saved, config_as_dict(config))
+  if not differences:
+    return
+  listing = "\n  ".join(differences)
+  if config.resume == "force":
+    logging.warning("config.resume='force': resuming from step %d in %s although the config "
+                    "differs from %s:\n  %s", latest_step, workdir, saved_path, listing)
+    return
+  raise PreflightError(
+      f"{workdir} holds checkpoints (latest step {latest_step}) of a run whose config "
+      f"({saved_path}) differs from this one in {len(differences)} field(s):\n  {listing}\n"
+      "Resuming would continue another experiment. Pass a new --workdir, or "
+      "--config.resume=force to resume anyway.")
+
+
+def agree(*checks: Callable[[], None]) -> None:
+  """Runs `checks` on this process; raises on every process if any check failed on any of them."""
+  error = None
+  for check in checks:
+    try:
+      check()
+    except PreflightError as e:
+      error = e
+      break
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = np.asarray(multihost_utils.process_allgather(
+        np.asarray(error is not None, np.int32))).reshape(-1)
+    others = [i for i in np.flatnonzero(failed) if i != jax.process_index()]
+    if error is None and others:
+      raise PreflightError(f"Preflight checks failed on process(es) "
+                           f"{', '.join(map(str, others))}; see their logs.")
+  if error is not None:
+    raise error

@@ -1,0 +1,203 @@
+"""Resilience of the pretraining loop, in-process: non-finite steps and preflight checks.
+
+Multi-process runs, restores across device counts and real kills are in test_scale.py.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pirl as pirl_configs
+from pirl_jax import checkpointing
+from pirl_jax import configuration
+from pirl_jax import preflight
+from pirl_jax import sharding as sharding_lib
+from pirl_jax.data import pipeline
+from pirl_jax.data import sources
+from pirl_jax.train import pretrain
+from pirl_jax.train import state as state_lib
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("prepared_cache")
+
+
+def _config(root, cache_dir, source="folder", **overrides):
+  config = pirl_configs.get_config("tiny")
+  config.data.source = source
+  config.data.path = str(root)
+  config.data.cache_dir = str(cache_dir)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _item(workdir, step):
+  return workdir / "checkpoints" / str(step) / "default"
+
+
+def _steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _flat(tree):
+  """Dotted path -> array; a restored optax state (namedtuples) and a loaded one (dicts, lists)
+  get the same names."""
+  def name(key):
+    return str(next(getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)))
+  return {".".join(map(name, path)): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _max_diff(a, b, keys=("params", "batch_stats", "opt_state")):
+  return max(float(np.max(np.abs(x.astype(np.float64) - _flat({k: b[k] for k in keys})[name])))
+             for name, x in _flat({k: a[k] for k in keys}).items())
+
+
+def _inject_nan_at(monkeypatch, bad_step):
+  """Makes the batch of training step `bad_step` (1-based, as logged) all-NaN images."""
+  original = pipeline.PretrainInput.iterate
+
+  def iterate(self, start_step=0):
+    for step, batch in enumerate(original(self, start_step), start=start_step + 1):
+      if step == bad_step:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+  monkeypatch.setattr(pipeline.PretrainInput, "iterate", iterate)
+
+
+@pytest.mark.slow
+def test_nonfinite_step_stops_or_is_skipped(tmp_path, small_isic_root, cache_dir, monkeypatch):
+  _inject_nan_at(monkeypatch, 5)
+  work = tmp_path / "run"
+  base = {"num_train_steps": 8, "num_devices": 1, "checkpoint_every_steps": 3,
+          "log_every_steps": 8}
+  config = _config(small_isic_root, cache_dir, source="isic", **base)
+  # The check happens at the step-6 checkpoint (no log line before step 8).
+  with pytest.raises(FloatingPointError,
+                     match=r"Non-finite loss and grad_norm at step 5\. .*latest good checkpoint "
+                           r"is step 3"):
+    pretrain.train_and_evaluate(config, str(work))
+  assert _steps(work) == [3]  # the poisoned state of step 6 was not saved
+
+  # Resuming into the same workdir with another experiment's config is refused ...
+  changed = _config(small_isic_root, cache_dir, source="isic",
+                    **{**base, "optim.base_learning_rate": 0.1})
+  with pytest.raises(preflight.PreflightError,
+                     match=r"(?s)latest step 3.*optim\.base_learning_rate: 0\.03 in the workdir, "
+                           r"0\.1 now.*--config\.resume=force"):
+    pretrain.train_and_evaluate(changed, str(work))
+  # ... and so is starting over there.
+  never = _config(small_isic_root, cache_dir, source="isic", **{**base, "resume": "never"})
+  with pytest.raises(preflight.PreflightError,
+                     match=r"config.resume='never' but .* \(latest step 3\)"):
+    pretrain.train_and_evaluate(never, str(work))
+
+  # Turning on skip_nonfinite_steps (a resumable field) gets past the bad step.
+  skip = _config(small_isic_root, cache_dir, source="isic",
+                 **{**base, "skip_nonfinite_steps": True, "checkpoint_every_steps": 1,
+                    "keep_checkpoints": 10})
+  summary = pretrain.train_and_evaluate(skip, str(work))
+  assert summary["step"] == 8 and summary["nonfinite_steps"] == 1
+  assert np.isfinite(summary["metrics"]["loss"])
+  before, after = (checkpointing.load_arrays(_item(work, s)) for s in (4, 5))
+  assert _max_diff(after, before, keys=("params", "batch_stats", "opt_state", "bank",
+                                        "nce_z")) == 0.0  # step 5 changed nothing ...
+  assert (after["step"], after["nonfinite_steps"]) == (5, 1)  # ... but was counted
+  assert before["nonfinite_steps"] == 0
+  final = checkpointing.load_arrays(_item(work, 8))
+  assert all(np.all(np.isfinite(x)) for x in _flat(final).values())
+
+
+def test_preflight_unwritable_workdir(tmp_path, small_isic_root, cache_dir):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(preflight.PreflightError,
+                     match=f"The workdir {blocker / 'run'} is not a writable directory"):
+    pretrain.train_and_evaluate(_config(small_isic_root, cache_dir), str(blocker / "run"))
+
+
+def test_preflight_not_enough_disk(tmp_path, small_isic_root, cache_dir, monkeypatch):
+  monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 5 << 20)
+  def no_compile(*args, **kwargs):
+    raise AssertionError("the state was created before the disk check")
+  monkeypatch.setattr(state_lib, "create_train_state", no_compile)
+  config = _config(small_isic_root, cache_dir, source="isic")
+  with pytest.raises(preflight.PreflightError,
+                     match=r"Not enough free disk for checkpoints in .*checkpoints: 5\.0 MiB free, "
+                           r"about .* MiB needed \(4 checkpoint\(s\)"):
+    pretrain.train_and_evaluate(config, str(tmp_path / "run"))
+  # The estimate is the state's size from its shapes: params, momentum, bank, scalars.
+  model = state_lib.create_model(config.model)
+  tx, _ = state_lib.create_optimizer(config.optim, 0.1, 0, 10)
+  abstract, _ = state_lib.abstract_train_state(config, model, tx, 120,
+                                               sharding_lib.create_mesh())
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  assert preflight.state_bytes(abstract) >= 4 * (2 * num_params + 120 * 128)
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"global_batch_size": 128}, configuration.ConfigError,
+     "The dataset has 120 images, fewer than config.global_batch_size=128"),
+    ({"loss.num_negatives": 120}, configuration.ConfigError,
+     r"config.loss.num_negatives=120 must be < the dataset size N=120"),
+    ({"num_devices": 3}, configuration.ConfigError,
+     r"config.global_batch_size=16 must be divisible by the number of devices \(3\)"),
+    ({"num_devices": 9}, configuration.ConfigError, r"config.num_devices=9 must be in \[0, 8\]"),
+])
+def test_preflight_config_errors(tmp_path, small_isic_root, cache_dir, overrides, error, message):
+  config = _config(small_isic_root, cache_dir, source="isic", **overrides)
+  with pytest.raises(error, match=message):
+    pretrain.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_config_differences_ignore_resumable_fields(small_isic_root, cache_dir):
+  saved = preflight.config_as_dict(_config(small_isic_root, cache_dir))
+  new = _config(small_isic_root, cache_dir, **{
+      "log_every_steps": 7, "num_devices": 2, "keep_checkpoints": 9, "resume": "force",
+      "skip_nonfinite_steps": True, "loss.kind": "nce", "data.views.image_size": 48})
+  assert preflight.config_differences(saved, preflight.config_as_dict(new)) == [
+      'data.views.image_size: 32 in the workdir, 48 now',
+      'loss.kind: "infonce" in the workdir, "nce" now']
+  del saved["loss"]["temperature"]
+  assert "loss.temperature: (absent) in the workdir, 0.07 now" in preflight.config_differences(
+      saved, preflight.config_as_dict(new))
+
+
+def test_forced_resume_keeps_the_previous_config(tmp_path, small_isic_root, cache_dir):
+  first = _config(small_isic_root, cache_dir)
+  pretrain.save_config(first, tmp_path)
+  pretrain.save_config(first, tmp_path)  # unchanged: nothing kept aside
+  assert not (tmp_path / "config.1.json").exists()
+  pretrain.save_config(_config(small_isic_root, cache_dir, **{"loss.kind": "nce"}), tmp_path)
+  assert json.loads((tmp_path / "config.1.json").read_text())["loss"]["kind"] == "infonce"
+  assert json.loads((tmp_path / "config.json").read_text())["loss"]["kind"] == "nce"
+
+
+def test_distributed_initialize_from_flags_or_environment(monkeypatch):
+  from pirl_jax import distributed  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  assert not distributed.initialize("flags")  # nothing configured: one process
+  assert not distributed.initialize("off", "h:1", 2, 0)
+  with pytest.raises(ValueError, match=r"--coordinator_address=h:1 also needs --process_id"):
+    distributed.initialize("flags", "h:1", 2, None)
+  assert distributed.initialize("flags", "h:1", 2, 1)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h0:9")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert distributed.initialize("flags")
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+  assert distributed.initialize("auto", process_id=2)  # the rest left to JAX's cluster detection
+  assert calls == [
+      dict(coordinator_address="h:1", num_processes=2, process_id=1),
+      dict(coordinator_address="h0:9", num_processes=4, process_id=3),
+      dict(coordinator_address=None, num_processes=4, process_id=2)]
