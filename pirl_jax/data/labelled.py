@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import pathlib
 from typing import Iterator, Sequence
 
@@ -69,19 +68,12 @@ class LabelledSplit:
     return np.bincount(self.label, minlength=NUM_CLASSES)
 
 
-def _cache_root(data_cfg) -> pathlib.Path:
-  if data_cfg.cache_dir:
-    return pathlib.Path(data_cfg.cache_dir).expanduser()
-  return pathlib.Path(os.environ.get("PIRL_JAX_CACHE") or
-                      pathlib.Path.home() / ".cache" / "pirl_jax")
-
-
 def _prepare(items, data_cfg, on_bad: str, what: str) -> images_lib.PreparedImages:
   key = hashlib.sha1(repr((what, [n for n, _ in items], data_cfg.min_image_side,
                            data_cfg.max_image_side)).encode()).hexdigest()[:16]
   return images_lib.prepare_all(
       items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side, on_bad=on_bad,
-      cache_path=_cache_root(data_cfg) / "prepared" / f"{key}.npz")
+      cache_path=sources.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz")
 
 
 def isic_root(data_cfg) -> pathlib.Path:

@@ -60,9 +60,10 @@ class TfdsSource:
     return ds.map(lambda i, ex: (ex["image"], tf.cast(i, tf.int32)))
 
 
-def _cache_root(cache_dir: str) -> pathlib.Path:
+def cache_root(cache_dir: str = "") -> pathlib.Path:
+  """`data.cache_dir`, else $PIRL_JAX_CACHE, else ~/.cache/pirl_jax."""
   return pathlib.Path(cache_dir or os.environ.get("PIRL_JAX_CACHE") or
-                      pathlib.Path.home() / ".cache" / "pirl_jax")
+                      pathlib.Path.home() / ".cache" / "pirl_jax").expanduser()
 
 
 def _prepare(name: str, items: Sequence[tuple[str, Callable[[], bytes]]], data_cfg,
@@ -72,7 +73,7 @@ def _prepare(name: str, items: Sequence[tuple[str, Callable[[], bytes]]], data_c
   key = hashlib.sha1(
       repr((name, [n for n, _ in items], data_cfg.min_image_side, data_cfg.max_image_side)
            ).encode()).hexdigest()[:16]
-  cache_path = _cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz"
+  cache_path = cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz"
   prepared = images_lib.prepare_all(
       items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side,
       on_bad=data_cfg.on_bad_image, cache_path=cache_path)
@@ -107,7 +108,7 @@ def isic_items(root: str, split: str = "train") -> list[tuple[str, Callable[[], 
 def synthetic_root(data_cfg) -> pathlib.Path:
   """The embedded synthetic set, generated once into the cache (logged) and reused."""
   from pirl_jax.data import synthetic
-  cache = _cache_root(data_cfg.cache_dir) / "synthetic"
+  cache = cache_root(data_cfg.cache_dir) / "synthetic"
   return synthetic.ensure_synthetic(cache, seed=data_cfg.synthetic_seed,
                                     num_unlabeled=data_cfg.synthetic_num_unlabeled)
 
