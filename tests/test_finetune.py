@@ -26,12 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _set(config, overrides):
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -29,12 +29,7 @@ def _config(root, cache_dir, source="folder", **overrides):
   config.data.source = source
   config.data.path = str(root)
   config.data.cache_dir = str(cache_dir)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

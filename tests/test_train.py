@@ -18,12 +18,7 @@ from pirl_jax.train import step as step_lib
 
 def _tiny_config(**overrides):
   config = pirl_configs.get_config("tiny")
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
