@@ -72,6 +72,30 @@ def test_contrastive_scores(setup):
                              rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize('chunk_size', [1, 3, 7, 100])
+def test_contrastive_scores_chunked_equals_dense(chunk_size):
+  """Same scores and query gradient as contrastive_scores, up to float32 summation order."""
+  rs = np.random.RandomState(1)
+  b, k, d, n = 8, 50, 128, 300
+  bank = jnp.asarray(_unit(rs.randn(n, d)).astype(np.float32))
+  query = jnp.asarray(_unit(rs.randn(b, d)).astype(np.float32))
+  positives = jnp.asarray(rs.choice(n, b, replace=False).astype(np.int32))
+  negatives = jnp.asarray(rs.randint(0, n, (b, k)).astype(np.int32))
+  dense = losses.contrastive_scores(query, bank, positives, negatives, 0.07)
+  chunked = losses.contrastive_scores_chunked(query, bank, positives, negatives, 0.07,
+                                              chunk_size=chunk_size)
+  assert chunked.shape == dense.shape == (b, k + 1)
+  np.testing.assert_allclose(chunked, dense, rtol=1e-6, atol=1e-5)
+
+  def grad(score_fn, **kw):
+    return jax.grad(lambda q: losses.infonce_loss(
+        score_fn(q, bank, positives, negatives, 0.07, **kw)))(query)
+  np.testing.assert_allclose(grad(losses.contrastive_scores_chunked, chunk_size=chunk_size),
+                             grad(losses.contrastive_scores), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='chunk_size'):
+    losses.contrastive_scores_chunked(query, bank, positives, negatives, 0.07, chunk_size=0)
+
 def test_infonce_matches_reference(setup):
   bank, query, positives, negatives = setup
   ref_logits = _ref_scores(bank, query, positives, negatives, 0.1)

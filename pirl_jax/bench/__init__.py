@@ -1,0 +1,17 @@
+"""Benchmarks of the PIRL implementation (issue 6): `python -m pirl_jax.bench <benchmark>`.
+
+  step      images/s of the full train step (ResNet-50 and the default preset), alternating
+            repetitions with the PyTorch reference script in both its layouts; JAX/torch ratios.
+  mfu       FLOPs of the compiled step (XLA cost analysis) / step time / peak matmul FLOP/s
+            measured in the same run (XLA, NumPy BLAS, torch if installed; the highest is used).
+  overhead  full step time / bare trunk forward+backward time on the same shapes.
+  pipeline  examples/s of the tf.data jigsaw pipeline vs a per-image PIL/NumPy baseline, and the
+            rate at which the step consumes images.
+  bank      the memory bank at ImageNet scale sharded over 8 fake CPU devices: bytes per device,
+            gathered-negatives peak, step time of sampling + scoring + write, dense and chunked.
+  compile   lower / compile / first-call wall seconds of the ResNet-50 step.
+  all       all of the above (the bank in a subprocess with 8 fake devices).
+
+Each measurement is one JSON line on stdout (and appended to --results=FILE). BENCHMARKS.md has
+the commands and the tables.
+"""
