@@ -314,6 +314,22 @@ def test_learning_rate_steps_at_8_16_24_of_28_epochs():
                               lr / 1000], rtol=1e-6)
 
 
+def test_small_label_fractions_train_at_least_min_train_steps():
+  config = finetune_isic.get_config("default")
+  # All labels: 2000 images / batch 32 = 63 steps per epoch, 30 epochs.
+  assert finetune.training_length(config, 63) == (1890, 50)
+  # 10 %: 30 epochs of 7 steps would be 210 steps; the floor makes it 800.
+  assert finetune.training_length(config, 7) == (config.min_train_steps, 50)
+  assert config.min_train_steps == 800
+  # num_train_steps overrides both; validation never less often than once in the run.
+  fresh = lambda overrides: _set(finetune_isic.get_config("default"), overrides)  # noqa: E731
+  assert finetune.training_length(fresh({"num_train_steps": 30}), 7) == (30, 30)
+  # eval_every_steps <= 0 falls back to eval_every_epochs.
+  assert finetune.training_length(fresh({"eval_every_steps": -1}), 7) == (800, 7)
+  with pytest.raises(configuration.ConfigError, match=r"config\.min_train_steps=-1"):
+    finetune.validate_config(_set(finetune_isic.get_config("tiny"), {"min_train_steps": -1}), 1)
+
+
 def test_config_errors_name_the_field():
   config = finetune_isic.get_config("tiny")
   with pytest.raises(configuration.ConfigError, match=r"config\.label_fraction=0\.0"):
