@@ -6,7 +6,7 @@ r"""pirl_jax entry point: PIRL pretraining (and, with a finetune config, ISIC 20
 
 The config's `mode` picks the job. A workdir holding checkpoints is resumed from its latest one.
 
-On many hosts, run the same command on every host, adding (docs/README_scale.md):
+On many hosts, run the same command on every host, adding (README.md, "Running on many hosts"):
   --coordinator_address=HOST0:PORT --num_processes=P --process_id=I  # or $JAX_... variables
   --distributed=auto                                                 # where JAX finds the cluster
 """

@@ -1,6 +1,6 @@
 """The PIRL pretraining loop: config -> data -> sharded state -> jitted steps -> checkpoints.
 
-Built to survive the way long runs die (docs/README_scale.md):
+Built to survive the way long runs die (README.md, "Preemption and resume"):
   * Preflight (`pirl_jax.preflight`, before anything is compiled): a writable workdir, free disk
     for the checkpoints, no resuming into another experiment's workdir.
   * Resume: the latest complete Orbax checkpoint in <workdir>/checkpoints, on any device or
