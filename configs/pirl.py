@@ -6,9 +6,9 @@ Select a preset with `--config=configs/pirl.py:<preset>`; override any field wit
 Presets:
   default   The embedded synthetic ISIC-layout set, a narrow ResNet-18 and small views.
             `python main.py --config=configs/pirl.py`
-            Expected: 7.2 minutes measured on a 2-core CPU shared with another job (compilation
-            included), plus ~1 minute the first time to generate the synthetic set; 620 steps,
-            final loss ~5.92 (chance: ln 1001 = 6.91).
+            Expected: 5.2 minutes from an empty cache on an idle 2-core CPU (41 s of it generating
+            the synthetic set; 7.2 minutes of pretraining on a CPU shared with another job);
+            620 steps, final loss 5.92 (chance: ln 1001 = 6.91).
   tiny      For tests and smoke runs: a tiny ResNet, 32 px views, a few steps. Seconds.
             `python main.py --config=configs/pirl.py:tiny --workdir=/tmp/pirl_tiny`
   isic      The published ISIC 2017 reimplementation: ResNet-50, 224/255/64 views, the 2000
