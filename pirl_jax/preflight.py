@@ -78,13 +78,18 @@ def state_bytes(abstract_state) -> int:
              for x in jax.tree.leaves(abstract_state))
 
 
+_KEEP_ADVICE = ("config.keep_checkpoints + 1 at most). Free some space, lower "
+                "config.keep_checkpoints or pass another --workdir.")
+
+
 def check_free_disk(checkpoint_dir: str | os.PathLike, bytes_per_checkpoint: int,
-                    num_checkpoints: int) -> None:
+                    num_checkpoints: int, advice: str = _KEEP_ADVICE) -> None:
   """Checks there is room for `num_checkpoints` more checkpoints of `bytes_per_checkpoint`.
 
   Orbax deletes the oldest checkpoint only after the newest is complete, so a run keeping k needs
   room for k + 1; the caller subtracts those already on disk. 5% and 16 MiB are added for
-  metadata. The free-space query is `free_disk_bytes` (replaced in tests).
+  metadata. The free-space query is `free_disk_bytes` (replaced in tests). `advice` ends the
+  message: what bounds the count, and what the user can change.
   """
   needed = int(num_checkpoints * bytes_per_checkpoint * 1.05) + 16 * _MIB
   free = free_disk_bytes(checkpoint_dir)
@@ -92,8 +97,7 @@ def check_free_disk(checkpoint_dir: str | os.PathLike, bytes_per_checkpoint: int
     raise PreflightError(
         f"Not enough free disk for checkpoints in {checkpoint_dir}: {free / _MIB:.1f} MiB free, "
         f"about {needed / _MIB:.1f} MiB needed ({num_checkpoints} checkpoint(s) of "
-        f"{bytes_per_checkpoint / _MIB:.1f} MiB each, config.keep_checkpoints + 1 at most). "
-        "Free some space, lower config.keep_checkpoints or pass another --workdir.")
+        f"{bytes_per_checkpoint / _MIB:.1f} MiB each, {advice}")
 
 
 def _flatten(tree, prefix: str = "") -> dict:

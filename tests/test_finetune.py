@@ -16,6 +16,7 @@ from configs import finetune_isic
 from configs import pirl as pirl_configs
 from pirl_jax import checkpointing
 from pirl_jax import configuration
+from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.data import labelled
 from pirl_jax.eval import compare
@@ -436,3 +437,21 @@ def test_a_used_workdir_is_not_overwritten(cli_run, small_isic_root, cache_dir):
   workdir, _ = cli_run
   with pytest.raises(FileExistsError, match="already holds a fine-tuned model"):
     finetune.train_and_evaluate(_tiny(small_isic_root, cache_dir), str(workdir))
+
+
+def test_preflight_unwritable_workdir_and_full_disk(tmp_path, small_isic_root, cache_dir,
+                                                    monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  def no_data(*args, **kwargs):
+    raise AssertionError("the data was read before the preflight checks")
+  monkeypatch.setattr(labelled, "load_split", no_data)
+  with pytest.raises(preflight.PreflightError,
+                     match=f"The workdir {blocker / 'run'} is not a writable directory"):
+    finetune.train_and_evaluate(_tiny(small_isic_root, cache_dir), str(blocker / "run"))
+  monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 1 << 20)
+  with pytest.raises(preflight.PreflightError,
+                     match=r"Not enough free disk for checkpoints in .*checkpoints: 1\.0 MiB free, "
+                           r"about .* MiB needed \(2 checkpoint\(s\) of .* the best state and its "
+                           r"replacement\)\. Free some space or pass another --workdir\."):
+    finetune.train_and_evaluate(_tiny(small_isic_root, cache_dir), str(tmp_path / "run"))

@@ -32,6 +32,7 @@ import optax
 
 from pirl_jax import checkpointing
 from pirl_jax import configuration
+from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.data import labelled
 from pirl_jax.models import resnet
@@ -249,15 +250,21 @@ def create_optimizer(optim_cfg, total_steps: int, probe: bool):
   return tx, schedule
 
 
+def create_state_variables(model: Classifier, tx, image_size: int,
+                           rng: jax.Array | None = None) -> FinetuneState:
+  """The initial state from `rng` (unsharded; `jax.eval_shape` of it gives the shapes)."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0) if rng is None else rng, images, train=False)
+  return FinetuneState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables["batch_stats"],
+                       opt_state=tx.init(variables["params"]))
+
+
 def create_state(model: Classifier, tx, image_size: int, mesh, seed: int):
   """The initial state, born replicated on `mesh`. Returns (state, shardings)."""
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
   def init(rng):
-    variables = model.init(rng, images, train=False)
-    return FinetuneState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                         batch_stats=variables["batch_stats"],
-                         opt_state=tx.init(variables["params"]))
+    return create_state_variables(model, tx, image_size, rng)
 
   rng = jax.random.PRNGKey(seed)
   shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), jax.eval_shape(init, rng))
@@ -521,7 +528,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = create_model(config)
   if init.kind != "scratch":
     check_trunk(config, init, model)
-  workdir_path.mkdir(parents=True, exist_ok=True)
+  # Before the data is read or anything compiled: a writable workdir, and room for the best
+  # checkpoint and its replacement (orbax writes the new one before deleting the old).
+  preflight.agree(lambda: preflight.check_workdir_writable(workdir_path))
+  size = config.augment.image_size
+  abstract_state = jax.eval_shape(lambda: create_state_variables(
+      model, create_optimizer(config.optim, 1, config.protocol == "linear")[0], size))
+  preflight.agree(lambda: preflight.check_free_disk(
+      checkpoint_dir, preflight.state_bytes(abstract_state), 2,
+      advice="the best state and its replacement). Free some space or pass another --workdir."))
   probe = config.protocol == "linear"
   logging.info("Evaluation protocol %s, init %s%s, label_fraction %g, seed %d, trunk %s x%g.",
                config.protocol, init.kind,
