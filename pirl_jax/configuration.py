@@ -26,7 +26,8 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
 
-def _get(config, dotted: str):
+def get_field(config, dotted: str):
+  """The value of `config.<dotted>`, e.g. get_field(config, "optim.momentum")."""
   value = config
   for part in dotted.split("."):
     value = value[part]
@@ -36,7 +37,7 @@ def _get(config, dotted: str):
 def validate_pretrain_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks the fields that do not depend on the dataset."""
   for field, choices in _CHOICES.items():
-    value = _get(config, field)
+    value = get_field(config, field)
     if value not in choices:
       raise ConfigError(f"config.{field}={value!r} is not one of {', '.join(choices)}.")
   checks = [
@@ -59,7 +60,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict, num_devices: int
   ]
   for field, ok, why in checks:
     if not ok:
-      raise ConfigError(f"config.{field}={_get(config, field)!r} {why}.")
+      raise ConfigError(f"config.{field}={get_field(config, field)!r} {why}.")
 
 
 def select_devices(config: ml_collections.ConfigDict, devices: list, process_count: int) -> list:

@@ -57,17 +57,10 @@ _CHOICES = {
 # --- Config ---------------------------------------------------------------------------------------
 
 
-def _get(config, dotted: str):
-  value = config
-  for part in dotted.split("."):
-    value = value[part]
-  return value
-
-
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks every field that does not need the data; errors name the field."""
   for field, choices in _CHOICES.items():
-    value = _get(config, field)
+    value = configuration.get_field(config, field)
     if value not in choices:
       raise configuration.ConfigError(
           f"config.{field}={value!r} is not one of {', '.join(repr(c) for c in choices)}.")
@@ -94,7 +87,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   ]
   for field, ok, why in checks:
     if not ok:
-      raise configuration.ConfigError(f"config.{field}={_get(config, field)!r} {why}.")
+      value = configuration.get_field(config, field)
+      raise configuration.ConfigError(f"config.{field}={value!r} {why}.")
   if config.init.kind == "scratch" and config.init.checkpoint:
     raise configuration.ConfigError(
         f"config.init.kind='scratch' contradicts config.init.checkpoint="
