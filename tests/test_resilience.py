@@ -18,6 +18,7 @@ from pirl_jax.data import pipeline
 from pirl_jax.data import sources
 from pirl_jax.train import pretrain
 from pirl_jax.train import state as state_lib
+import tree_arrays  # tests/tree_arrays.py
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
@@ -41,13 +42,7 @@ def _steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _flat(tree):
-  """Dotted path -> array; a restored optax state (namedtuples) and a loaded one (dicts, lists)
-  get the same names."""
-  def name(key):
-    return str(next(getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)))
-  return {".".join(map(name, path)): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+_flat = tree_arrays.flat
 
 
 def _max_diff(a, b, keys=("params", "batch_stats", "opt_state")):

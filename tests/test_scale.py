@@ -21,6 +21,7 @@ from pirl_jax import checkpointing
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.train import pretrain
 from pirl_jax.train import state as state_lib
+import tree_arrays  # tests/tree_arrays.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_IMAGES = 210  # every image of small_isic_root (data.source='folder'); not a multiple of 8 or 4
@@ -29,13 +30,7 @@ MULTI_STEPS = 4   # steps of the 8-device reference and of the two-process run
 pytestmark = pytest.mark.slow
 
 
-def _flat(tree):
-  """Dotted path -> array; restored optax states (namedtuples) and loaded ones (dicts, lists)
-  get the same names."""
-  def name(key):
-    return str(next(getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)))
-  return {".".join(map(name, path)): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+_flat = tree_arrays.flat
 
 
 def _max_diff(a, b):
