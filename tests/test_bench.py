@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark suite (`python -m pirl_jax.bench`), at --quick sizes.
+"""Smoke tests of the benchmark suite (`python -m benchmarks`), at --quick sizes.
 
 Checks the JSON-lines schema, that measured values are positive and finite, that --results appends,
 and that the PyTorch side is skipped cleanly when torch is missing. No timing thresholds.
@@ -6,15 +6,18 @@ and that the PyTorch side is skipped cleanly when torch is missing. No timing th
 
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from pirl_jax.bench import __main__ as cli
-from pirl_jax.bench import common
-from pirl_jax.bench import train_step
+from benchmarks import __main__ as cli
+from benchmarks import common
+from benchmarks import train_step
 from pirl_jax.data import synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 REQUIRED = ("benchmark", "name", "value", "unit", "status", "settings", "jax", "jaxlib", "flax",
             "torch", "platform", "device_count", "timestamp")
@@ -107,6 +110,19 @@ def test_torch_args_match_the_presets():
 
 
 def test_cli_help():
-  out = subprocess.run([sys.executable, "-m", "pirl_jax.bench", "--help"], capture_output=True,
-                       text=True, check=True)
+  out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True,
+                       text=True, check=True, cwd=REPO)
   assert "--results" in out.stdout and "--quick" in out.stdout
+
+
+def test_torch_reference_is_in_the_repo():
+  script = pathlib.Path(train_step.default_torch_script())
+  assert script == REPO / "benchmarks" / "torch_reference.py" and script.is_file()
+
+
+def test_package_does_not_import_benchmarks():
+  for path in (REPO / "pirl_jax").rglob("*.py"):
+    for line in path.read_text(encoding="utf-8").splitlines():
+      words = line.split()
+      if words[:1] in (["import"], ["from"]) and len(words) > 1:
+        assert words[1].split(".")[0] != "benchmarks", (path, line)

@@ -1,4 +1,4 @@
-"""CLI: `python -m pirl_jax.bench <benchmark> [flags]`; see pirl_jax/bench/__init__.py."""
+"""CLI: `python -m benchmarks <benchmark> [flags]`; see benchmarks/__init__.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ BENCHMARKS = ("step", "mfu", "overhead", "pipeline", "bank", "compile", "all")
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog="python -m pirl_jax.bench",
+      prog="python -m benchmarks",
       description="PIRL benchmarks; each measurement is printed as one JSON line.")
   p.add_argument("benchmark", choices=BENCHMARKS)
   p.add_argument("--quick", action="store_true",
@@ -33,12 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--torch", choices=("auto", "none"), default="auto",
                  help="auto: the PyTorch reference if `import torch` works; none: skip it")
   p.add_argument("--torch_script", default="",
-                 help="the PyTorch reference (default: shared/bench/torch_pirl_step.py next to "
-                      "or above the repo, or $PIRL_TORCH_SCRIPT)")
+                 help="the PyTorch reference script to run (default: "
+                      "benchmarks/torch_reference.py)")
   p.add_argument("--torch_layouts", default="batched_cl,published",
                  help="comma-separated: batched_cl (--layout batched --channels-last), published")
   p.add_argument("--torch_warmup", type=int, default=1,
-                 help="the torch script's --warmup (untimed steps in each of its runs)")
+                 help="the torch reference's --warmup (untimed steps in each of its runs)")
   p.add_argument("--torch_threads", type=int, default=0, help="torch --threads (0: its default)")
   p.add_argument("--matmul_size", type=int, default=None, help="mfu: n of the n^3 peak matmul")
   p.add_argument("--compile_setting", default="",
@@ -100,9 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(opts, emit) -> list[dict]:
   """Runs `opts.benchmark` ('all': each in turn, the bank last), emitting records."""
-  from pirl_jax.bench import bank  # pylint: disable=g-import-not-at-top
-  from pirl_jax.bench import pipeline  # pylint: disable=g-import-not-at-top
-  from pirl_jax.bench import train_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import bank  # pylint: disable=g-import-not-at-top
+  from benchmarks import pipeline  # pylint: disable=g-import-not-at-top
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
   table = {"step": train_step.bench_step, "mfu": train_step.bench_mfu,
            "overhead": train_step.bench_overhead, "pipeline": pipeline.bench_pipeline,
            "compile": train_step.bench_compile, "bank": bank.bench_bank}
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from pirl_jax.bench import common  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   emit = common.Emitter(opts.results or None)
   run(opts, emit)
 

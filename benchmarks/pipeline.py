@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from pirl_jax.bench import common
-from pirl_jax.bench import pil_baseline
-from pirl_jax.bench import train_step
+from benchmarks import common
+from benchmarks import pil_baseline
+from benchmarks import train_step
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources

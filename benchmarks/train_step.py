@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 
+from benchmarks import common
 from pirl_jax import configuration
 from pirl_jax import sharding as sharding_lib
-from pirl_jax.bench import common
 from pirl_jax.models import resnet
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
@@ -54,20 +54,23 @@ def plan(opts, setting: str) -> tuple[int, int, int]:
                for k in ("reps", "steps", "warmup"))
 
 
-# What the PyTorch reference script can build (its --arch choices; --width = first-stage channels).
+# What the PyTorch reference can build (its --arch choices; --width = first-stage channels).
 TORCH_ARCHS = ("resnet18", "resnet34", "resnet50")
 TORCH_LAYOUTS = {"batched_cl": ["--layout", "batched", "--channels-last"],
                  "published": ["--layout", "published"]}
 
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
 def _config_module():
-  """configs/pirl.py: importable from the repo root, else loaded from next to the package."""
+  """configs/pirl.py: importable from the repo root, else loaded from the repo by path."""
   try:
     from configs import pirl  # pylint: disable=g-import-not-at-top
     return pirl
   except ImportError:
     import importlib.util  # pylint: disable=g-import-not-at-top
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "pirl.py"
+    path = REPO_ROOT / "configs" / "pirl.py"
     spec = importlib.util.spec_from_file_location("pirl_bench_configs", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -184,31 +187,25 @@ def time_jax_step(built: BuiltStep, compiled, state, *, reps: int, warmup: int,
 # PyTorch reference (a subprocess per repetition).
 
 
-def default_torch_script() -> str | None:
-  """/work/shared/bench/torch_pirl_step.py or <repo>/shared/bench/..., whichever exists."""
-  here = pathlib.Path(__file__).resolve()
-  candidates = [os.environ.get("PIRL_TORCH_SCRIPT", "")]
-  for parent in here.parents[1:4]:
-    candidates += [parent / "shared" / "bench" / "torch_pirl_step.py"]
-  for c in candidates:
-    if c and pathlib.Path(c).is_file():
-      return str(c)
-  return None
+def default_torch_script() -> str:
+  """The project's PyTorch reference, benchmarks/torch_reference.py (next to this file)."""
+  return str(pathlib.Path(__file__).resolve().with_name("torch_reference.py"))
 
 
 def torch_args(config, num_examples: int) -> tuple[list[str] | None, str]:
-  """The torch script's flags for the same work, or (None, why not)."""
+  """The torch reference's flags for the same work, or (None, why not)."""
   trunk = config.model.trunk
   if trunk not in TORCH_ARCHS:
-    return None, f"skipped: trunk {trunk} not in the torch script (--arch {'|'.join(TORCH_ARCHS)})"
+    return None, (f"skipped: trunk {trunk} not in the torch reference "
+                  f"(--arch {'|'.join(TORCH_ARCHS)})")
   width = 64 * config.model.width_multiplier
   if width != int(width):
     return None, f"skipped: width 64 x {config.model.width_multiplier} is not an integer"
   if config.model.head != "linear":
-    return None, "skipped: the torch script has linear heads only"
+    return None, "skipped: the torch reference has linear heads only"
   v = config.data.views
   if v.grid != 3:
-    return None, "skipped: the torch script has a 3x3 grid only"
+    return None, "skipped: the torch reference has a 3x3 grid only"
   return ["--arch", trunk, "--width", str(int(width)), "--batch", str(config.global_batch_size),
           "--image", str(v.image_size), "--tile", str(v.tile_size), "--bank", str(num_examples),
           "--negatives", str(config.loss.num_negatives)], "ok"
@@ -258,7 +255,7 @@ def measured_step(setting: str, opts) -> tuple[BuiltStep, float, list[float]]:
 
 
 def bench_step(opts, emit) -> list[dict]:
-  """JAX step images/s, alternating repetitions with the torch script in both layouts."""
+  """JAX step images/s, alternating repetitions with the torch reference in both layouts."""
   out = []
   torch = None if opts.torch == "none" else common.import_torch()
   script = opts.torch_script or default_torch_script()
@@ -271,9 +268,9 @@ def bench_step(opts, emit) -> list[dict]:
     layouts = [l for l in opts.torch_layouts if l in TORCH_LAYOUTS]
     if torch is None:
       why = common.TORCH_MISSING if opts.torch != "none" else "skipped: --torch=none"
-    elif script is None:
-      why = "skipped: torch script not found (--torch_script)"
-    run_torch = torch is not None and script is not None and targs is not None
+    elif not os.path.isfile(script):
+      why = f"skipped: torch reference {script} not found (--torch_script)"
+    run_torch = why == "ok" and targs is not None
     jax_times: list[float] = []
     torch_times: dict[str, list[float]] = {l: [] for l in layouts}
     torch_info: dict[str, dict] = {}

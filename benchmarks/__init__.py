@@ -1,7 +1,8 @@
-"""Benchmarks of the PIRL implementation (issue 6): `python -m pirl_jax.bench <benchmark>`.
+"""Benchmarks of the PIRL implementation: `python -m benchmarks <benchmark>` from the repo root.
 
   step      images/s of the full train step (ResNet-50 and the default preset), alternating
-            repetitions with the PyTorch reference script in both its layouts; JAX/torch ratios.
+            repetitions with the PyTorch reference (benchmarks/torch_reference.py) in both its
+            layouts; JAX/torch ratios.
   mfu       FLOPs of the compiled step (XLA cost analysis) / step time / peak matmul FLOP/s
             measured in the same run (XLA, NumPy BLAS, torch if installed; the highest is used).
   overhead  full step time / bare trunk forward+backward time on the same shapes.
@@ -13,5 +14,6 @@
   all       all of the above (the bank in a subprocess with 8 fake devices).
 
 Each measurement is one JSON line on stdout (and appended to --results=FILE). BENCHMARKS.md has
-the commands and the tables.
+the commands and the tables. The suite is not part of the `pirl_jax` package: it imports
+`pirl_jax`, never the other way round, and torch is optional (requirements-bench.txt).
 """

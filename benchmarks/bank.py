@@ -7,7 +7,7 @@ gathering B x (K+1) x D rows) and the write (`memory_bank.update`) -- with the b
 negatives (computed, and from XLA's memory analysis where the backend gives one). The same step
 with `losses.contrastive_scores_chunked` (rows gathered chunk by chunk) is timed beside it.
 
-XLA's fake host devices must be requested before jax is imported: `python -m pirl_jax.bench bank`
+XLA's fake host devices must be requested before jax is imported: `python -m benchmarks bank`
 sets XLA_FLAGS=--xla_force_host_platform_device_count=N itself (N = --bank_devices) when it runs
 the bank benchmark first; when jax is already up with fewer devices it re-runs itself in a
 subprocess.
@@ -18,16 +18,17 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import jax
 import numpy as np
 
+from benchmarks import common
 from pirl_jax import losses
 from pirl_jax import memory_bank
 from pirl_jax import sharding as sharding_lib
-from pirl_jax.bench import common
 
 IMAGENET_ROWS = 1_281_167
 
@@ -57,7 +58,10 @@ def _step_fn(num_examples, num_negatives, temperature, chunk):
 def _rerun_in_subprocess(opts) -> list[dict]:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + device_flag(opts.bank_devices)).strip()
-  cmd = [sys.executable, "-m", "pirl_jax.bench", "bank"] + opts.passthrough
+  # `-m benchmarks` from any working directory (a relative --results stays relative to it).
+  repo = str(pathlib.Path(__file__).resolve().parents[1])
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
+  cmd = [sys.executable, "-m", "benchmarks", "bank"] + opts.passthrough
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   if out.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr[-3000:]}")
