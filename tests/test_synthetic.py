@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic dermoscopy set (pirl_jax.data.synthetic)."""
+"""Tests of the embedded synthetic dermoscopy set (pirl_jax.data.synthetic, synthetic_render)."""
 
 import concurrent.futures
 import csv
@@ -6,12 +6,17 @@ import io
 import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pirl_jax.data import isic
+from pirl_jax.data import paths
 from pirl_jax.data import synthetic
+from pirl_jax.data import synthetic_render as render
 
 SMALL = dict(num_train=24, num_val=9, num_test=15, num_unlabeled=6)
 # Large enough for stable AUCs (60 melanomas in test), small enough to render in ~20-30 s CPU.
@@ -34,7 +39,7 @@ def _read_csv(path: pathlib.Path) -> tuple[list[str], list[list[str]]]:
 
 def _labels(root: pathlib.Path, split: str) -> tuple[list[str], np.ndarray]:
   """Image ids and labels (0 melanoma, 1 SK, 2 nevus) from a ground-truth CSV."""
-  _, rows = _read_csv(root / synthetic.GROUND_TRUTH_CSVS[split])
+  _, rows = _read_csv(root / isic.SPLITS[split][1])
   labels = [0 if mel == "1.0" else 1 if sk == "1.0" else 2 for _, mel, sk in rows]
   return [r[0] for r in rows], np.array(labels)
 
@@ -52,7 +57,7 @@ def medium_arrays(tmp_path_factory):
   out = {}
   for split in ("train", "test"):
     ids, labels = _labels(root, split)
-    folder = root / synthetic.SPLIT_DIRS[split]
+    folder = root / isic.SPLITS[split][0]
     images = np.stack([
         np.asarray(Image.open(folder / f"{i}.jpg").convert("RGB").resize(
             (SIZE, SIZE), Image.Resampling.BILINEAR)) for i in ids])
@@ -85,10 +90,10 @@ def test_different_seed_gives_different_images(small_set, tmp_path):
 
 
 def test_render_jpeg_depends_only_on_its_arguments():
-  a = synthetic.render_jpeg(5, "test", 7, synthetic.MELANOMA)
-  synthetic.render_jpeg(5, "test", 8, synthetic.NEVUS)  # no hidden state between calls
-  assert synthetic.render_jpeg(5, "test", 7, synthetic.MELANOMA) == a
-  assert synthetic.render_jpeg(5, "train", 7, synthetic.MELANOMA) != a
+  a = render.render_jpeg(5, "test", 7, render.MELANOMA)
+  render.render_jpeg(5, "test", 8, render.NEVUS)  # no hidden state between calls
+  assert render.render_jpeg(5, "test", 7, render.MELANOMA) == a
+  assert render.render_jpeg(5, "train", 7, render.MELANOMA) != a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,19 +103,13 @@ def test_render_jpeg_depends_only_on_its_arguments():
 
 def test_layout_matches_isic_2017(small_set):
   entries = sorted(p.name for p in small_set.iterdir())
-  assert entries == sorted([*synthetic.SPLIT_DIRS.values(), *synthetic.GROUND_TRUTH_CSVS.values(),
-                            synthetic.UNLABELED_DIR, synthetic.COMPLETE_MARKER])
-  assert synthetic.SPLIT_DIRS == {"train": "ISIC-2017_Training_Data",
-                                  "validation": "ISIC-2017_Validation_Data",
-                                  "test": "ISIC-2017_Test_v2_Data"}
-  assert synthetic.GROUND_TRUTH_CSVS == {
-      "train": "ISIC-2017_Training_Part3_GroundTruth.csv",
-      "validation": "ISIC-2017_Validation_Part3_GroundTruth.csv",
-      "test": "ISIC-2017_Test_v2_Part3_GroundTruth.csv"}
+  # The names the reader looks for: folders and ground-truth CSVs of isic.SPLITS.
+  assert entries == sorted([name for names in isic.SPLITS.values() for name in names]
+                           + [synthetic.UNLABELED_DIR, synthetic.COMPLETE_MARKER])
   counts = {"train": SMALL["num_train"], "validation": SMALL["num_val"],
             "test": SMALL["num_test"]}
   all_ids = []
-  for split, folder_name in synthetic.SPLIT_DIRS.items():
+  for split, (folder_name, _) in isic.SPLITS.items():
     folder = small_set / folder_name
     names = sorted(p.name for p in folder.iterdir())
     images = [n for n in names if n.endswith(".jpg")]
@@ -136,12 +135,12 @@ def test_layout_matches_isic_2017(small_set):
   assert len(set(all_ids)) == len(all_ids)  # unique across splits
 
   marker = json.loads((small_set / synthetic.COMPLETE_MARKER).read_text())
-  assert marker["generator_version"] == synthetic.GENERATOR_VERSION
+  assert marker["generator_version"] == render.GENERATOR_VERSION
   assert marker["seed"] == 3 and marker["num_unlabeled"] == SMALL["num_unlabeled"]
 
 
 def test_ground_truth_csv_format(small_set):
-  for split, name in synthetic.GROUND_TRUTH_CSVS.items():
+  for split, (_, name) in isic.SPLITS.items():
     text = (small_set / name).read_text()
     assert text.endswith("\n") and "\r" not in text
     header, rows = _read_csv(small_set / name)
@@ -212,10 +211,10 @@ def test_generate_refuses_a_non_empty_folder_but_accepts_an_empty_one(tmp_path):
 
 def test_ensure_synthetic_generates_once_then_reuses(tmp_path, monkeypatch):
   counts = dict(seed=1, num_train=6, num_val=2, num_test=3, num_unlabeled=2)
-  monkeypatch.setenv(synthetic.CACHE_ENV_VAR, str(tmp_path / "cache"))
+  monkeypatch.setenv(paths.CACHE_ENV_VAR, str(tmp_path / "cache"))
   root = synthetic.ensure_synthetic(**counts)
-  assert root == tmp_path / "cache" / synthetic.cache_name(**counts)
-  assert f"v{synthetic.GENERATOR_VERSION}" in root.name and "seed1" in root.name
+  assert root == tmp_path / "cache" / synthetic.CACHE_SUBDIR / synthetic.cache_name(**counts)
+  assert f"v{render.GENERATOR_VERSION}" in root.name and "seed1" in root.name
   assert synthetic.is_complete(root)
   before = _files(root)
 
@@ -263,14 +262,22 @@ def test_cli_writes_the_set_and_reports_where_and_how_long(tmp_path, capsys):
   assert json.loads((out / synthetic.COMPLETE_MARKER).read_text())["seed"] == 2
 
 
+def test_runs_as_a_module_and_writes_what_generate_writes(tmp_path):
+  counts = ["--num-train", "3", "--num-val", "1", "--num-test", "2"]
+  subprocess.run([sys.executable, "-m", "pirl_jax.data.synthetic", "--out", str(tmp_path / "cli"),
+                  "--seed", "4", *counts], check=True, capture_output=True,
+                 cwd=pathlib.Path(__file__).resolve().parents[1])
+  in_process = synthetic.generate(tmp_path / "api", seed=4, num_train=3, num_val=1, num_test=2)
+  assert _files(tmp_path / "cli") == _files(in_process)
+
+
 # ---------------------------------------------------------------------------------------------
 # The ISIC reader accepts the output
 # ---------------------------------------------------------------------------------------------
 
 
 def test_isic_reader_accepts_the_synthetic_set(small_set):
-  isic = pytest.importorskip("pirl_jax.data.isic")
-  for split in synthetic.SPLIT_DIRS:
+  for split in isic.SPLITS:
     data = isic.read_split(small_set, split, strict=True)
     ids, labels = _labels(small_set, split)
     assert list(data.image_ids) == ids
@@ -300,9 +307,9 @@ def _histogram_auc(medium_arrays) -> float:
   from sklearn.preprocessing import StandardScaler
   (x_train, y_train), (x_test, y_test) = medium_arrays["train"], medium_arrays["test"]
   clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-  clf.fit(_colour_histograms(x_train), y_train == synthetic.MELANOMA)
+  clf.fit(_colour_histograms(x_train), y_train == render.MELANOMA)
   scores = clf.predict_proba(_colour_histograms(x_test))[:, 1]
-  return roc_auc_score(y_test == synthetic.MELANOMA, scores)
+  return roc_auc_score(y_test == render.MELANOMA, scores)
 
 
 def test_colour_histograms_do_not_reveal_melanoma(medium_arrays):
@@ -372,9 +379,9 @@ def test_small_cnn_beats_colour_histograms_on_melanoma(medium_arrays):
   from sklearn.metrics import roc_auc_score
   (x_train, y_train), (x_test, y_test) = medium_arrays["train"], medium_arrays["test"]
   probs = _train_small_cnn(x_train, y_train, x_test, epochs=CNN_EPOCHS)
-  cnn_mel = roc_auc_score(y_test == synthetic.MELANOMA, probs[:, synthetic.MELANOMA])
-  cnn_sk = roc_auc_score(y_test == synthetic.SEBORRHEIC_KERATOSIS,
-                         probs[:, synthetic.SEBORRHEIC_KERATOSIS])
+  cnn_mel = roc_auc_score(y_test == render.MELANOMA, probs[:, render.MELANOMA])
+  cnn_sk = roc_auc_score(y_test == render.SEBORRHEIC_KERATOSIS,
+                         probs[:, render.SEBORRHEIC_KERATOSIS])
   hist_mel = _histogram_auc(medium_arrays)
   assert cnn_mel >= hist_mel + CNN_MARGIN, (cnn_mel, hist_mel)
   assert cnn_sk >= 0.75, cnn_sk
