@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pirl_jax.data import images
+from pirl_jax.user_errors import UserError
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -174,6 +175,38 @@ def test_prepare_all_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
   assert _decode(changed.encoded[1]).size == (40, 20)
 
 
+def test_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):
+  files = {f"img{i}.jpg": _rgb_jpeg(40 + i, 30) for i in range(3)}
+  items = [(name, lambda name=name: files[name]) for name in files]
+  cache = tmp_path / "prepared" / "0123.npz"
+  first = images.prepare_all(items, min_side=1, max_side=24, cache_path=cache)
+  intact = cache.read_bytes()
+  real_prepare = images.prepare_image
+  calls = []
+
+  def counting_prepare(*args, **kwargs):
+    calls.append(args[1])
+    return real_prepare(*args, **kwargs)
+
+  monkeypatch.setattr(images, "prepare_image", counting_prepare)
+  for damaged in (b"", intact[:len(intact) // 2]):
+    cache.write_bytes(damaged)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      again = images.prepare_all(items, min_side=1, max_side=24, cache_path=cache)
+    assert again.encoded == first.encoded and again.kept.tolist() == first.kept.tolist()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(cache) in w for w in warnings), warnings
+    # Rebuilt and rewritten: the next run is served from the cache again.
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      cached = images.prepare_all(items, min_side=1, max_side=24, cache_path=cache)
+    assert calls == [] and cached.encoded == first.encoded
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_bad_image_error_pickles():
   err = pickle.loads(pickle.dumps(images.BadImageError("x.jpg", "broken")))
   assert isinstance(err, ValueError) and str(err) == "x.jpg: broken"
+  assert isinstance(err, UserError)

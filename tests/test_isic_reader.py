@@ -10,6 +10,7 @@ import pytest
 
 import isic_fixtures
 from pirl_jax.data import isic
+from pirl_jax.user_errors import UserError
 
 TRAIN_CSV = "ISIC-2017_Training_Part3_GroundTruth.csv"
 TRAIN_STEM = "ISIC-2017_Training_Data"
@@ -178,3 +179,19 @@ def test_only_isic_jpgs_in_zip_are_images(tmp_path):
   split = isic.read_split(root, "train", strict=True)
   assert len(split) == 4
   assert split.read_bytes(0) == isic_fixtures.jpeg_bytes("ISIC_0000000")
+
+
+@pytest.mark.parametrize("missing", ["csv", "images"])
+def test_missing_split_names_the_split_and_the_files_looked_for(tmp_path, missing):
+  root = isic_fixtures.write_tree(tmp_path, "zip")
+  stem, csv_name = isic.SPLITS["test"]
+  gone = root / (csv_name if missing == "csv" else f"{stem}.zip")
+  gone.unlink()
+  assert len(isic.read_split(root, "train")) == 4  # the other splits are unaffected
+  with pytest.raises(isic.MissingSplitError) as err:
+    isic.read_split(root, "test")
+  assert err.value.split == "test" and "test split" in str(err.value)
+  assert str(gone) in str(err.value) and str(gone) in err.value.looked_for
+  assert isinstance(err.value, isic.IsicFormatError) and isinstance(err.value, UserError)
+  again = pickle.loads(pickle.dumps(err.value))
+  assert str(again) == str(err.value) and again.looked_for == err.value.looked_for

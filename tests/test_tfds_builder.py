@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import finetune_isic
 import isic_fixtures
+from pirl_jax.data import isic
+from pirl_jax.data import labelled
 import pirl_jax.data.tfds_isic2017  # noqa: F401  (registers 'isic2017')
 
 
@@ -53,3 +56,27 @@ def test_resized_config_downscales_short_side(tmp_path, manual_dir):
   assert shapes["ISIC_0000022"] == (313, 256, 3)  # 270x330 -> 256x313
   assert shapes["ISIC_0000010"] == (16, 24, 3)    # smaller than 256: unchanged
   assert len(shapes) == 9
+
+
+def test_missing_test_archive_builds_the_other_splits_and_names_the_missing_one(tmp_path):
+  manual = isic_fixtures.write_tree(tmp_path / "manual", "zip")
+  archive = manual / f"{isic.SPLITS['test'][0]}.zip"
+  archive.unlink()  # the test CSV is there, its images are not
+  data_dir = str(tmp_path / "tfds")
+  builder = tfds.builder("isic2017", data_dir=data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  assert sorted(builder.info.splits) == ["train", "validation"]
+  train = list(tfds.as_numpy(tfds.load("isic2017", split="train", data_dir=data_dir)))
+  assert len(train) == 4
+  # Asked for later (a new builder, reading what was recorded when preparing):
+  with pytest.raises(isic.MissingSplitError) as err:
+    tfds.load("isic2017", split="test", data_dir=data_dir)
+  assert err.value.split == "test" and "no test split" in str(err.value)
+  assert str(archive) in str(err.value) and str(archive) in err.value.looked_for
+  config = finetune_isic.get_config("tiny").data
+  config.update(source="tfds", tfds_name="isic2017", tfds_data_dir=data_dir,
+                cache_dir=str(tmp_path / "cache"), min_image_side=8)
+  assert len(labelled.load_split(config, "validation")) == 2
+  with pytest.raises(ValueError, match=f"no test split.*{archive}"):
+    labelled.load_split(config, "test")

@@ -22,6 +22,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from pirl_jax.data import errors
+from pirl_jax.user_errors import UserError
+
 JPEG_QUALITY = 95
 _CACHE_FORMAT = "pirl_jax.prepared_images.v1"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -30,7 +33,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
                   Image.DecompressionBombError)
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
   """An image file that cannot be used; the message always names the file.
 
   Attributes:
@@ -192,6 +195,7 @@ def _cache_key(items: list, min_side: int, max_side: int, on_bad: str) -> str:
 
 
 def _load_cache(path: Path, key: str) -> PreparedImages | None:
+  """The cached result at `path` if its key is `key`; None (to rebuild) if stale or unreadable."""
   if not path.exists():
     return None
   try:
@@ -199,12 +203,18 @@ def _load_cache(path: Path, key: str) -> PreparedImages | None:
       if str(f["key"]) != key:
         logging.info("Prepared-image cache %s is stale; rebuilding it.", path)
         return None
-      blob, offsets = f["blob"], f["offsets"]
+      blob, offsets, kept = f["blob"], f["offsets"], f["kept"]
+      if (offsets.ndim != 1 or len(offsets) != len(kept) + 1 or offsets[0] != 0
+          or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0)):
+        raise ValueError("inconsistent image offsets")
       encoded = [blob[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
       skipped = list(zip(f["skipped_names"].tolist(), f["skipped_reasons"].tolist()))
-      return PreparedImages(encoded, f["kept"].astype(np.int64), skipped)
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-    logging.warning("Ignoring unreadable prepared-image cache %s (%s); rebuilding it.", path, e)
+      return PreparedImages(encoded, kept.astype(np.int64), skipped)
+  # np.load raises many types for a damaged file (EOFError for an empty one, BadZipFile,
+  # tokenize.TokenError, NotImplementedError, ...); any of them means: rebuild.
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Ignoring unreadable prepared-image cache %s (%s: %s); rebuilding it.", path,
+                    type(e).__name__, e)
     return None
 
 
@@ -251,10 +261,11 @@ def prepare_all(items: Sequence[tuple[str, Callable[[], bytes]]], *, min_side: i
 
   Raises:
     BadImageError: with `on_bad='error'`, for the first bad or unreadable image.
-    ValueError: for an unknown `on_bad`.
+    errors.ConfigFieldError: for an unknown `on_bad` (config field data.on_bad_image).
   """
   if on_bad not in ("error", "skip"):
-    raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    raise errors.ConfigFieldError(
+        f"data.on_bad_image={on_bad!r}: must be 'error' or 'skip'")
   items = list(items)
   if cache_path is not None:
     cache_path = Path(cache_path)
@@ -277,8 +288,10 @@ def prepare_all(items: Sequence[tuple[str, Callable[[], bytes]]], *, min_side: i
   results = _map_in_order(prepare, items)
   prepared = PreparedImages(
       encoded=[jpeg for jpeg, _ in results if jpeg is not None],
-      kept=np.array([i for i, (jpeg, _) in enumerate(results) if jpeg is not None], dtype=np.int64),
-      skipped=[(items[i][0], reason) for i, (_, reason) in enumerate(results) if reason is not None])
+      kept=np.array([i for i, (jpeg, _) in enumerate(results) if jpeg is not None],
+                    dtype=np.int64),
+      skipped=[(items[i][0], reason) for i, (_, reason) in enumerate(results)
+               if reason is not None])
   _log_skipped(prepared.skipped, len(items))
   if cache_path is not None:
     _save_cache(cache_path, key, prepared)

@@ -8,7 +8,10 @@ unzipped as the archives unpack (one folder deeper:
 `_superpixels.png` files and `*_metadata.csv` next to them are ignored.
 
 Everything is validated up front, and every problem raises `IsicFormatError` naming the file (and
-the CSV line where there is one).
+the CSV line where there is one); a split whose CSV or images are absent raises its subclass
+`MissingSplitError`, naming the split and the files looked for.
+
+`SPLITS` is the one definition of the layout's names in the project.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from absl import logging
 
+from pirl_jax.user_errors import UserError
+
 # split -> (image folder / zip stem, ground-truth CSV).
 SPLITS = {
     "train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part3_GroundTruth.csv"),
@@ -37,8 +42,25 @@ IMAGE_NAME_RE = re.compile(r"(ISIC_\d{7})\.jpg")
 _MAX_LISTED = 20  # ids named in one message; the rest are counted
 
 
-class IsicFormatError(ValueError):
+class IsicFormatError(UserError, ValueError):
   """The ISIC files are missing or malformed; the message names the file (and line)."""
+
+
+class MissingSplitError(IsicFormatError):
+  """The ground-truth CSV or the images of one split are absent.
+
+  Attributes:
+    split: 'train', 'validation' or 'test'.
+    looked_for: the paths looked for (the CSV, or the image folder, nested folder and zip).
+  """
+
+  def __init__(self, message: str, split: str, looked_for: tuple[str, ...]):
+    super().__init__(message, split, looked_for)
+    self.split = split
+    self.looked_for = tuple(looked_for)
+
+  def __str__(self) -> str:
+    return self.args[0]
 
 
 class ImageRef(NamedTuple):
@@ -98,9 +120,14 @@ class IsicSplit:
     return [(ref.name, functools.partial(_read_ref, ref)) for ref in self.refs]
 
 
-def _find_images(root: Path, stem: str) -> tuple[Path, dict[str, ImageRef]]:
+def _image_locations(root: Path, stem: str) -> tuple[Path, Path, Path]:
+  """Where a split's images may be: (flat folder, nested folder, zip)."""
+  return root / stem, root / stem / stem, root / f"{stem}.zip"
+
+
+def _find_images(root: Path, split: str) -> tuple[Path, dict[str, ImageRef]]:
   """Finds the split's image folder (flat or nested) or zip; returns it and image id -> ref."""
-  nested, flat, archive = root / stem / stem, root / stem, root / f"{stem}.zip"
+  flat, nested, archive = _image_locations(root, SPLITS[split][0])
   found: dict[str, ImageRef] = {}
   if flat.is_dir():
     folder = nested if nested.is_dir() else flat
@@ -127,8 +154,9 @@ def _find_images(root: Path, stem: str) -> tuple[Path, dict[str, ImageRef]]:
                               f"{found[match.group(1)].member} and {member}")
       found[match.group(1)] = ImageRef(str(archive), member)
     return archive, found
-  raise IsicFormatError(f"{root}: no image folder or archive for this split; looked for "
-                        f"{flat}/ (or nested {nested}/) and {archive}")
+  raise MissingSplitError(
+      f"{root}: no image folder or archive for the {split} split; looked for {flat}/ (or nested "
+      f"{nested}/) and {archive}", split, (str(flat), str(nested), str(archive)))
 
 
 def _parse_label(value: str, column: str, where: str) -> int:
@@ -190,7 +218,8 @@ def read_split(root: str | os.PathLike, split: str, *, strict: bool = False) -> 
   """Reads and validates one ISIC 2017 split.
 
   Args:
-    root: the folder holding the split's image folder or zip and its ground-truth CSV.
+    root: the folder holding the split's image folder or zip and its ground-truth CSV (`~` is
+      expanded).
     split: 'train', 'validation' or 'test'.
     strict: if True, images with no CSV row are an error; otherwise they are ignored with a
       warning that lists them.
@@ -199,21 +228,22 @@ def read_split(root: str | os.PathLike, split: str, *, strict: bool = False) -> 
     IsicSplit sorted by image id.
 
   Raises:
-    IsicFormatError: for a missing root, CSV or image folder, a malformed CSV (missing column,
-      non-UTF-8, labels outside {0, 1}, both labels 1, duplicate id), a CSV row without an image,
-      an empty split, or (strict) an image without a CSV row.
+    MissingSplitError: for a missing CSV or image folder.
+    IsicFormatError: for a missing root, a malformed CSV (missing column, non-UTF-8, labels outside
+      {0, 1}, both labels 1, duplicate id), a CSV row without an image, an empty split, or
+      (strict) an image without a CSV row.
     ValueError: for an unknown split name.
   """
   if split not in SPLITS:
     raise ValueError(f"unknown ISIC 2017 split {split!r}; expected one of {list(SPLITS)}")
-  root = Path(root)
+  root = Path(root).expanduser()
   if not root.is_dir():
     raise IsicFormatError(f"{root}: ISIC 2017 root folder does not exist")
-  stem, csv_name = SPLITS[split]
-  csv_path = root / csv_name
+  csv_path = root / SPLITS[split][1]
   if not csv_path.is_file():
-    raise IsicFormatError(f"{csv_path}: ground-truth CSV for the {split} split not found")
-  image_location, images = _find_images(root, stem)
+    raise MissingSplitError(f"{csv_path}: ground-truth CSV of the {split} split not found",
+                            split, (str(csv_path),))
+  image_location, images = _find_images(root, split)
   rows = _read_csv(csv_path)
   if not rows:
     raise IsicFormatError(f"{csv_path}: empty {split} split (no labelled rows)")
@@ -236,7 +266,8 @@ def read_split(root: str | os.PathLike, split: str, *, strict: bool = False) -> 
   sk = np.array([r[2] for r in rows], dtype=np.int32)
   return IsicSplit(
       split=split, csv_path=csv_path, image_ids=[r[0] for r in rows], melanoma=mel,
-      seborrheic_keratosis=sk, label=np.where(mel == 1, 0, np.where(sk == 1, 1, 2)).astype(np.int32),
+      seborrheic_keratosis=sk,
+      label=np.where(mel == 1, 0, np.where(sk == 1, 1, 2)).astype(np.int32),
       refs=[images[r[0]] for r in rows])
 
 

@@ -11,14 +11,18 @@ registers the builder:
                      manual_dir="/data/isic2017")})
 
 Every image is decoded and validated while preparing, so a corrupt file fails the build with its
-name instead of surfacing later in training.
+name instead of surfacing later in training. A split whose files are not in the manual directory
+is left out with a warning (the others are built); asking for it later raises
+`isic.MissingSplitError`, naming the split and the files that were looked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from pirl_jax.data import images
@@ -46,6 +50,24 @@ _CITATION = """\
 """
 
 
+_FILE_TABLE = "\n".join(f"    {stem + '.zip':<32}{csv_name}"
+                        for stem, csv_name in isic.SPLITS.values())
+_NESTED_EXAMPLE = "{0}/{0}/ISIC_0000000.jpg".format(isic.SPLITS["train"][0])
+_MISSING_SPLITS = "missing_splits"  # metadata key: split -> (message, paths looked for)
+
+
+def _split_names(split) -> list[str]:
+  """The split names in a tfds split argument ('train[:10%]+test', lists, dicts of them)."""
+  if isinstance(split, str):
+    return [m.group(1) for m in (re.match(r"\s*([\w-]+)", part) for part in split.split("+"))
+            if m]
+  if isinstance(split, dict):
+    split = list(split.values())
+  if isinstance(split, (list, tuple)):
+    return [name for s in split for name in _split_names(s)]
+  return []
+
+
 @dataclasses.dataclass
 class Isic2017Config(tfds.core.BuilderConfig):
   """An `isic2017` configuration.
@@ -71,17 +93,16 @@ class Isic2017(tfds.core.GeneratorBasedBuilder):
                      description="Images downscaled so that the short side is at most 256."),
   ]
   DEFAULT_CONFIG_NAME = "full"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
   Download the ISIC 2017 Part 3 data from https://challenge.isic-archive.com/data/ and place
   these files, with their official names, directly in the manual directory
   (by default <data_dir>/downloads/manual/, or DownloadConfig(manual_dir=...)):
 
-    ISIC-2017_Training_Data.zip     ISIC-2017_Training_Part3_GroundTruth.csv
-    ISIC-2017_Validation_Data.zip   ISIC-2017_Validation_Part3_GroundTruth.csv
-    ISIC-2017_Test_v2_Data.zip      ISIC-2017_Test_v2_Part3_GroundTruth.csv
+{_FILE_TABLE}
 
   The zips may also be unpacked there, as folders of the same names (flat, or nested one level as
-  the archives unpack: ISIC-2017_Training_Data/ISIC-2017_Training_Data/ISIC_0000000.jpg).
+  the archives unpack: {_NESTED_EXAMPLE}).
+  A split whose files are absent is not built; the others are.
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -98,12 +119,37 @@ class Isic2017(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"),
         homepage="https://challenge.isic-archive.com/landing/2017/",
         citation=_CITATION,
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    # Reads and validates all three splits before writing anything.
-    splits = isic.read_isic2017(os.fspath(dl_manager.manual_dir))
+    # Reads and validates every split present before writing anything.
+    root = os.fspath(dl_manager.manual_dir)
+    splits, missing = {}, {}
+    for name in isic.SPLITS:
+      try:
+        splits[name] = isic.read_split(root, name)
+      except isic.MissingSplitError as e:
+        missing[name] = (str(e), list(e.looked_for))
+    if not splits:
+      raise isic.IsicFormatError(f"{root}: no ISIC 2017 split to build; "
+                                 + "; ".join(message for message, _ in missing.values()))
+    for name, (message, _) in missing.items():
+      logging.warning("isic2017: not building the %s split: %s", name, message)
+    self.info.metadata[_MISSING_SPLITS] = missing
     return {name: self._generate_examples(split) for name, split in splits.items()}
+
+  def as_dataset(self, split=None, **kwargs):
+    """`tfds.core.DatasetBuilder.as_dataset`; a split left out when preparing is named."""
+    missing = (self.info.metadata or {}).get(_MISSING_SPLITS) or {}
+    for name in _split_names(split):
+      if name in missing:
+        message, looked_for = missing[name]
+        raise isic.MissingSplitError(
+            f"{self.info.full_name} has no {name} split: its files were not in the manual "
+            f"directory when the dataset was prepared ({message}). Place them there, delete "
+            f"{self.data_path} and prepare it again.", name, tuple(looked_for))
+    return super().as_dataset(split=split, **kwargs)
 
   def _generate_examples(self, split: isic.IsicSplit):
     for i, image_id in enumerate(split.image_ids):
