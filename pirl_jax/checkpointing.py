@@ -180,7 +180,8 @@ def fingerprints(tree) -> dict[str, int]:
 
 def _describe(error: BaseException) -> str:
   text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = text if len(text) <= 300 else text[:300] + "..."
+  text = text.split(" [tensorstore_spec=")[0]  # the spec that follows is long and says little
+  text = text if len(text) <= 600 else text[:600] + "..."
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -371,8 +372,8 @@ class Checkpointer:
     try:
       saved = dict(_named_leaves(array_metadata(step_dir / _ITEM)))
     except Exception as e:  # pylint: disable=broad-exception-caught
-      raise DamagedCheckpointError(f"Checkpoint {step_dir} is damaged: its array metadata "
-                                   f"cannot be read ({_describe(e)}).") from e
+      raise DamagedCheckpointError(
+          f"Checkpoint {step_dir} is damaged: it cannot be read ({_describe(e)}).") from e
     wanted = dict(_named_leaves(target))
     problems, trimmed, resized = [], {}, False
     for name in sorted(set(saved) | set(wanted)):
