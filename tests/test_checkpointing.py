@@ -293,7 +293,8 @@ def test_every_checkpoint_damaged_raises_listing_them(tmp_path, caplog):
     with pytest.raises(checkpointing.DamagedCheckpointError,
                        match=rf"(?s)No checkpoint in {folder} can be restored:\n  step 2: "
                              rf"Checkpoint {folder / '2'} is damaged: .*params\.w.*\n  step 1: "
-                             rf"Checkpoint {folder / '1'} is damaged: it cannot be read \(FileNotFoundError"):
+                             rf"Checkpoint {folder / '1'} is damaged: it cannot be read "
+                             r"\(FileNotFoundError"):
       ckpt.restore_latest(_target(8))
   assert len(_warnings(caplog)) == 2
   assert sorted(p.name for p in folder.iterdir()) == ["1", "2"]  # nothing moved or deleted
