@@ -298,7 +298,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    # Named items from the start: checkpoints saved with the state alone restore the same way.
+    # Items named up front: left to guess, Orbax takes a step folder holding 'default' for a
+    # single-item checkpoint and then refuses two-item saves.
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=(_ITEM, _FINGERPRINTS),
         item_handlers={_ITEM: ocp.StandardCheckpointHandler(),
