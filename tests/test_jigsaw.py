@@ -1,12 +1,15 @@
-"""Tests for the PIRL image and jigsaw views (pirl_jax.data.jigsaw)."""
+"""Tests for the PIRL image and jigsaw views (pirl_jax.data.jigsaw).
+
+The augmentations they are built from are tested in test_data_augment.py.
+"""
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from pirl_jax.data import augment
 from pirl_jax.data import jigsaw
 
 SMALL = jigsaw.ViewConfig(image_size=64, jigsaw_crop_size=75, tile_size=21)
@@ -102,11 +105,6 @@ def test_make_views_shapes_and_dtypes(cfg):
     assert batch["tiles"].shape == (2, 9, t, t, 3) and batch["tiles"].dtype == np.float32
     assert batch["index"].dtype == np.int32 and list(batch["index"]) == [0, 1]
     assert np.all(np.isfinite(batch["image"])) and np.all(np.isfinite(batch["tiles"]))
-
-
-def test_decode_returns_uint8_rgb():
-    image = jigsaw.decode(_jpeg(_noise_image(0, 30, 40)))
-    assert image.dtype == tf.uint8 and image.shape == (30, 40, 3)
 
 
 # ------------------------------------------------------- jigsaw geometry ----
@@ -229,12 +227,6 @@ def test_pipeline_is_deterministic_and_keyed_by_seed_epoch_index():
     assert differ(same_bytes[0], same_bytes[1])
 
 
-def test_example_seed_is_distinct():
-    seeds = {tuple(jigsaw.example_seed(s, e, i).numpy())
-             for s, e, i in itertools.product(range(2), range(3), range(4))}
-    assert len(seeds) == 24
-
-
 # ------------------------------------------------------------ image view ----
 
 def test_image_view_is_normalised():
@@ -247,91 +239,7 @@ def test_image_view_is_normalised():
     plain = dataclasses.replace(cfg, image_photometric=False)
     view = jigsaw.image_view(image, _seed(0), plain).numpy()
     crop_seed = tf.random.experimental.stateless_split(_seed(0), 2)[0]
-    crop = jigsaw.random_resized_crop(image, crop_seed, 64, cfg.image_crop_scale,
-                                      cfg.crop_ratio).numpy()
+    crop = augment.random_resized_crop(image, crop_seed, 64, cfg.image_crop_scale,
+                                       cfg.crop_ratio).numpy()
     np.testing.assert_allclose(view, (crop - np.array(cfg.mean)) / np.array(cfg.std),
                                atol=1e-5)
-
-
-# --------------------------------------------------- random resized crop ----
-
-@tf.function
-def _windows(height, width, seeds, scale, ratio):
-    return tf.map_fn(
-        lambda s: tf.stack(jigsaw._random_resized_crop_window(height, width, s, scale, ratio)),
-        seeds, fn_output_signature=tf.int32)
-
-
-def test_random_resized_crop_window_statistics():
-    seeds = tf.random.experimental.stateless_split(tf.constant([3, 4], tf.int64), 300)
-    height, width = 120, 160
-    top, left, h, w = _windows(height, width, seeds, (0.08, 1.0), (3 / 4, 4 / 3)).numpy().T
-    assert np.all(top >= 0) and np.all(left >= 0)
-    assert np.all(top + h <= height) and np.all(left + w <= width)
-    area = h * w / (height * width)
-    assert area.min() >= 0.07 and area.max() <= 1.0
-    assert area.min() < 0.15 and area.max() > 0.8  # covers the range
-    aspect = w / h
-    assert aspect.min() > 0.72 and aspect.max() < 1.37
-    assert len(set(zip(top, left))) > 250
-
-
-def test_random_resized_crop_falls_back_to_centre_crop():
-    seeds = tf.random.experimental.stateless_split(tf.constant([3, 4], tf.int64), 5)
-    # A 10x300 strip has no crop with aspect ratio in [3/4, 4/3] of area >= 50%.
-    windows = _windows(10, 300, seeds, (0.5, 1.0), (3 / 4, 4 / 3)).numpy()
-    np.testing.assert_array_equal(windows, [[0, 143, 10, 13]] * 5)
-    out = jigsaw.random_resized_crop(np.zeros((10, 300, 3), np.uint8), seeds[0], 32,
-                                     (0.5, 1.0), (3 / 4, 4 / 3))
-    assert out.shape == (32, 32, 3) and out.dtype == tf.float32
-
-
-def test_random_resized_crop_full_scale_is_a_resize():
-    image = _noise_image(1, 50, 50)
-    out = jigsaw.random_resized_crop(image, _seed(0), 40, (1.0, 1.0), (1.0, 1.0))
-    expected = tf.image.resize(image, [40, 40], antialias=True) / 255.0
-    np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-6)
-    assert 0.0 <= out.numpy().min() and out.numpy().max() <= 1.0 + 1e-6
-
-
-# -------------------------------------------------------------- colour ------
-
-def test_color_augment_range_identity_and_grayscale():
-    image = tf.constant(_noise_image(2, 32, 32), tf.float32) / 255.0
-    for i in range(4):
-        out = jigsaw.color_augment(image, _seed(i), SMALL).numpy()
-        assert out.shape == (32, 32, 3) and 0.0 <= out.min() and out.max() <= 1.0
-    off = dataclasses.replace(SMALL, color_jitter=(0.0, 0.0, 0.0, 0.0),
-                              grayscale_prob=0.0, flip_prob=0.0)
-    np.testing.assert_array_equal(jigsaw.color_augment(image, _seed(0), off).numpy(), image)
-    gray = dataclasses.replace(off, grayscale_prob=1.0)
-    out = jigsaw.color_augment(image, _seed(0), gray).numpy()
-    np.testing.assert_allclose(out[..., 0], out[..., 1])
-    np.testing.assert_allclose(out[..., 0], out[..., 2])
-    flip = dataclasses.replace(off, flip_prob=1.0)
-    np.testing.assert_array_equal(jigsaw.color_augment(image, _seed(0), flip).numpy(),
-                                  image.numpy()[:, ::-1])
-
-
-def test_color_jitter_matches_torchvision_formulas():
-    """Each jitter op alone: brightness scales, contrast/saturation blend with grey."""
-    image = tf.constant(_noise_image(4, 16, 16), tf.float32) / 255.0
-    x = image.numpy()
-    gray_w = np.array([0.2989, 0.587, 0.114], np.float32)
-    gray = (x @ gray_w)[..., None]
-    base = dataclasses.replace(SMALL, grayscale_prob=0.0, flip_prob=0.0)
-    cases = {
-        0: lambda f: x * f,
-        1: lambda f: f * x + (1 - f) * gray.mean(),
-        2: lambda f: f * x + (1 - f) * gray,
-    }
-    for which, formula in cases.items():
-        strengths = [0.0, 0.0, 0.0, 0.0]
-        strengths[which] = 0.4
-        cfg = dataclasses.replace(base, color_jitter=tuple(strengths))
-        out = jigsaw.color_augment(image, _seed(which), cfg).numpy()
-        # Recover the factor by least squares and check the formula fits exactly.
-        candidates = np.linspace(0.6, 1.4, 8001)
-        errs = [np.abs(np.clip(formula(f), 0, 1) - out).max() for f in candidates]
-        assert min(errs) < 1e-3, which
-        assert abs(candidates[int(np.argmin(errs))] - 1.0) > 1e-3  # not a no-op

@@ -143,6 +143,12 @@ def test_tfds_source_streams_encoded_images_with_stable_indices(tmp_path, small_
   assert sorted(seen) == list(range(30))
   batch = next(_pipeline(source, batch=4).iterate(0))
   assert batch["tiles"].shape == (4, 9, 10, 10, 3)
+  # Each process shuffles its own shard of the split (unlike in-memory sources, whose global
+  # batches do not depend on the process count).
+  for p in range(2):
+    epoch = list(itertools.islice(_pipeline(source, p, 2, batch=4).iterate(0), 7))
+    indices = np.concatenate([b["index"] for b in epoch])
+    assert len(indices) == 14 and np.all(indices % 2 == p)
   with pytest.raises(ValueError, match="not available"):
     sources.create_source(_data_config(tmp_path, source="tfds", tfds_name="isic2017",
                                        tfds_split="train", tfds_data_dir=str(tmp_path / "no")))

@@ -5,10 +5,10 @@ files under `data.path` ('isic', read with `pirl_jax.data.isic`), or the `isic20
 prepared in `data.tfds_data_dir` ('tfds'). Every image is decoded once, converted to RGB,
 downscaled and re-encoded as a clean JPEG held in memory (cached on disk), as for pretraining.
 
-Training examples are augmented with a random resized crop, flips, rotations and colour jitter,
-all drawn from stateless ops keyed by (seed, epoch, index, slot), so a run is reproducible on any
-number of processes. Evaluation resizes the short side and takes the centre crop,
-deterministically. Labels: 0 melanoma, 1 seborrheic keratosis, 2 nevus.
+Training examples are augmented (`augment`) with a random resized crop, flips, rotations and
+colour jitter, all drawn from stateless ops keyed by (seed, epoch, index, slot), so a run is
+reproducible on any number of processes. Evaluation resizes the short side and takes the centre
+crop, deterministically. Labels: 0 melanoma, 1 seborrheic keratosis, 2 nevus.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from pirl_jax.data import augment
+from pirl_jax.data import errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import isic
-from pirl_jax.data import jigsaw
+from pirl_jax.data import paths
 from pirl_jax.data import sources
 
 NUM_CLASSES = 3
@@ -64,28 +66,23 @@ class LabelledSplit:
   def __len__(self) -> int:
     return len(self.image_ids)
 
-  def class_counts(self) -> np.ndarray:
-    return np.bincount(self.label, minlength=NUM_CLASSES)
-
 
 def _prepare(items, data_cfg, on_bad: str, what: str) -> images_lib.PreparedImages:
   key = hashlib.sha1(repr((what, [n for n, _ in items], data_cfg.min_image_side,
                            data_cfg.max_image_side)).encode()).hexdigest()[:16]
   return images_lib.prepare_all(
       items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side, on_bad=on_bad,
-      cache_path=sources.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz")
+      cache_path=paths.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz")
 
 
 def isic_root(data_cfg) -> pathlib.Path:
   """The folder in the ISIC 2017 layout that `data.source` names ('synthetic' or 'isic')."""
+  sources.check_path_field(data_cfg)
   if data_cfg.source == "synthetic":
     return sources.synthetic_root(data_cfg)
   if data_cfg.source == "isic":
-    if not data_cfg.path:
-      raise ValueError("data.source='isic' needs data.path, the folder with the ISIC 2017 files "
-                       "(zips, or the folders they unpack to, and the Part 3 ground-truth CSVs).")
-    return pathlib.Path(data_cfg.path).expanduser()
-  raise ValueError(f"data.source={data_cfg.source!r} has no ISIC folder.")
+    return pathlib.Path(paths.user_path(data_cfg.path))
+  raise errors.ConfigFieldError(f"data.source={data_cfg.source!r} has no ISIC folder.")
 
 
 def _load_isic(data_cfg, split: str, on_bad: str) -> LabelledSplit:
@@ -105,12 +102,12 @@ def _load_isic(data_cfg, split: str, on_bad: str) -> LabelledSplit:
 def _load_tfds(data_cfg, split: str, on_bad: str) -> LabelledSplit:
   import tensorflow_datasets as tfds
   from pirl_jax.data import tfds_isic2017  # pylint: disable=unused-import  (registers isic2017)
-  data_dir = data_cfg.tfds_data_dir or None
+  data_dir = paths.user_path(data_cfg.tfds_data_dir) or None
   try:
     ds = tfds.load(data_cfg.tfds_name, split=split, data_dir=data_dir, shuffle_files=False,
                    download=False, decoders={"image": tfds.decode.SkipDecoding()})
   except Exception as e:  # tfds raises several types for "not prepared" / "unknown split".
-    raise ValueError(
+    raise errors.DataSourceError(
         f"tfds dataset {data_cfg.tfds_name!r} split {split!r} is not available in "
         f"data_dir={data_dir!r} (config fields data.tfds_name / data.tfds_data_dir). Prepare it "
         f"first (see pirl_jax/data/tfds_isic2017.py); nothing is downloaded at run time. ({e})"
@@ -143,12 +140,13 @@ def load_split(data_cfg, split: str) -> LabelledSplit:
   if data_cfg.source in ("synthetic", "isic"):
     out = _load_isic(data_cfg, split, on_bad)
   elif data_cfg.source == "tfds":
+    sources.check_path_field(data_cfg)
     out = _load_tfds(data_cfg, split, on_bad)
   else:
-    raise ValueError(f"config.data.source={data_cfg.source!r} is not one of synthetic, isic, "
-                     "tfds.")
+    raise errors.ConfigFieldError(f"data.source={data_cfg.source!r} is not one of synthetic, "
+                                  "isic, tfds.")
   if not len(out):
-    raise ValueError(f"The {split} split of {out.source} has no usable images.")
+    raise errors.DataSourceError(f"The {split} split of {out.source} has no usable images.")
   logging.info("%s split from %s: %s.", split, out.source, summarize(out))
   return out
 
@@ -169,7 +167,7 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     int64 positions into `labels`, ascending.
   """
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"config.label_fraction={fraction!r} must be in (0, 1].")
+    raise errors.ConfigFieldError(f"config.label_fraction={fraction!r} must be in (0, 1].")
   labels = np.asarray(labels)
   keep = []
   for c in np.unique(labels):
@@ -218,12 +216,21 @@ class AugmentConfig:
   rotation_degrees: float = 0.0
   color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.02)
   eval_crop_fraction: float = 0.875
-  mean: tuple[float, float, float] = jigsaw.ViewConfig.mean
-  std: tuple[float, float, float] = jigsaw.ViewConfig.std
+  mean: tuple[float, float, float] = augment.IMAGENET_MEAN
+  std: tuple[float, float, float] = augment.IMAGENET_STD
 
   def __post_init__(self):
-    for name in ("crop_scale", "crop_ratio", "color_jitter", "mean", "std"):
-      object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+    for name, length in (("crop_scale", 2), ("crop_ratio", 2), ("color_jitter", 4), ("mean", 3),
+                         ("std", 3)):
+      value = getattr(self, name)
+      try:
+        value = tuple(float(v) for v in value)
+      except (TypeError, ValueError):
+        value = ()
+      if len(value) != length:
+        raise errors.ConfigFieldError(
+            f"config.augment.{name}={getattr(self, name)!r}: expected {length} numbers.")
+      object.__setattr__(self, name, value)
     checks = [
         ("image_size", self.image_size >= 1, "must be a positive integer"),
         ("crop_scale", 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
@@ -231,17 +238,13 @@ class AugmentConfig:
         ("crop_ratio", 0.0 < self.crop_ratio[0] <= self.crop_ratio[1], "need 0 < min <= max"),
         ("rotation_degrees", 0.0 <= self.rotation_degrees <= 180.0, "must be in [0, 180]"),
         ("eval_crop_fraction", 0.0 < self.eval_crop_fraction <= 1.0, "must be in (0, 1]"),
+        ("color_jitter", not augment.color_jitter_problem(self.color_jitter),
+         augment.color_jitter_problem(self.color_jitter)),
+        ("std", min(self.std) > 0.0, "all values must be > 0"),
     ]
     for name, ok, why in checks:
       if not ok:
-        raise ValueError(f"config.augment.{name}={getattr(self, name)!r} {why}.")
-    # Range checks of the jitter strengths live in ViewConfig.
-    self.color_view_config()
-
-  def color_view_config(self) -> jigsaw.ViewConfig:
-    """The jigsaw.ViewConfig whose `color_augment` does only the colour jitter."""
-    return jigsaw.ViewConfig(color_jitter=self.color_jitter, grayscale_prob=0.0, flip_prob=0.0,
-                             mean=self.mean, std=self.std)
+        raise errors.ConfigFieldError(f"config.augment.{name}={getattr(self, name)!r}: {why}.")
 
 
 def augment_config(augment_cfg, image_size: int | None = None) -> AugmentConfig:
@@ -250,32 +253,11 @@ def augment_config(augment_cfg, image_size: int | None = None) -> AugmentConfig:
   values = augment_cfg.to_dict() if hasattr(augment_cfg, "to_dict") else dict(augment_cfg)
   unknown = sorted(set(values) - fields)
   if unknown:
-    raise ValueError(f"Unknown field(s) augment.{', augment.'.join(unknown)}; valid: "
-                     f"{', '.join(sorted(fields))}.")
+    raise errors.ConfigFieldError(f"Unknown field(s) augment.{', augment.'.join(unknown)}; "
+                                  f"valid: {', '.join(sorted(fields))}.")
   if image_size is not None:
     values["image_size"] = image_size
   return AugmentConfig(**values)
-
-
-def _normalize(image, cfg: AugmentConfig):
-  mean = tf.constant(cfg.mean, tf.float32)
-  inv_std = tf.constant([1.0 / s for s in cfg.std], tf.float32)
-  return (image - mean) * inv_std
-
-
-def _rotate(image, angle):
-  """Rotates (H, W, C) float by `angle` radians about the centre, reflecting at the borders."""
-  shape = tf.shape(image)
-  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-  cos, sin = tf.cos(angle), tf.sin(angle)
-  # Maps each output pixel (x, y) to the input pixel it samples.
-  transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
-                        sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None], output_shape=shape[:2],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
-  return out[0]
 
 
 def train_example(image_bytes, label, index, slot, seed, epoch,
@@ -294,27 +276,24 @@ def train_example(image_bytes, label, index, slot, seed, epoch,
   Returns:
     {'image': float32 (S, S, 3) normalised, 'label': int32, 'index': int32}.
   """
-  key = jigsaw.example_seed(seed, epoch, index)
+  key = augment.example_seed(seed, epoch, index)
   key = tf.random.experimental.stateless_fold_in(key, tf.cast(slot, tf.int64))
-  crop_s, rot90_s, angle_s, hflip_s, vflip_s, color_s = tf.unstack(
-      tf.random.experimental.stateless_split(key, 6))
-  image = jigsaw.random_resized_crop(jigsaw.decode(image_bytes), crop_s, cfg.image_size,
-                                     cfg.crop_scale, cfg.crop_ratio)
+  crop_s, rot90_s, angle_s, hflip_s, vflip_s, color_s = augment.split_seed(key, 6)
+  image = augment.random_resized_crop(augment.decode(image_bytes), crop_s, cfg.image_size,
+                                      cfg.crop_scale, cfg.crop_ratio)
   if cfg.rot90:
-    k = tf.random.stateless_uniform([], rot90_s, minval=0, maxval=4, dtype=tf.int32)
-    image = tf.image.rot90(image, k)
+    image = augment.random_rot90(image, rot90_s)
   if cfg.rotation_degrees > 0:
-    limit = math.radians(cfg.rotation_degrees)
-    image = _rotate(image, tf.random.stateless_uniform([], angle_s, -limit, limit))
+    image = augment.random_rotation(image, angle_s, cfg.rotation_degrees)
   if cfg.hflip:
-    flip = tf.random.stateless_uniform([], hflip_s) < 0.5
-    image = tf.where(flip, tf.reverse(image, axis=[1]), image)
+    image = augment.random_flip(image, hflip_s, axis=1)
   if cfg.vflip:
-    flip = tf.random.stateless_uniform([], vflip_s) < 0.5
-    image = tf.where(flip, tf.reverse(image, axis=[0]), image)
+    image = augment.random_flip(image, vflip_s, axis=0)
   if any(cfg.color_jitter):
-    image = jigsaw.color_augment(image, color_s, cfg.color_view_config())
-  image = tf.ensure_shape(_normalize(image, cfg), [cfg.image_size, cfg.image_size, 3])
+    image = augment.color_augment(image, color_s, color_jitter=cfg.color_jitter,
+                                  grayscale_prob=0.0, flip_prob=0.0)
+  image = augment.normalize(image, cfg.mean, cfg.std)
+  image = tf.ensure_shape(image, [cfg.image_size, cfg.image_size, 3])
   return {"image": image, "label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32)}
 
 
@@ -324,7 +303,7 @@ def eval_image(image_bytes, cfg: AugmentConfig) -> tf.Tensor:
   Returns:
     float32 (S, S, 3), normalised.
   """
-  image = jigsaw.decode(image_bytes)
+  image = augment.decode(image_bytes)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   size = cfg.image_size
   short = tf.cast(tf.round(size / cfg.eval_crop_fraction), tf.float32)
@@ -334,7 +313,7 @@ def eval_image(image_bytes, cfg: AugmentConfig) -> tf.Tensor:
   top = (new_hw[0] - size) // 2
   left = (new_hw[1] - size) // 2
   image = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
-  return tf.ensure_shape(_normalize(image, cfg), [size, size, 3])
+  return tf.ensure_shape(augment.normalize(image, cfg.mean, cfg.std), [size, size, 3])
 
 
 def _num_parallel(value: int):
@@ -356,11 +335,11 @@ class TrainInput:
                process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
                prefetch_batches: int = 2):
     if global_batch_size % process_count:
-      raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the process "
-                       f"count {process_count}.")
+      raise errors.ConfigFieldError(f"global_batch_size={global_batch_size} is not divisible by "
+                                    f"the process count {process_count}.")
     self.positions = np.asarray(positions, np.int64)
     if not len(self.positions):
-      raise ValueError("The training subset is empty.")
+      raise errors.DataSourceError("The training subset is empty.")
     self.labels = split.label
     self.cfg = cfg
     self.seed = seed
@@ -419,8 +398,8 @@ class EvalInput:
   def __init__(self, split: LabelledSplit, cfg: AugmentConfig, *, global_batch_size: int,
                process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1):
     if global_batch_size % process_count:
-      raise ValueError(f"eval_batch_size={global_batch_size} is not divisible by the process "
-                       f"count {process_count}.")
+      raise errors.ConfigFieldError(f"eval_batch_size={global_batch_size} is not divisible by "
+                                    f"the process count {process_count}.")
     self.split = split
     self.cfg = cfg
     self.global_batch_size = global_batch_size

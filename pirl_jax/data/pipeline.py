@@ -1,10 +1,15 @@
 """The pretraining input pipeline: source -> both PIRL views -> per-process batches.
 
-Data order and augmentation are a pure function of (seed, step): epoch e visits the examples in
-the permutation drawn from (seed, e), step s of the epoch takes rows [s*B, (s+1)*B) of it, and
-process p keeps its contiguous slice of those rows. The views' randomness is keyed by
-(seed, epoch, index). Restarting at any step therefore reproduces the same batches, on any
-number of processes.
+The views' randomness is keyed by (seed, epoch, index), so an example's views never depend on the
+process count or on thread scheduling. The data order depends on the source:
+
+* In-memory sources: a pure function of (seed, step). Epoch e visits the examples in the
+  permutation drawn from (seed, e), step s of the epoch takes rows [s*B, (s+1)*B) of it, and
+  process p keeps its contiguous slice of those rows. Restarting at any step reproduces the same
+  global batches, on any number of processes.
+* Streamed tfds sources: cannot be permuted globally. Each process reads its own shard of the
+  split (every process_count-th example) and shuffles it with a seeded buffer per epoch, so the
+  batches are reproducible for a fixed process count but change when it changes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
+from pirl_jax.data import errors
 from pirl_jax.data import jigsaw
 from pirl_jax.data import sources
 
@@ -25,8 +31,8 @@ def view_config(views_cfg) -> jigsaw.ViewConfig:
   values = views_cfg.to_dict() if hasattr(views_cfg, "to_dict") else dict(views_cfg)
   unknown = sorted(set(values) - fields)
   if unknown:
-    raise ValueError(f"Unknown field(s) data.views.{', data.views.'.join(unknown)}; "
-                     f"valid: {', '.join(sorted(fields))}.")
+    raise errors.ConfigFieldError(f"Unknown field(s) data.views.{', data.views.'.join(unknown)}; "
+                                  f"valid: {', '.join(sorted(fields))}.")
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
   return jigsaw.ViewConfig(**values)
 
@@ -38,8 +44,8 @@ class PretrainInput:
                process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
                prefetch_batches: int = 2):
     if global_batch_size % process_count:
-      raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
-                       f"process count {process_count}.")
+      raise errors.ConfigFieldError(f"global_batch_size={global_batch_size} is not divisible by "
+                                    f"the process count {process_count}.")
     self.source = source
     self.views = views
     self.seed = seed
@@ -52,8 +58,8 @@ class PretrainInput:
     self.num_examples = source.num_examples
     self.steps_per_epoch = self.num_examples // global_batch_size
     if self.steps_per_epoch < 1:
-      raise ValueError(f"The dataset has {self.num_examples} images, fewer than "
-                       f"global_batch_size={global_batch_size}.")
+      raise errors.DataSourceError(f"The dataset has {self.num_examples} images, fewer than "
+                                   f"global_batch_size={global_batch_size}.")
     if isinstance(source, sources.InMemorySource):
       # One host tensor of all encoded images; the map gathers by index.
       self._encoded = tf.constant(source.encoded, dtype=tf.string)
@@ -81,7 +87,8 @@ class PretrainInput:
       ds = tf.data.Dataset.from_tensor_slices(indices)
       ds = ds.map(lambda i: (tf.gather(encoded, i), i))
     else:
-      # Streaming sources cannot be permuted globally: a seeded shuffle buffer per epoch.
+      # Streaming sources cannot be permuted globally: a seeded shuffle buffer per epoch, over
+      # this process's shard only.
       ds = self.source.as_dataset(self.process_index, self.process_count)
       ds = ds.shuffle(10_000, seed=self.seed * 100_003 + epoch, reshuffle_each_iteration=False)
       ds = ds.take(self.steps_per_epoch * self.local_batch_size)
