@@ -140,7 +140,8 @@ def build(setting: str, num_devices: int = 0, num_examples: int | None = None) -
   num_examples = num_examples or SETTINGS[setting]["num_examples"]
   devices = configuration.select_devices(config, jax.devices(), jax.process_count())
   mesh = sharding_lib.create_mesh(devices)
-  configuration.validate_pretrain_config(config, mesh.size)
+  configuration.validate_pretrain_config(config)
+  configuration.check_device_count(config, mesh.size)
   configuration.validate_dataset_size(config, num_examples)
   sched = configuration.resolve_schedule(config, num_examples)
   model = state_lib.create_model(config.model)

@@ -125,6 +125,13 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.eval_every_steps = 50  # validation AUC for model selection
   config.eval_every_epochs = 1.0  # used when eval_every_steps <= 0
   config.log_every_steps = 20
+  config.checkpoint_every_steps = 200  # the latest state, for resuming (best/ keeps the best)
+  config.keep_checkpoints = 1
+  # Devices to train on: 0 = all devices of all processes; n > 0 = the first n (one process only).
+  config.num_devices = 0
+  # 'auto': resume from the workdir's latest checkpoint, refusing if the workdir's config.json
+  # describes another experiment; 'force': resume even then; 'never': start from scratch.
+  config.resume = "auto"
 
   preset = preset or "default"
   if preset in ("default", "linear"):

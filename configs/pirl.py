@@ -73,6 +73,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   model.embed_dim = 128
   model.head = "linear"  # 'linear' (paper) | 'mlp' (VISSL mlphead)
   model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+  # Which trunk pass updates the BatchNorm running statistics (only evaluation uses them; training
+  # normalises each pass with its own batch statistics either way): 'images', so that they
+  # describe the images a probe or fine-tuning sees, or 'tiles_and_images' (tiles, then images:
+  # the reference implementation's order).
+  model.bn_running_stats = "images"
 
   # --- Memory bank and loss ---------------------------------------------------------------
   config.memory_bank = ml_collections.ConfigDict()
@@ -104,6 +109,26 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # A step with a non-finite loss or gradient norm stops training with an error naming the step
   # (False), or is skipped, leaving the state as it was, and counted in nonfinite_steps (True).
   config.skip_nonfinite_steps = False
+
+  # --- Probes: kNN and linear classifiers on the frozen trunk's features -------------------
+  # Every eval_every_steps (0: only after the last step), on labelled images: the embedded set's
+  # and ISIC's train split as the labelled index, probe.query_split as the held-out queries; for
+  # a folder, probe.labels names a CSV 'file,label[,split]'.
+  config.eval_every_steps = 0
+  config.probe = probe = ml_collections.ConfigDict()
+  probe.enabled = True
+  probe.knn_k = 20
+  probe.knn_temperature = 0.07  # each neighbour votes with weight exp(cosine similarity / this)
+  probe.linear_regularization = 1.0  # logistic regression's C (inverse L2 strength)
+  probe.labels = ""  # folder source: CSV of 'file,label[,split]' lines, file relative to data.path
+  probe.query_fraction = 0.5  # folder without a split column: held-out fraction of each class
+  probe.index_split = "train"  # ISIC layout / tfds: the labelled examples
+  probe.query_split = "test"  # ISIC layout / tfds: the held-out queries
+  probe.tfds_name = ""  # probe on a labelled tfds dataset instead (e.g. for tfds pretraining)
+  probe.tfds_label = "label"
+  probe.image_size = 0  # 0: data.views.image_size
+  probe.eval_crop_fraction = 1.0  # short side resized to image_size / this, centre crop
+  probe.batch_size = 256
 
   # --- Logging and checkpoints ------------------------------------------------------------
   config.log_every_steps = 20

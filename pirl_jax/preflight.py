@@ -16,16 +16,19 @@ does: a process that stopped alone would leave the others waiting in a collectiv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import pathlib
 import shutil
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import logging
 import jax
 import numpy as np
+
+from pirl_jax import user_errors
 
 # Fields that may differ between a run and its resumption without making it another experiment:
 # where and how often things are written, how many devices and input threads are used, and the
@@ -42,11 +45,13 @@ RESUMABLE_FIELDS = frozenset({
     "data.num_parallel_calls",
     "data.prefetch_batches",
 })
+# Pretraining only: the probes watch training, they do not change it.
+RESUMABLE_IN_PRETRAINING = frozenset({"eval_every_steps", "probe"})
 
 _MIB = 1 << 20
 
 
-class PreflightError(RuntimeError):
+class PreflightError(user_errors.UserError, RuntimeError):
   """The run cannot start; the message says what to change."""
 
 
@@ -110,12 +115,19 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, new: dict) -> list[str]:
-  """'field: <saved> in the workdir, <new> now' per differing field, RESUMABLE_FIELDS apart."""
+  """'field: <saved> in the workdir, <new> now' per differing field, resumable fields apart.
+
+  Resumable: `RESUMABLE_FIELDS`, and for pretraining `RESUMABLE_IN_PRETRAINING` (a name there
+  covers the fields below it, e.g. 'probe' covers 'probe.knn_k').
+  """
+  resumable = RESUMABLE_FIELDS
+  if new.get("mode") == "pretrain":
+    resumable = resumable | RESUMABLE_IN_PRETRAINING
   saved, new = _flatten(saved), _flatten(new)
   missing = object()
   lines = []
   for field in sorted(set(saved) | set(new)):
-    if field in RESUMABLE_FIELDS:
+    if field in resumable or field.split(".")[0] in resumable:
       continue
     before, after = saved.get(field, missing), new.get(field, missing)
     if before != after:
@@ -168,6 +180,49 @@ def check_resume(config, workdir: str | os.PathLike, latest_step: int | None) ->
       f"({saved_path}) differs from this one in {len(differences)} field(s):\n  {listing}\n"
       "Resuming would continue another experiment. Pass a new --workdir, or "
       "--config.resume=force to resume anyway.")
+
+
+def dataset_fingerprint(num_examples: int, names: Sequence[str],
+                        contents: Sequence[bytes] | None = None) -> dict:
+  """What a run's checkpoints refer to: the image at each dataset index and a digest of it.
+
+  Names are kept relative to their common folder, so that moving the data (or the cache the
+  embedded set lives in) is not a change.
+
+  Args:
+    num_examples: N, the memory bank's real rows.
+    names: the name (path) of the image at each dataset index; empty when not known (a streamed
+      dataset, compared by size only).
+    contents: the bytes the run reads for each index, or None.
+  """
+  names = [str(n) for n in names]
+  if len(names) > 1:
+    root = os.path.commonpath(names) if all(n.startswith("/") for n in names) else ""
+    names = [os.path.relpath(n, root) if root else n for n in names]
+  digests = [hashlib.sha1(c).hexdigest()[:12] for c in contents] if contents is not None else []
+  return {"num_examples": int(num_examples), "names": names, "digests": digests}
+
+
+def dataset_differences(saved: dict, new: dict) -> list[str]:
+  """Readable differences between two `dataset_fingerprint`s (empty when they agree)."""
+  lines = []
+  if saved.get("num_examples") != new.get("num_examples"):
+    lines.append(f"{new.get('num_examples')} images now, {saved.get('num_examples')} when the "
+                 "run started")
+  old_names, new_names = saved.get("names", []), new.get("names", [])
+  if old_names and new_names and len(old_names) != len(new_names):
+    removed = sorted(set(old_names) - set(new_names))
+    added = sorted(set(new_names) - set(old_names))
+    lines += [f"removed: {name}" for name in removed[:5]]
+    lines += [f"added: {name}" for name in added[:5]]
+  elif old_names and new_names:
+    lines += [f"index {i}: {after} now, {before} before"
+              for i, (before, after) in enumerate(zip(old_names, new_names)) if before != after]
+  old_digests, new_digests = saved.get("digests", []), new.get("digests", [])
+  if not lines and old_digests and new_digests:
+    lines += [f"index {i}: {name} has other content" for i, (name, before, after)
+              in enumerate(zip(new_names, old_digests, new_digests)) if before != after]
+  return lines
 
 
 def agree(*checks: Callable[[], None]) -> None:

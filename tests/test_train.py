@@ -162,7 +162,8 @@ def test_config_errors_name_the_field(field, value, message):
   config = _tiny_config(**{field: value})
   with pytest.raises(configuration.ConfigError, match=message.replace("(", r"\(").replace(
       ")", r"\)").replace(".", r"\.")):
-    configuration.validate_pretrain_config(config, num_devices=8)
+    configuration.validate_pretrain_config(config)
+    configuration.check_device_count(config, 8)
 
 
 def test_num_negatives_must_be_below_dataset_size():

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
+import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+
+from pirl_jax import user_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -80,6 +81,7 @@ def markdown_table(results: dict[str, list[dict]], label_fraction: float,
       cells.append(f"{mean:.3f} ± {std:.3f}")
     lines.append(f"| {ARM_TITLES[arm]} | " + " | ".join(cells) +
                  f" | {','.join(map(str, seeds[arm]))} |")
+  lines += paired_comparison(results)
   lines += ["", "Per seed (test melanoma / SK / mean AUC; selected by validation mean AUC):", ""]
   for arm, runs in results.items():
     per_seed = "; ".join(
@@ -90,16 +92,43 @@ def markdown_table(results: dict[str, list[dict]], label_fraction: float,
   return "\n".join(lines)
 
 
+def paired_comparison(results: dict[str, list[dict]], baseline: str = "scratch") -> list[str]:
+  """Per metric, each arm minus the baseline over the seeds they share: mean ± std and a paired
+  t-test (two-sided, scipy.stats.ttest_rel)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if baseline not in results:
+    return []
+  base = {r["seed"]: r for r in results[baseline]}
+  lines = ["", f"Paired differences against {ARM_TITLES[baseline]} (same seeds and label "
+           "subsets):", ""]
+  for arm, runs in results.items():
+    if arm == baseline:
+      continue
+    shared = [r for r in runs if r["seed"] in base]
+    if len(shared) < 2:
+      continue
+    for key, title in METRICS:
+      diff = np.array([r["test"][key] - base[r["seed"]]["test"][key] for r in shared])
+      t, p = stats.ttest_rel([r["test"][key] for r in shared],
+                             [base[r["seed"]]["test"][key] for r in shared])
+      ahead = int(np.sum(diff > 0))
+      lines.append(f"- {ARM_TITLES[arm]} − {ARM_TITLES[baseline]}, {title}: "
+                   f"{np.mean(diff):+.3f} ± {np.std(diff, ddof=1):.3f} over {len(diff)} seeds "
+                   f"(ahead on {ahead}), paired t = {t:.2f}, p = {p:.3g}")
+  return lines
+
+
 def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
                    seeds: list[int], label_fraction: float) -> tuple[dict, str]:
   """Runs (or reuses) every arm x seed and returns (results per arm, Markdown table)."""
   from pirl_jax.eval import finetune
+  from pirl_jax.eval import trunk_init
   if not pirl:
-    raise app.UsageError("--pirl is required: the PIRL pretraining workdir to compare.")
+    raise user_errors.UserError("--pirl is required: the PIRL pretraining workdir to compare.")
   probe = ml_collections.ConfigDict(base_config.to_dict())
   probe.init.kind, probe.init.checkpoint = "pirl", pirl
   # The PIRL run's trunk (from its config.json, with init.inherit_trunk) is every arm's trunk.
-  resolved = finetune.resolve_config(probe, finetune.resolve_init(probe.init))
+  resolved = trunk_init.inherit_trunk(probe, trunk_init.resolve_init(pirl, "pirl"))
   trunk = (resolved.model.trunk, float(resolved.model.width_multiplier))
   arms = {"scratch": "", "pirl": pirl}
   if supervised:
@@ -114,10 +143,7 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
       metrics_path = run_dir / "metrics.json"
       if metrics_path.is_file():
         logging.info("Reusing the finished run %s.", run_dir)
-      else:
-        if run_dir.exists():
-          logging.warning("Removing the unfinished run %s and starting it again.", run_dir)
-          shutil.rmtree(run_dir)
+      else:  # a new run, or the resumption of an interrupted one
         config = arm_config(base_config, arm, checkpoint, seed, label_fraction, trunk)
         finetune.train_and_evaluate(config, str(run_dir))
       metrics = json.loads(metrics_path.read_text())
@@ -133,12 +159,9 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
   return results, table
 
 
-def main(argv):
+def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  # TF is only used for tf.data: hidden from accelerators, it cannot reserve their memory.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+    raise user_errors.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   seeds = [int(s) for s in FLAGS.seeds]
   workdir = FLAGS.workdir or "runs/compare"
   _, table = run_comparison(FLAGS.config, workdir, FLAGS.pirl, FLAGS.supervised, seeds,
@@ -146,5 +169,10 @@ def main(argv):
   print("\n" + table + f"\n\n(written to {pathlib.Path(workdir).absolute() / 'compare.md'})")
 
 
+def main(argv=None) -> int:
+  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.run_program(_main, argv or sys.argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

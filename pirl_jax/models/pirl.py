@@ -1,9 +1,12 @@
 """The PIRL network: one shared trunk, image head f and jigsaw head g.
 
-``PIRLNet.__call__`` runs the trunk twice with the same weights: first on the B*9 tiles, then on the B
-images. Each pass normalises with its own batch statistics, and because both calls go through the same
-BatchNorm submodules inside one ``apply(..., mutable=['batch_stats'])``, the running statistics are
-updated by the tile pass and then by the image pass (the order of the reference implementation).
+``PIRLNet.__call__`` runs the trunk twice with the same weights: first on the B*9 tiles
+(``embed_tiles``), then on the B images (``embed_images``). Each pass normalises with its own batch
+statistics, and because both calls go through the same BatchNorm submodules inside one
+``apply(..., mutable=['batch_stats'])``, the running statistics are updated by the tile pass and then
+by the image pass (the order of the reference implementation). The train step can instead apply the
+two methods separately and keep only the image pass's update, so that the running statistics, which
+only evaluation uses, describe images (``model.bn_running_stats='images'``).
 
 Heads (torch-style Linear init):
   * ``'linear'``: f = Linear(F->E) on image features; g = per-tile Linear(F->E), the 9 tile embeddings
@@ -46,21 +49,43 @@ class PIRLNet(nn.Module):
   num_tiles: int = 9
   dtype: Any = jnp.float32
 
+  def setup(self):
+    if self.head not in HEADS:
+      raise ValueError(f'Unknown head {self.head!r}; valid: {", ".join(HEADS)}')
+    features = self.trunk.num_features
+    dense = lambda out, fan_in: torch_dense(out, fan_in, dtype=self.dtype)
+    if self.head == 'mlp':
+      self.f_hidden = dense(features, features)
+      self.g_tile_hidden = dense(features, features)
+    self.f_out = dense(self.embed_dim, features)
+    self.g_tile_out = dense(self.embed_dim, features)
+    self.g_concat = dense(self.embed_dim, self.num_tiles * self.embed_dim)
+
   def trunk_features(self, images: jax.Array, train: bool = False) -> jax.Array:
     """Pooled trunk features ``(B, F)`` of images, for evaluation (BN in inference mode by default)."""
     return self.trunk(images, train=train)
 
-  def _embed(self, feats: jax.Array, prefix: str) -> jax.Array:
-    fan_in = feats.shape[-1]
+  def embed_images(self, images: jax.Array, train: bool) -> jax.Array:
+    """f_hat of the image views ``(B, S, S, 3)``: ``(B, embed_dim)`` float32, L2-normalised."""
+    x = self.trunk(images, train=train)
     if self.head == 'mlp':
-      feats = torch_dense(fan_in, fan_in, dtype=self.dtype, name=f'{prefix}_hidden')(feats)
-      feats = nn.relu(feats)
-    return torch_dense(self.embed_dim, fan_in, dtype=self.dtype, name=f'{prefix}_out')(feats)
+      x = nn.relu(self.f_hidden(x))
+    return l2_normalize(self.f_out(x).astype(jnp.float32))
 
-  @nn.compact
+  def embed_tiles(self, tiles: jax.Array, train: bool) -> jax.Array:
+    """g_hat of the jigsaw views ``(B, num_tiles, T, T, 3)``, tiles in their shuffled order."""
+    batch = tiles.shape[0]
+    if tiles.ndim != 5 or tiles.shape[1] != self.num_tiles:
+      raise ValueError(f'tiles must have shape (B, {self.num_tiles}, T, T, C), got {tiles.shape}')
+    x = self.trunk(tiles.reshape((batch * self.num_tiles,) + tiles.shape[2:]), train=train)
+    if self.head == 'mlp':
+      x = nn.relu(self.g_tile_hidden(x))
+    g = self.g_tile_out(x).reshape(batch, self.num_tiles * self.embed_dim)
+    return l2_normalize(self.g_concat(g).astype(jnp.float32))
+
   def __call__(self, images: jax.Array, tiles: jax.Array,
                train: bool) -> tuple[jax.Array, jax.Array]:
-    """Embeds both views.
+    """Embeds both views: the tiles first, then the images.
 
     Args:
       images: ``(B, S, S, 3)`` image views v_I.
@@ -70,20 +95,10 @@ class PIRLNet(nn.Module):
     Returns:
       ``(f_hat, g_hat)``, each ``(B, embed_dim)`` float32 and L2-normalised.
     """
-    if self.head not in HEADS:
-      raise ValueError(f'Unknown head {self.head!r}; valid: {", ".join(HEADS)}')
-    batch = images.shape[0]
-    if tiles.ndim != 5 or tiles.shape[:2] != (batch, self.num_tiles):
-      raise ValueError(f'tiles must have shape (B={batch}, {self.num_tiles}, T, T, C), '
+    if tiles.shape[0] != images.shape[0]:
+      raise ValueError(f'tiles must have shape (B={images.shape[0]}, {self.num_tiles}, T, T, C), '
                        f'got {tiles.shape}')
-
     # Tiles first, then images: the order in which the running BN statistics are updated.
-    tile_feats = self.trunk(tiles.reshape((batch * self.num_tiles,) + tiles.shape[2:]),
-                            train=train)
-    image_feats = self.trunk(images, train=train)
-
-    f = self._embed(image_feats, 'f')
-    g = self._embed(tile_feats, 'g_tile')
-    g = g.reshape(batch, self.num_tiles * self.embed_dim)
-    g = torch_dense(self.embed_dim, g.shape[-1], dtype=self.dtype, name='g_concat')(g)
-    return (l2_normalize(f.astype(jnp.float32)), l2_normalize(g.astype(jnp.float32)))
+    g = self.embed_tiles(tiles, train)
+    f = self.embed_images(images, train)
+    return f, g

@@ -20,7 +20,8 @@ def is_finite_step(metrics):
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_momentum: float,
-               num_examples: int, bank_sharding=None, skip_nonfinite: bool = False):
+               num_examples: int, bank_sharding=None, skip_nonfinite: bool = False,
+               running_stats_from_images: bool = True):
   """One PIRL step: both trunk passes, heads, loss, optimizer, then the bank write.
 
   The order matters (PIRL.md section 8): both loss terms score against the *old* bank rows;
@@ -31,6 +32,11 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   still advance (so the data and the randomness of later steps do not depend on skips) and
   `nonfinite_steps` counts it. The optimizer's own step count is part of the kept state, so its
   learning-rate schedule runs one step behind `state.step` per skipped step.
+
+  With `running_stats_from_images`, the BatchNorm running averages are updated by the image pass
+  only (the tile pass still normalises with its own batch statistics): training is unchanged, and
+  the statistics that evaluation uses describe images. Otherwise the tile pass updates them first,
+  then the image pass, as in the reference implementation.
 
   Returns:
     (new_state, metrics) with scalar metrics for this step.
@@ -43,12 +49,21 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   negatives_image = memory_bank.sample_negatives(
       image_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
 
+  def embed(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if running_stats_from_images:
+      # Only evaluation uses the running statistics: let them describe images, not tiles.
+      g_hat = model.apply(variables, batch["tiles"], train=True, mutable=["batch_stats"],
+                          method="embed_tiles")[0]
+      f_hat, new_vars = model.apply(variables, batch["image"], train=True,
+                                    mutable=["batch_stats"], method="embed_images")
+    else:
+      (f_hat, g_hat), new_vars = model.apply(variables, batch["image"], batch["tiles"],
+                                             train=True, mutable=["batch_stats"])
+    return f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), new_vars["batch_stats"]
+
   def loss_fn(params):
-    (f_hat, g_hat), new_vars = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], batch["tiles"],
-        train=True, mutable=["batch_stats"])
-    f_hat = f_hat.astype(jnp.float32)
-    g_hat = g_hat.astype(jnp.float32)
+    f_hat, g_hat, batch_stats = embed(params)
     logits_jigsaw = losses.contrastive_scores(
         g_hat, state.bank, index, negatives_jigsaw, loss_cfg.temperature)
     logits_image = losses.contrastive_scores(
@@ -58,18 +73,20 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
           [jax.lax.stop_gradient(logits_jigsaw), jax.lax.stop_gradient(logits_image)],
           num_examples)
       z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
-      loss_jigsaw = losses.nce_loss(logits_jigsaw, z, num_examples)
-      loss_image = losses.nce_loss(logits_image, z, num_examples)
     else:
       z_batch = z = jnp.zeros((), jnp.float32)
-      loss_jigsaw = losses.infonce_loss(logits_jigsaw)
-      loss_image = losses.infonce_loss(logits_image)
-    lam = loss_cfg.jigsaw_weight
-    total = lam * loss_jigsaw + (1.0 - lam) * loss_image
-    aux = dict(batch_stats=new_vars["batch_stats"], f_hat=f_hat, z=z, z_batch=z_batch,
-               loss_jigsaw=loss_jigsaw, loss_image=loss_image,
-               logits_jigsaw=logits_jigsaw, logits_image=logits_image)
-    return total, aux
+    loss = losses.pirl_loss(logits_jigsaw, logits_image, kind=loss_cfg.kind, z=z,
+                            num_examples=num_examples, lam=loss_cfg.jigsaw_weight)
+    tau = loss_cfg.temperature
+    similarities = {
+        "positive_similarity": (jnp.mean(logits_jigsaw[:, 0]) + jnp.mean(logits_image[:, 0]))
+                               * tau / 2,
+        "negative_similarity": (jnp.mean(logits_jigsaw[:, 1:]) + jnp.mean(logits_image[:, 1:]))
+                               * tau / 2,
+    }
+    aux = dict(batch_stats=batch_stats, f_hat=f_hat, z=z, z_batch=z_batch, loss=loss,
+               similarities=jax.lax.stop_gradient(similarities))
+    return loss.total, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -86,17 +103,14 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   else:
     nce_z = state.nce_z
 
-  tau = loss_cfg.temperature
-  logits = jnp.concatenate([aux["logits_jigsaw"], aux["logits_image"]], axis=0)
   metrics = {
       "loss": loss,
-      "loss_jigsaw": aux["loss_jigsaw"],
-      "loss_image": aux["loss_image"],
+      "loss_jigsaw": aux["loss"].jigsaw,
+      "loss_image": aux["loss"].image,
       "nce_z": aux["z"],
       "learning_rate": schedule(state.step),
-      "positive_similarity": jnp.mean(logits[:, 0]) * tau,
-      "negative_similarity": jnp.mean(logits[:, 1:]) * tau,
       "grad_norm": optax.global_norm(grads),
+      **aux["similarities"],
   }
   learned = dict(params=params, batch_stats=aux["batch_stats"], opt_state=opt_state, bank=bank,
                  nce_z=nce_z)

@@ -1,0 +1,273 @@
+r"""The command line: `python main.py --config=...` (or `pirl-jax --config=...` once installed).
+
+  pirl-jax --config=configs/pirl.py                       # pretrain on the embedded synthetic set
+  pirl-jax --config=configs/pirl.py:tiny --workdir=/tmp/pirl_tiny
+  pirl-jax --config=configs/finetune_isic.py --config.init.checkpoint=runs/pirl
+
+The config's `mode` picks the job (pretraining or fine-tuning). A workdir holding checkpoints is
+resumed from its latest intact one; a run that already finished is reported, not run again.
+
+What the terminal shows: progress lines, warnings and results. Library INFO logs (Orbax, absl,
+TensorFlow) appear with --verbosity=1. A mistake in the command, the config or the data is one
+line naming the field or file, and exit status 2; a SIGTERM during training checkpoints and exits
+0, one before the first step exits 0 with a message.
+
+On many hosts, run the same command on every host, adding (docs/scaling.md):
+  --coordinator_address=HOST0:PORT --num_processes=P --process_id=I  # or $JAX_... variables
+  --distributed=auto                                                 # where JAX finds the cluster
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+# TensorFlow's and XLA's C++ INFO and WARNING lines (oneDNN notices, CPU feature lists) are not for
+# the user; set before either library is imported. The user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FLAGS = flags.FLAGS
+USER_ERROR_STATUS = 2
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+_OWN_FILES = (_PACKAGE_DIR,)
+
+
+class _ProjectOnly(std_logging.Filter):
+  """Keeps warnings and errors from anywhere, but INFO only from this project's modules."""
+
+  def __init__(self, entry_files=()):
+    super().__init__()
+    self._own = _OWN_FILES + tuple(str(pathlib.Path(f).resolve()) for f in entry_files)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return record.pathname.startswith(self._own)
+
+
+class _Formatter(std_logging.Formatter):
+  """'HH:MM:SS message'; warnings and errors say so. Multi-process runs add the process index."""
+
+  def format(self, record: std_logging.LogRecord) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+    level = "" if record.levelno < std_logging.WARNING else f"{record.levelname}: "
+    process = ""
+    if "jax" in sys.modules:
+      try:
+        import jax  # pylint: disable=g-import-not-at-top
+        if jax.process_count() > 1:
+          process = f"[{jax.process_index()}] "
+      except Exception:  # before jax.distributed is up, asking for the count is not safe
+        pass
+    return f"{stamp} {process}{level}{record.getMessage()}"
+
+
+def configure_logging(verbosity: int, entry_files=()) -> None:
+  """Quiet, readable logs: this project's INFO lines; everyone's warnings; more with -v 1."""
+  handler = logging.get_absl_handler()
+  if verbosity >= 1:
+    return  # absl's own format, every library's INFO and DEBUG lines
+  handler.setFormatter(_Formatter())
+  handler.addFilter(_ProjectOnly(entry_files))
+  logging.set_verbosity(logging.INFO)
+
+
+# What TensorFlow's C++ side prints on stderr when it loads, whatever TF_CPP_MIN_LOG_LEVEL says.
+_TF_LOAD_NOTICES = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog",
+                    "cpu_feature_guard", "To enable the following instructions",
+                    "rebuild TensorFlow with the appropriate compiler flags")
+
+
+def import_tensorflow(verbosity: int = 0):
+  """Imports TensorFlow, dropping its load-time notices from stderr unless --verbosity >= 1.
+
+  TensorFlow is only used for tf.data: it is also hidden from accelerators before it
+  initialises, so that it cannot reserve memory that JAX needs.
+  """
+  if "tensorflow" in sys.modules or verbosity >= 1:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  else:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+      os.dup2(captured.fileno(), 2)
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    kept = [line for line in text.splitlines()
+            if line.strip() and not any(n in line for n in _TF_LOAD_NOTICES)]
+    if kept:
+      print("\n".join(kept), file=sys.stderr)
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+def _user_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(USER_ERROR_STATUS)
+
+
+def _config_overrides(argv) -> list[str]:
+  names = []
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and "=" in arg:
+      names.append(arg[len("--config."):].split("=", 1)[0])
+  return names
+
+
+def parse_flags(argv):
+  """FLAGS(argv), with config-file mistakes reported as one line naming the field (status 2)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    config_flag = FLAGS["config"] if "config" in FLAGS else None
+    config = config_flag.value if config_flag is not None else None
+    cause = e.__cause__ or e.__context__ or e
+    if config is not None:
+      from pirl_jax import configuration  # pylint: disable=g-import-not-at-top
+      for dotted in _config_overrides(argv):
+        try:
+          configuration.get_field(config, dotted)
+        except (KeyError, AttributeError):
+          _user_error(configuration.unknown_field_message(config, dotted))
+    message = str(cause).strip().strip("'\"")
+    _user_error(message.replace("\\n", " ").replace("\n", " ") or str(e))
+  return None
+
+
+def run_program(main_fn: Callable, argv, entry_files=()) -> int:
+  """Runs an absl `main_fn(argv)` with the project's logging, error and signal conventions.
+
+  * logs as `configure_logging` (after the flags are parsed: --verbosity is one of them);
+  * `user_errors.UserError` -> 'error: <message>' on stderr, exit status 2, no traceback;
+  * SIGTERM before the training loop takes it over -> a message and exit status 0.
+  Internal errors keep their traceback.
+  """
+  from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+
+  def wrapped(args):
+    configure_logging(FLAGS.verbosity, entry_files)
+    import_tensorflow(FLAGS.verbosity)
+    from pirl_jax.train import loop  # pylint: disable=g-import-not-at-top
+    loop.install_startup_sigterm_handler()
+    try:
+      return main_fn(args)
+    except user_errors.UserError as e:
+      _user_error(str(e))
+    except loop.StartupInterrupted:
+      print("Stopped by SIGTERM outside the training steps; nothing was lost: run the same "
+            "command again to continue.", file=sys.stderr)
+      return 0
+
+  app.run(wrapped, argv=list(argv), flags_parser=parse_flags)
+  return 0
+
+
+# --- pretraining and fine-tuning ----------------------------------------------------------------
+
+_FLAGS_DEFINED = False
+
+
+def define_flags() -> None:
+  """The flags of `main`; defined once, on first use, so that other commands can import cli."""
+  global _FLAGS_DEFINED
+  if _FLAGS_DEFINED:
+    return
+  _FLAGS_DEFINED = True
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, optionally with a preset: configs/pirl.py:tiny.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None,
+                      "Where checkpoints, logs and TensorBoard summaries go "
+                      "(default: runs/<config.name>). On many hosts: a folder all of them share.")
+  flags.DEFINE_enum("distributed", "flags", ["flags", "auto", "off"],
+                    "Multi-process start-up. 'flags': jax.distributed.initialize when "
+                    "--coordinator_address (or $JAX_COORDINATOR_ADDRESS) is set; 'auto': let JAX "
+                    "detect the cluster (Cloud TPU, SLURM, Open MPI, GKE); 'off': one process.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0's coordinator (default $JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Processes in the job (default $JAX_NUM_PROCESSES).")
+  flags.DEFINE_integer("process_id", None, "This process's index (default $JAX_PROCESS_ID).")
+
+
+def _train(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  if config is None:
+    raise user_errors.UserError("--config is required, e.g. --config=configs/pirl.py")
+
+  # Before anything else uses JAX: afterwards the device list spans every process.
+  from pirl_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
+  except ValueError as e:
+    raise user_errors.UserError(str(e)) from e
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir = os.path.expanduser(FLAGS.workdir or str(pathlib.Path("runs") / config.name))
+  logging.info("JAX %s, process %d/%d, %d local / %d global device(s); workdir %s.",
+               jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), os.path.abspath(workdir))
+
+  if config.mode == "pretrain":
+    from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+    summary = pretrain.train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+      print(format_pretraining(config, summary))
+  elif config.mode == "finetune":
+    from pirl_jax.eval import finetune  # pylint: disable=g-import-not-at-top
+    summary = finetune.train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+      print(finetune.format_summary(summary))
+  else:
+    raise user_errors.UserError(
+        f"config.mode={config.mode!r} is not one of 'pretrain', 'finetune'.")
+
+
+def format_pretraining(config, summary: dict) -> str:
+  """What the user reads at the end of a pretraining command."""
+  from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  step, total = summary["step"], summary["total_steps"]
+  if summary.get("preempted"):
+    return (f"\nPretraining stopped by SIGTERM at step {step} of {total}, checkpoint written to "
+            f"{summary['checkpoint_dir']}.\n  Run the same command again to resume.")
+  loss = summary.get("metrics", {}).get("loss", float("nan"))
+  probe = summary.get("evaluations", {}).get("probe")
+  probe_text = (f"\n  probe on held-out labels: kNN mean AUC {probe['knn_auc_mean']:.4f}, "
+                f"linear mean AUC {probe['linear_auc_mean']:.4f}" if probe else "")
+  if summary.get("already_complete"):
+    head = (f"\nPretraining in {summary['workdir']} is already complete (step {step}/{total}, "
+            f"final loss {loss:.4f}); nothing was changed.")
+  else:
+    head = (f"\nPretraining finished at step {step}/{total} in "
+            f"{summary['wall_seconds'] / 60:.1f} min; final loss {loss:.4f}.")
+  return (f"{head}{probe_text}\n"
+          f"  checkpoints: {summary['checkpoint_dir']}\n"
+          f"  logs and TensorBoard: {summary['workdir']}  "
+          f"(tensorboard --logdir {summary['workdir']})\n"
+          f"{pretrain.next_steps(config, summary)}")
+
+
+def main(argv=None) -> int:
+  """The `pirl-jax` console command and `python main.py`."""
+  define_flags()
+  flags.mark_flags_as_required(["config"])
+  argv = sys.argv if argv is None else argv
+  return run_program(_train, argv, entry_files=(argv[0],))

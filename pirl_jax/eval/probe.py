@@ -1,0 +1,304 @@
+r"""Frozen-trunk probes: kNN and a linear classifier on pooled trunk features.
+
+Inside pretraining, `ProbeEvaluator` runs every `config.eval_every_steps` and at the end, giving
+every run a learning curve (TensorBoard `probe/*`, `summary.json`). As a command, it judges any
+checkpoint on any labelled images, next to a randomly initialised trunk of the same architecture:
+
+  python -m pirl_jax.eval.probe --checkpoint=runs/pirl                  # the data it was trained on
+  python -m pirl_jax.eval.probe --checkpoint=runs/pirl --data=/data/imgs --labels=labels.csv
+  python -m pirl_jax.eval.probe --checkpoint=runs/pirl-isic --data=isic:/data/isic2017
+  python -m pirl_jax.eval.probe --checkpoint=runs/pirl --data=tfds:cifar10 --tfds_data_dir=DIR \
+      --index_split=train[:5000] --query_split=test
+
+A labels CSV has lines `file,label` (or `file,label,split`, split `index` or `query`), file
+relative to `--data`. The command prints a Markdown table and writes `probe.json` and `probe.md`
+to `--output_dir` (default: `<workdir>/probe`).
+
+Protocol: the eval view of every image (short side resized to the input size, centre crop),
+BatchNorm in inference mode with each trunk's own statistics, pooled res5 features. kNN: cosine
+similarity, the k nearest index images vote with weight exp(similarity / 0.07). Linear:
+logistic regression on standardised features, classes weighted by inverse frequency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pirl_jax import sharding as sharding_lib
+from pirl_jax.data import labelled
+from pirl_jax.data import probe_data
+from pirl_jax.eval import features
+from pirl_jax.eval import probes
+from pirl_jax.eval import trunk_init
+
+PROBES = ("knn", "linear")
+
+
+def trunk_variables(state) -> dict:
+  """The trunk's {'params', 'batch_stats'} of a pretraining or fine-tuning state."""
+  return {"params": state.params[trunk_init.TRUNK],
+          "batch_stats": state.batch_stats[trunk_init.TRUNK]}
+
+
+class ProbeEvaluator:
+  """kNN and linear-probe scores of a state's trunk on one `probe_data.ProbeSets`."""
+
+  name = "probe"
+
+  def __init__(self, sets: probe_data.ProbeSets, trunk, image_size: int, mesh, probe_cfg, *,
+               num_parallel_calls: int = -1):
+    self.sets = sets
+    self.mesh = mesh
+    self.cfg = probe_cfg
+    view = labelled.AugmentConfig(image_size=image_size,
+                                  eval_crop_fraction=probe_cfg.eval_crop_fraction)
+    # The eval batch must split over the devices and the processes.
+    batch = -(-probe_cfg.batch_size // mesh.size) * mesh.size
+    self._inputs = {
+        name: labelled.EvalInput(images, view, global_batch_size=batch,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(),
+                                 num_parallel_calls=num_parallel_calls)
+        for name, images in (("index", sets.index), ("query", sets.query))}
+    self._features = features.feature_fn(trunk, mesh)
+
+  def features(self, variables) -> tuple[np.ndarray, np.ndarray]:
+    """(index, query) pooled features of the trunk `variables`."""
+    return tuple(features.extract(self._features, variables, self._inputs[name], self.mesh)
+                 for name in ("index", "query"))
+
+  def scores(self, index_features: np.ndarray, query_features: np.ndarray) -> dict[str, float]:
+    """{'knn_auc_mean', 'knn_accuracy', 'knn_auc_<class>', 'linear_...'} on the queries."""
+    sets, cfg = self.sets, self.cfg
+    num_classes = len(sets.class_names)
+    probabilities = {
+        "knn": probes.knn_probabilities(index_features, sets.index.label, query_features,
+                                        num_classes, k=cfg.knn_k,
+                                        temperature=cfg.knn_temperature),
+        "linear": probes.linear_probe_probabilities(
+            index_features, sets.index.label, query_features, num_classes,
+            regularization=cfg.linear_regularization),
+    }
+    out = {}
+    for kind, probs in probabilities.items():
+      metrics = probes.classification_metrics(sets.query.label, probs, sets.class_names,
+                                              sets.scored)
+      out.update({f"{kind}_{k}": v for k, v in metrics.items()})
+    return out
+
+  def run(self, state) -> dict[str, float]:
+    return self.scores(*self.features(trunk_variables(state)))
+
+  def describe(self, metrics: dict[str, float]) -> str:
+    return (f"kNN AUC {metrics['knn_auc_mean']:.4f} acc {metrics['knn_accuracy']:.3f} | "
+            f"linear AUC {metrics['linear_auc_mean']:.4f} acc {metrics['linear_accuracy']:.3f}")
+
+
+def probe_sets(data_cfg, probe_cfg) -> probe_data.ProbeSets | None:
+  """The labelled images a pretraining run's probes use, or None when its data has no labels."""
+  source = data_cfg.source
+  if probe_cfg.tfds_name:
+    return probe_data.load_tfds(probe_cfg.tfds_name, probe_cfg.index_split,
+                                probe_cfg.query_split, data_cfg, probe_cfg.tfds_label)
+  if source in ("synthetic", "isic"):
+    return probe_data.load_isic(data_cfg, probe_cfg.index_split, probe_cfg.query_split)
+  if source == "folder" and probe_cfg.labels:
+    return probe_data.load_folder(data_cfg.path, probe_cfg.labels, data_cfg,
+                                  probe_cfg.query_fraction, seed=0)
+  return None
+
+
+def evaluators_for_pretraining(config, trunk, mesh) -> list[ProbeEvaluator]:
+  """The probe evaluator of a pretraining run (empty when disabled or without labels)."""
+  if not config.probe.enabled:
+    return []
+  sets = probe_sets(config.data, config.probe)
+  if sets is None:
+    logging.info("No labels to probe the trunk with: set config.probe.labels (a CSV "
+                 "'file,label' for data.path) or config.probe.tfds_name for kNN and linear-probe "
+                 "learning curves.")
+    return []
+  logging.info("Probes: %s.", probe_data.describe_sets(sets))
+  image_size = config.probe.image_size or config.data.views.image_size
+  return [ProbeEvaluator(sets, trunk, image_size, mesh, config.probe,
+                         num_parallel_calls=config.data.num_parallel_calls)]
+
+
+# --- The command --------------------------------------------------------------------------------
+
+
+def default_probe_config() -> ml_collections.ConfigDict:
+  """The `probe` block of configs/pirl.py, with its defaults."""
+  cfg = ml_collections.ConfigDict()
+  cfg.enabled = True
+  cfg.knn_k = 20
+  cfg.knn_temperature = 0.07
+  cfg.linear_regularization = 1.0
+  cfg.labels = ""
+  cfg.query_fraction = 0.5
+  cfg.index_split = "train"
+  cfg.query_split = "test"
+  cfg.tfds_name = ""
+  cfg.tfds_label = "label"
+  cfg.image_size = 0
+  cfg.eval_crop_fraction = 1.0
+  cfg.batch_size = 256
+  return cfg
+
+
+def _data_config(saved: dict | None, flags_values: dict) -> ml_collections.ConfigDict:
+  """The data block for the probe: the checkpoint's run where known, then the flags."""
+  base = dict(source="synthetic", path="", tfds_name="", tfds_split="train", tfds_data_dir="",
+              cache_dir="", synthetic_seed=0, synthetic_num_unlabeled=0, include_unlabeled=True,
+              max_image_side=128, min_image_side=1, on_bad_image="error",
+              num_parallel_calls=-1, prefetch_batches=2)
+  for key in base:
+    if saved and key in saved.get("data", {}):
+      base[key] = saved["data"][key]
+  base.update({k: v for k, v in flags_values.items() if v is not None})
+  base["min_image_side"] = 1  # the probe takes the images it is given
+  return ml_collections.ConfigDict(base)
+
+
+def markdown_table(results: dict, class_names, scored) -> str:
+  header = ["trunk"]
+  keys = []
+  for kind, title in (("knn", "kNN"), ("linear", "linear")):
+    header += [f"{title} AUC mean", f"{title} accuracy"]
+    keys += [f"{kind}_auc_mean", f"{kind}_accuracy"]
+    if tuple(scored) != tuple(class_names[1:]) or len(class_names) > 2:
+      header += [f"{title} AUC {name}" for name in scored]
+      keys += [f"{kind}_auc_{name}" for name in scored]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, metrics in results.items():
+    lines.append("| " + " | ".join([name] + [f"{metrics[k]:.4f}" for k in keys]) + " |")
+  return "\n".join(lines)
+
+
+def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_dir: str = "",
+              index_split: str = "", query_split: str = "", query_fraction: float = 0.5,
+              image_size: int = 0, random_seed: int = 0, cache_dir: str = "",
+              probe_cfg: ml_collections.ConfigDict | None = None, mesh=None) -> dict:
+  """Probes a checkpoint's trunk and a random trunk of the same architecture on one dataset.
+
+  Returns:
+    {'checkpoint', 'step', 'data', 'results': {row name: metrics}, 'table': Markdown}.
+  """
+  init = trunk_init.resolve_init(checkpoint, field="--checkpoint")
+  saved = init.source_config or {}
+  if "model" not in saved:
+    raise trunk_init.checkpointing.CheckpointMismatchError(
+        f"--checkpoint={checkpoint}: no config.json of the run that wrote it was found, so the "
+        "trunk's architecture is unknown.")
+  cfg = probe_cfg or default_probe_config()
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.query_fraction = query_fraction
+  saved_probe = saved.get("probe", {})
+  cfg.index_split = index_split or saved_probe.get("index_split", cfg.index_split)
+  cfg.query_split = query_split or saved_probe.get("query_split", cfg.query_split)
+  overrides = {"cache_dir": cache_dir or None, "tfds_data_dir": tfds_data_dir or None}
+  if data.startswith("tfds:"):
+    cfg.tfds_name = data[len("tfds:"):]
+    data_cfg = _data_config(saved, overrides)
+  elif data.startswith("isic:"):
+    data_cfg = _data_config(saved, dict(overrides, source="isic", path=data[len("isic:"):]))
+  elif data == "synthetic":
+    data_cfg = _data_config(saved, dict(overrides, source="synthetic", path=""))
+  elif data:
+    data_cfg = _data_config(saved, dict(overrides, source="folder", path=data))
+  else:
+    data_cfg = _data_config(saved, overrides)
+  if labels:
+    cfg.labels = labels
+  elif data_cfg.source == "folder" and not cfg.tfds_name:
+    cfg.labels = saved_probe.get("labels", "")
+  if data_cfg.source == "folder" and not cfg.labels and not cfg.tfds_name:
+    raise probe_data.LabelsCsvError(
+        f"The images in {data_cfg.path} need labels: pass --labels=CSV with lines 'file,label' "
+        "(file relative to --data).")
+  if data_cfg.source == "tfds" and not cfg.tfds_name:
+    raise probe_data.LabelsCsvError(
+        "The checkpoint was pretrained on a tfds dataset: name a labelled one with "
+        "--data=tfds:NAME (and --tfds_data_dir).")
+  sets = probe_sets(data_cfg, cfg)
+  logging.info("Probe data: %s.", probe_data.describe_sets(sets))
+
+  mesh = mesh or sharding_lib.create_mesh()
+  trunk = trunk_init.trunk_from_config(saved["model"])
+  views = saved.get("data", {}).get("views", {})
+  size = image_size or views.get("image_size") or saved.get("augment", {}).get("image_size")
+  abstract = trunk_init.abstract_trunk_variables(trunk, size)
+  trunk_init.check_trunk(init, abstract, f"{saved['model']['trunk']} x"
+                                         f"{saved['model'].get('width_multiplier', 1.0)}")
+  evaluator = ProbeEvaluator(sets, trunk, size, mesh, cfg,
+                             num_parallel_calls=data_cfg.num_parallel_calls)
+  trunks = {
+      f"checkpoint (step {init.step})": trunk_init.restore_trunk(
+          init, abstract, sharding=sharding_lib.replicated(mesh)),
+      f"random init (seed {random_seed})": jax.jit(
+          lambda rng: trunk.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False),
+          out_shardings=sharding_lib.replicated(mesh))(jax.random.PRNGKey(random_seed)),
+  }
+  results = {}
+  for name, variables in trunks.items():
+    start = time.time()
+    results[name] = evaluator.scores(*evaluator.features(variables))
+    logging.info("%s: %s (%.0f s)", name, evaluator.describe(results[name]), time.time() - start)
+  return dict(checkpoint=init.checkpoint, step=init.step, data=probe_data.describe_sets(sets),
+              class_names=list(sets.class_names), scored=list(sets.scored), results=results,
+              table=markdown_table(results, sets.class_names, sets.scored))
+
+
+def main(argv=None) -> int:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("checkpoint", None, "A pretraining or fine-tuning workdir, its "
+                      "checkpoints/ folder or one step folder.")
+  flags.DEFINE_string("data", "", "'' (the data the checkpoint was trained on), 'synthetic', "
+                      "'isic:PATH', 'tfds:NAME' or a folder of images (with --labels).")
+  flags.DEFINE_string("labels", "", "For a folder: a CSV of 'file,label[,split]' lines.")
+  flags.DEFINE_string("tfds_data_dir", "", "For tfds: its data_dir.")
+  flags.DEFINE_string("index_split", "", "Labelled examples (ISIC/tfds split; default train).")
+  flags.DEFINE_string("query_split", "", "Held-out queries (ISIC/tfds split; default test).")
+  flags.DEFINE_float("query_fraction", 0.5, "For a CSV without a split column: the stratified "
+                     "fraction of each class held out as queries.")
+  flags.DEFINE_integer("image_size", 0, "Input size (0: the checkpoint run's image size).")
+  flags.DEFINE_integer("random_seed", 0, "Seed of the random trunk it is compared with.")
+  flags.DEFINE_string("cache_dir", "", "Prepared-image cache (default $PIRL_JAX_CACHE or "
+                      "~/.cache/pirl_jax).")
+  flags.DEFINE_string("output_dir", "", "Where probe.json and probe.md go (default "
+                      "<workdir>/probe).")
+  flags.mark_flag_as_required("checkpoint")
+
+  def run(_):
+    f = flags.FLAGS
+    result = run_probe(f.checkpoint, data=f.data, labels=f.labels,
+                       tfds_data_dir=f.tfds_data_dir, index_split=f.index_split,
+                       query_split=f.query_split, query_fraction=f.query_fraction,
+                       image_size=f.image_size, random_seed=f.random_seed,
+                       cache_dir=f.cache_dir)
+    if jax.process_index() != 0:
+      return
+    out = pathlib.Path(os.path.expanduser(f.output_dir) if f.output_dir else
+                       pathlib.Path(result["checkpoint"]) / "probe")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(result, indent=2))
+    text = (f"Probe of {result['checkpoint']} on {result['data']}\n\n{result['table']}\n")
+    (out / "probe.md").write_text(text)
+    print(f"\n{text}\nWritten to {out / 'probe.json'} and {out / 'probe.md'}.")
+
+  return cli.run_program(run, argv or sys.argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,418 @@
+"""The one training loop. Pretraining and fine-tuning are `Task`s; `Run` does what every run needs.
+
+A run goes through two phases:
+
+  with loop.Run(config, workdir, task_name) as run:   # preflight, resume checks, completion
+    if run.completed: ...                             # the same command ran to the end before
+    ... build the data, the state and the step ...    # the task's own code
+    run.check_dataset(fingerprint); run.check_disk(abstract_state)
+    summary = run.train(task)
+
+What lives here, once:
+  * Preflight before anything is compiled: a writable workdir, free disk for the checkpoints, no
+    resuming into another experiment's workdir (`config.json` compared), no resuming over a
+    changed dataset (`dataset.json`: the index -> image mapping, compared name by name).
+  * Resume from the latest intact checkpoint, on any device or process count, falling back past
+    damaged ones (`checkpointing.Checkpointer.restore_latest`). Data order and augmentation are a
+    pure function of (seed, step), so a resumed run is bitwise identical to an uninterrupted one.
+  * A finished run is not run again: the same command reports it complete and writes nothing.
+  * The metric window, kept on device: means at log steps, and the first step at which the loss
+    or gradient norm was not finite, recorded without a host sync per step. Such a step stops
+    the run before any checkpoint of the poisoned state is written (or, with
+    `config.skip_nonfinite_steps`, the task's step skips it and it is counted).
+  * Periodic actions: the progress line (with ETA), TensorBoard scalars, evaluators
+    (`Evaluator.run(state) -> metrics`), checkpoints.
+  * SIGTERM (preemption): the current step finishes, a checkpoint is written and `train` returns
+    with `preempted=True`. Under `jax.distributed`, JAX's preemption service catches the signal
+    and all processes stop at the same step.
+  * config.json (a forced resume keeps the replaced one as config.<n>.json) and summary.json,
+    written by process 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from absl import logging
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pirl_jax import checkpointing
+from pirl_jax import configuration
+from pirl_jax import preflight
+from pirl_jax import sharding as sharding_lib
+
+_NEVER = np.iinfo(np.int32).max
+WATCHED = ("loss", "grad_norm")  # a step with either non-finite is an error (or skipped)
+
+
+class Evaluator(Protocol):
+  """Scores a state; run inside any loop on a schedule (and at the end)."""
+  name: str
+
+  def run(self, state) -> dict[str, float]:
+    """Metrics of `state` (flat, scalar). May write files of its own into the workdir."""
+
+  def describe(self, metrics: dict[str, float]) -> str:
+    """A short text of the headline metrics, for the progress log."""
+
+
+@dataclasses.dataclass
+class Task:
+  """What a run trains: the task-specific pieces the loop drives.
+
+  Attributes:
+    state: the initial state, born sharded with `shardings`.
+    shardings: the state's shardings (the restore target's).
+    train_step: jitted `(state, batch) -> (state, metrics)`; metrics are scalars and include
+      `loss` and `grad_norm`.
+    batches: `batches(start_step)` iterates this process's host batches from that step on.
+    total_steps: steps of the whole run.
+    steps_per_epoch: for the progress line.
+    describe: text of a log window's mean metrics for the progress line.
+    evaluators: run every `eval_every_steps` and after the last step.
+    eval_every_steps: 0 = only after the last step.
+    resize: top-level state fields whose leading dimension may differ in a checkpoint written on
+      another device count (the memory bank's padding rows).
+    check_restorable: called with a checkpoint's saved shapes before restoring it; raises when
+      the checkpoint cannot belong to this run.
+    on_evaluation: called with (step, state, {evaluator name: metrics}) after each evaluation
+      (model selection).
+    finish: called with the final state after the last step; returns results for the summary.
+    state_step: reads the step counter of a state.
+  """
+  state: Any
+  shardings: Any
+  train_step: Callable
+  batches: Callable[[int], Iterator[dict]]
+  total_steps: int
+  steps_per_epoch: int
+  describe: Callable[[dict], str]
+  evaluators: Sequence[Evaluator] = ()
+  eval_every_steps: int = 0
+  resize: tuple[str, ...] = ()
+  check_restorable: Callable[[dict], None] | None = None
+  on_evaluation: Callable[[int, Any, dict], None] | None = None
+  finish: Callable[[Any], dict] | None = None
+  state_step: Callable[[Any], int] = lambda state: int(jax.device_get(state.step))
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+@jax.jit
+def _empty_window(metrics):
+  return {"sums": jax.tree.map(jnp.zeros_like, metrics), "count": jnp.zeros((), jnp.int32),
+          "first_bad": {k: jnp.full((), _NEVER, jnp.int32) for k in WATCHED}}
+
+
+@jax.jit
+def _accumulate(window, metrics, step):
+  """Adds one step's metrics to the log window, on device.
+
+  Sums only finite steps (so means stay meaningful when steps are skipped) and records, per
+  watched quantity, the first step at which it was not finite. The host reads the window only
+  at log and checkpoint steps, and a checkpoint is written only after that read, so a poisoned
+  state is never saved.
+  """
+  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  sums = jax.tree.map(lambda a, m: a + jnp.where(ok, m, jnp.zeros_like(m)), window["sums"],
+                      metrics)
+  first_bad = {k: jnp.where(jnp.isfinite(metrics[k]), v, jnp.minimum(v, step))
+               for k, v in window["first_bad"].items()}
+  return {"sums": sums, "count": window["count"] + ok.astype(jnp.int32), "first_bad": first_bad}
+
+
+class StartupInterrupted(BaseException):
+  """SIGTERM arrived before the first training step (a BaseException: nothing swallows it)."""
+
+
+def install_startup_sigterm_handler() -> None:
+  """Makes a SIGTERM before training starts end the program cleanly (see `StartupInterrupted`).
+
+  Under `jax.distributed` JAX's preemption service owns SIGTERM, so nothing is installed then.
+  """
+  if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
+    return
+
+  def handle(signum, frame):
+    del signum, frame
+    raise StartupInterrupted()
+  signal.signal(signal.SIGTERM, handle)
+
+
+class _TermSignal:
+  """Notes a SIGTERM during training so that the loop can finish its step, checkpoint and return."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if (not jax.distributed.is_initialized() and
+        threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+class Run:
+  """One run in one workdir: preflight, resume, the training loop, config.json and summary.json."""
+
+  def __init__(self, config, workdir: str | pathlib.Path, task_name: str):
+    self.config = config
+    self.task_name = task_name
+    self.start_time = time.time()
+    self.workdir = pathlib.Path(workdir).expanduser().absolute()
+    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    self.is_main = self.process_index == 0
+    preflight.agree(lambda: preflight.check_workdir_writable(self.workdir))
+    devices = configuration.select_devices(config, jax.devices(), jax.process_count())
+    self.mesh = sharding_lib.create_mesh(devices)
+    self.checkpointer = checkpointing.Checkpointer(self.workdir / "checkpoints",
+                                                   keep=config.get("keep_checkpoints", 1))
+    self.latest = self.checkpointer.latest_step()
+    preflight.agree(lambda: preflight.check_resume(config, self.workdir, self.latest))
+    self.completed = self._completed_summary()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def close(self) -> None:
+    # Waits for in-flight saves: they are of states that passed the finiteness check.
+    self.checkpointer.close()
+
+  def _completed_summary(self) -> dict | None:
+    """The summary of a run of this config that already finished in the workdir, or None."""
+    path = self.workdir / "summary.json"
+    if self.latest is None or not path.is_file():
+      return None
+    try:
+      summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+      return None
+    if not summary.get("complete") or summary.get("step") != self.latest:
+      return None
+    return summary
+
+  def check_dataset(self, fingerprint: dict) -> None:
+    """Refuses to resume over another dataset; records the dataset of a new run.
+
+    Args:
+      fingerprint: {'source': str, 'names': [the name of the image at each dataset index],
+        'digests': [a short content digest per index, or empty]} -- what the checkpoint's
+        memory-bank rows and data order refer to.
+    """
+    path = self.workdir / "dataset.json"
+    if self.latest is not None and path.is_file():
+      saved = json.loads(path.read_text())
+      differences = preflight.dataset_differences(saved, fingerprint)
+
+      def check():
+        if differences:
+          listing = "\n  ".join(differences[:10])
+          more = f"\n  ... and {len(differences) - 10} more" if len(differences) > 10 else ""
+          raise preflight.PreflightError(
+              f"The dataset changed since {self.workdir} was checkpointed (step {self.latest}); "
+              f"its checkpoints refer to the images recorded in {path}:\n  {listing}{more}\n"
+              "Restore the original images, or start a new run in another --workdir.")
+      preflight.agree(check)
+    elif self.is_main:
+      path.write_text(json.dumps(fingerprint))
+
+  def check_disk(self, abstract_state) -> None:
+    """Room for the checkpoints this run will keep (estimated from the state's shapes)."""
+    keep = self.config.get("keep_checkpoints", 1)
+    existing = len(self.checkpointer.all_steps())
+    preflight.agree(lambda: preflight.check_free_disk(
+        self.checkpointer.directory, preflight.state_bytes(abstract_state),
+        max(1, keep + 1 - existing)))
+
+  def save_config(self) -> None:
+    """Writes config.json; a differing one (forced resume) is kept as config.<n>.json."""
+    if not self.is_main:
+      return
+    path = self.workdir / "config.json"
+    text = self.config.to_json_best_effort(indent=2, sort_keys=True)
+    if path.is_file() and path.read_text() != text:
+      n = 1
+      while (self.workdir / f"config.{n}.json").exists():
+        n += 1
+      path.rename(self.workdir / f"config.{n}.json")
+    path.write_text(text)
+
+  def _restore(self, task: Task):
+    """The task's state, or the latest intact checkpoint restored into its shardings."""
+    if self.latest is None:
+      return task.state
+    check = None
+    if task.check_restorable is not None:
+      check = lambda step, saved_shapes: task.check_restorable(saved_shapes)
+    state, step = self.checkpointer.restore_latest(
+        checkpointing.abstract_like(task.state, task.shardings), resize=task.resize, check=check)
+    if state is None:
+      return task.state
+    skipped = "".join(f"; skipped damaged step {d.step} ({d.reason}), kept as {d.kept_as}"
+                      for d in self.checkpointer.damaged_steps)
+    logging.info("Resumed from %s at step %d on %d device(s)%s.", self.checkpointer.directory,
+                 step, self.mesh.size, skipped)
+    return state
+
+  def train(self, task: Task) -> dict:
+    """Trains `task` to its last step (or until SIGTERM); returns the run's summary."""
+    config = self.config
+    state = self._restore(task)
+    self.save_config()
+    writer = (metric_writers.SummaryWriter(str(self.workdir)) if self.is_main
+              else metric_writers.MultiWriter([]))
+    first_step = task.state_step(state)
+    total = task.total_steps
+    skip_nonfinite = config.get("skip_nonfinite_steps", False)
+    log_every = config.log_every_steps
+    checkpoint_every = config.get("checkpoint_every_steps", 0) or total
+    logging.info("%s: steps %d..%d on %d device(s) in %d process(es), global batch %d.",
+                 self.task_name.capitalize(), first_step, total, self.mesh.size,
+                 jax.process_count(), config.global_batch_size)
+
+    batches = task.batches(first_step)
+    window, last_metrics, evaluations, history = None, {}, {}, []
+    done, preempted = first_step, False
+    window_start, window_steps = time.time(), 0
+    train_start, first_log = time.time(), None
+    with _TermSignal() as term:
+      for step in range(first_step, total):
+        batch = sharding_lib.global_batch(next(batches), self.mesh)
+        state, metrics = task.train_step(state, batch)
+        window = _accumulate(_empty_window(metrics) if window is None else window, metrics,
+                             jnp.asarray(step + 1, jnp.int32))
+        window_steps += 1
+        done = step + 1
+        # Every process calls reached_preemption at every step (JAX's sync point requires it).
+        preempted = self.checkpointer.reached_preemption(done) or term.received
+        last = done == total
+        log_now = done % log_every == 0 or last
+        eval_now = bool(task.evaluators) and (
+            last or (task.eval_every_steps > 0 and done % task.eval_every_steps == 0))
+        save_now = done % checkpoint_every == 0 or last or preempted
+        fetched = None
+        if log_now:
+          fetched = jax.device_get(window)
+        elif (save_now or eval_now) and not skip_nonfinite:
+          fetched = {"first_bad": jax.device_get(window["first_bad"])}
+        if fetched is not None and not skip_nonfinite:
+          self._raise_if_nonfinite(fetched["first_bad"])
+        if log_now:
+          now = time.time()
+          # The ETA counts evaluation time too: wall time per step since the first log (after
+          # compiling), or the first window's rate until there is a second log.
+          if first_log is None:
+            first_log = (done, now)
+            wall_per_step = (now - window_start) / max(window_steps, 1)
+          else:
+            wall_per_step = (now - first_log[1]) / max(done - first_log[0], 1)
+          last_metrics = self._log(task, writer, state, fetched, done, total, window_steps,
+                                   now - window_start, now - train_start,
+                                   (total - done) * wall_per_step, skip_nonfinite)
+          window, window_start, window_steps = None, time.time(), 0
+        if eval_now:
+          eval_start = time.time()
+          evaluations = self._evaluate(task, state, writer, done)
+          history.append({"step": done, **evaluations})
+          if task.on_evaluation is not None:
+            task.on_evaluation(done, state, evaluations)
+          # Evaluation time is not training time: keep it out of the steps/s window.
+          window_start += time.time() - eval_start
+        if save_now:
+          self.checkpointer.save(done, state, force=preempted)
+        if preempted and not last:
+          logging.warning("SIGTERM: stopped after step %d/%d with a checkpoint; run the same "
+                          "command again to resume.", done, total)
+          break
+    preempted = preempted and done < total
+
+    self.checkpointer.wait_until_finished()
+    results = task.finish(state) if (task.finish is not None and not preempted) else {}
+    writer.flush()
+    summary = dict(
+        task=self.task_name, step=done, total_steps=total, complete=done == total,
+        preempted=preempted, metrics=last_metrics, evaluations=evaluations,
+        evaluation_history=history, results=results,
+        nonfinite_steps=int(jax.device_get(getattr(state, "nonfinite_steps", 0))),
+        workdir=str(self.workdir), checkpoint_dir=str(self.checkpointer.directory),
+        wall_seconds=time.time() - self.start_time)
+    if self.is_main:
+      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+  def _raise_if_nonfinite(self, first_bad: dict) -> None:
+    bad = {k: int(first_bad[k]) for k in WATCHED if int(first_bad[k]) != _NEVER}
+    if not bad:
+      return
+    self.checkpointer.wait_until_finished()  # so that "latest" below is the last complete one
+    first = min(bad.values())
+    names = " and ".join(k for k, v in bad.items() if v == first)
+    later = "".join(f"; {k} first at step {v}" for k, v in bad.items() if v != first)
+    skip = ("" if "skip_nonfinite_steps" not in self.config else
+            ", or set config.skip_nonfinite_steps=True to skip such steps")
+    raise FloatingPointError(
+        f"Non-finite {names} at step {first}{later}. Stopped without checkpointing this state; "
+        f"the latest good checkpoint is step {self.checkpointer.latest_step()} in "
+        f"{self.checkpointer.directory}. Lower the learning rate{skip}.")
+
+  def _log(self, task: Task, writer, state, fetched, done: int, total: int, window_steps: int,
+           window_seconds: float, elapsed: float, eta: float, skip_nonfinite: bool) -> dict:
+    """Writes the window's mean metrics and the progress line; returns the means."""
+    count = int(fetched["count"])
+    skipped = window_steps - count
+    steps_per_sec = window_steps / max(window_seconds, 1e-9)
+    means = {k: float(v) / count if count else float("nan") for k, v in fetched["sums"].items()}
+    means["steps_per_sec"] = steps_per_sec
+    means["images_per_sec"] = steps_per_sec * self.config.global_batch_size
+    if skip_nonfinite:
+      means["nonfinite_steps"] = float(jax.device_get(state.nonfinite_steps))
+      if skipped:
+        first = min(int(v) for v in fetched["first_bad"].values())
+        logging.warning("Skipped %d of the last %d step(s) for a non-finite loss or gradient "
+                        "norm (first at step %d); %d skipped in all.", skipped, window_steps,
+                        first, int(means["nonfinite_steps"]))
+    writer.write_scalars(done, {k: v for k, v in means.items() if np.isfinite(v)})
+    logging.info("step %d/%d (%.1f%%) epoch %.1f %s | %.2f steps/s %.0f img/s | elapsed %s ETA %s",
+                 done, total, 100.0 * done / total, done / max(task.steps_per_epoch, 1),
+                 task.describe(means), steps_per_sec, means["images_per_sec"],
+                 format_duration(elapsed), format_duration(eta))
+    return means
+
+  def _evaluate(self, task: Task, state, writer, step: int) -> dict:
+    results = {}
+    for evaluator in task.evaluators:
+      start = time.time()
+      metrics = evaluator.run(state)
+      results[evaluator.name] = metrics
+      writer.write_scalars(step, {f"{evaluator.name}/{k}": v for k, v in metrics.items()
+                                  if isinstance(v, (int, float)) and np.isfinite(v)})
+      logging.info("step %d %s: %s (%.0f s)", step, evaluator.name, evaluator.describe(metrics),
+                   time.time() - start)
+    return results
