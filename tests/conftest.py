@@ -25,3 +25,26 @@ def small_isic_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("small_isic")
   synthetic.generate(root, seed=0, num_train=120, num_val=30, num_test=60)
   return root
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory):
+  """One prepared-image cache for the session's in-process runs."""
+  return tmp_path_factory.mktemp("prepared_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_pretraining(tmp_path_factory, small_isic_root, shared_cache_dir):
+  """One short pretraining run (tiny preset, the 8 fake devices, probes at steps 2 and 4),
+  shared by every test that only reads its outputs. Tests must not write into its workdir."""
+  import types  # pylint: disable=g-import-not-at-top
+  from configs import pirl as pirl_configs  # pylint: disable=g-import-not-at-top
+  from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  config = pirl_configs.get_config("tiny")
+  config.update_from_flattened_dict({
+      "data.source": "isic", "data.path": str(small_isic_root),
+      "data.cache_dir": str(shared_cache_dir), "num_train_steps": 4,
+      "checkpoint_every_steps": 2, "log_every_steps": 1, "eval_every_steps": 2})
+  workdir = tmp_path_factory.mktemp("tiny_pretraining") / "run"
+  summary = pretrain.train_and_evaluate(config, str(workdir))
+  return types.SimpleNamespace(config=config, workdir=workdir, summary=summary)
