@@ -128,14 +128,28 @@ def _config_overrides(argv) -> list[str]:
   return names
 
 
+def _load_config_file(argv):
+  """The config named by --config=FILE[:PRESET] in `argv`, or None if it does not load."""
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if not spec:
+    return None
+  path, _, preset = spec.partition(":")
+  try:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    module_spec = importlib.util.spec_from_file_location("_pirl_jax_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(preset) if preset else module.get_config()
+  except Exception:  # pylint: disable=broad-except  (reported by the caller as it was)
+    return None
+
+
 def parse_flags(argv):
   """FLAGS(argv), with config-file mistakes reported as one line naming the field (status 2)."""
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    config_flag = FLAGS["config"] if "config" in FLAGS else None
-    config = config_flag.value if config_flag is not None else None
-    cause = e.__cause__ or e.__context__ or e
+  except Exception as e:  # pylint: disable=broad-except  (any failure here is in the command)
+    config = _load_config_file(argv)
     if config is not None:
       from pirl_jax import configuration  # pylint: disable=g-import-not-at-top
       for dotted in _config_overrides(argv):
@@ -143,8 +157,12 @@ def parse_flags(argv):
           configuration.get_field(config, dotted)
         except (KeyError, AttributeError):
           _user_error(configuration.unknown_field_message(config, dotted))
-    message = str(cause).strip().strip("'\"")
-    _user_error(message.replace("\\n", " ").replace("\n", " ") or str(e))
+    cause = e.__cause__ or e.__context__ or e
+    message = str(cause).strip().strip("'\"").replace("\\n", "\n")
+    if "Traceback (most recent call last)" in message:
+      # A config file's get_config raised: its last line is the exception and its message.
+      message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    _user_error(" ".join(message.split()) or str(e))
   return None
 
 

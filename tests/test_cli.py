@@ -1,57 +1,206 @@
-"""main.py as a user types it, in a subprocess."""
+"""The command line as a user types it: quiet output, one-line errors with status 2, the next
+command to run, a finished run not re-run, and the installed `pirl-jax` command."""
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tomllib
 
+from absl import flags
+from absl import logging
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Lines the libraries print at INFO level; the terminal shows them only with --verbosity=1.
+LIBRARY_CHATTER = ("checkpoint_manager.py", "CheckpointManager", "oneDNN custom operations",
+                   "absl::InitializeLog")
 
 
-def _run(args, tmp_path, timeout=600):
+def _run(args, tmp_path, timeout=600, env_extra=None, module=None):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the user's environment: one CPU device
   env["PIRL_JAX_CACHE"] = str(tmp_path / "cache")
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  env.update(env_extra or {})
+  command = [sys.executable, "-m", module] if module else [sys.executable, "main.py"]
+  return subprocess.run(command + list(args), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _main_in_process(args, capsys, monkeypatch):
+  """cli.main as `python main.py ARGS` runs it, in this process: (exit status, stdout, stderr)."""
+  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  argv = ["main.py", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+  # absl's handler keeps the stream it was created with; point it at this test's captured one.
+  monkeypatch.setattr(logging.get_absl_handler().python_handler, "stream", sys.stderr)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  captured = capsys.readouterr()
+  return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, small_isic_root):
+  """`python main.py` on the tiny preset, real ISIC-layout files, workdir given with `~`."""
+  home = tmp_path_factory.mktemp("home")
+  args = ["--config=configs/pirl.py:tiny", "--workdir=~/runs/tiny", "--config.data.source=isic",
+          f"--config.data.path={small_isic_root}", "--config.num_train_steps=4",
+          "--config.loss.kind=nce"]
+  result = _run(args, home, env_extra={"HOME": str(home)})
+  return dict(args=args, home=home, workdir=home / "runs" / "tiny", result=result)
 
 
 @pytest.mark.slow
-def test_pretrain_cli_tiny_preset(tmp_path, small_isic_root):
-  workdir = tmp_path / "run"
-  result = _run(["--config=configs/pirl.py:tiny", f"--workdir={workdir}",
-                 "--config.data.source=isic", f"--config.data.path={small_isic_root}",
-                 "--config.num_train_steps=4", "--config.loss.kind=nce"], tmp_path)
+def test_pretraining_command_trains_and_is_quiet(cli_run):
+  result, workdir = cli_run["result"], cli_run["workdir"]
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "Pretraining finished at step 4" in result.stdout
-  assert f"--config.init.checkpoint={workdir}" in result.stdout
-  assert (workdir / "checkpoints" / "4").is_dir()
-  assert (workdir / "checkpoints" / "3").is_dir()
+  assert "Pretraining finished at step 4/4" in result.stdout
+  assert (workdir / "checkpoints" / "4").is_dir() and (workdir / "checkpoints" / "3").is_dir()
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["loss"]["kind"] == "nce" and saved["num_train_steps"] == 4
   assert list(workdir.glob("events.out.tfevents.*"))
   assert "ETA" in result.stderr  # the progress line
+  assert "probe:" in result.stderr or "probe on held-out labels" in result.stdout
+  for chatter in LIBRARY_CHATTER:
+    assert chatter not in result.stderr, chatter
 
 
-def test_cli_rejects_unknown_config_field(tmp_path):
-  result = _run(["--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
-                 "--config.loss.num_negativs=10"], tmp_path, timeout=120)
-  assert result.returncode != 0
-  assert "num_negativs" in result.stderr
+@pytest.mark.slow
+def test_pretraining_on_isic_files_prints_a_fine_tuning_command_on_the_same_files(
+    cli_run, small_isic_root):
+  out = cli_run["result"].stdout
+  assert (f"--config=configs/finetune_isic.py:isic --config.data.path={small_isic_root} "
+          f"--config.init.checkpoint={cli_run['workdir']}") in out
+  assert "python -m pirl_jax.eval.probe" in out
 
 
-def test_cli_rejects_unknown_preset(tmp_path):
-  result = _run(["--config=configs/pirl.py:imagenett"], tmp_path, timeout=120)
-  assert result.returncode != 0
-  assert "Unknown preset 'imagenett'" in result.stderr
+@pytest.mark.slow
+def test_rerunning_a_finished_command_changes_nothing_and_verbosity_shows_library_logs(cli_run):
+  workdir = cli_run["workdir"]
+  before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workdir.rglob("*") if p.is_file()}
+  result = _run(cli_run["args"] + ["--verbosity=1"], cli_run["home"],
+                env_extra={"HOME": str(cli_run["home"])})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "is already complete" in result.stdout and "nothing was changed" in result.stdout
+  after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workdir.rglob("*") if p.is_file()}
+  assert after == before
+  assert "CheckpointManager" in result.stderr  # Orbax's INFO lines, shown with --verbosity=1
 
 
-def test_cli_rejects_too_many_negatives(tmp_path, small_isic_root):
-  result = _run(["--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
-                 "--config.data.source=isic", f"--config.data.path={small_isic_root}",
-                 "--config.loss.num_negatives=5000"], tmp_path, timeout=300)
-  assert result.returncode != 0
-  assert "config.loss.num_negatives=5000 must be < the dataset size N=120" in result.stderr
+def test_unknown_config_field_names_the_closest_fields(capsys, monkeypatch):
+  status, _, err = _main_in_process(["--config=configs/pirl.py:tiny",
+                                     "--config.loss.num_negativs=10"], capsys, monkeypatch)
+  assert status == 2
+  assert ("error: config.loss.num_negativs is not a field of this config. Did you mean "
+          "config.loss.num_negatives?") in err
+  assert "Traceback" not in err
+
+
+def test_unknown_preset_is_one_line(capsys, monkeypatch):
+  status, _, err = _main_in_process(["--config=configs/pirl.py:imagenett"], capsys, monkeypatch)
+  assert status == 2
+  assert "Unknown preset 'imagenett'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.optim.momentum=-0.5"], "config.optim.momentum=-0.5 must be in [0, 1)"),
+    (["--config.optim.base_learning_rate=nan"], "config.optim.base_learning_rate=nan must be"),
+    (["--config.seed=-1"], "config.seed=-1 must be an integer >= 0"),
+    (["--config.data.max_image_side=0"], "config.data.max_image_side=0 must be a positive"),
+    (["--config.data.num_parallel_calls=0"], "config.data.num_parallel_calls=0 must be -1"),
+    (["--config.model.embed_dim=0"], "config.model.embed_dim=0 must be >= 1"),
+    (["--config.data.views.tile_size=20"], "data.views.tile_size=20"),
+    (["--config.data.path=/somewhere"], "data.path='/somewhere' is set but data.source="),
+    (["--config.data.source=folder", "--config.data.path=/no/such/folder"], "/no/such/folder"),
+])
+def test_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, capsys,
+                                                monkeypatch):
+  status, _, err = _main_in_process(
+      ["--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
+       f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides], capsys, monkeypatch)
+  assert status == 2, err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, err
+  assert "Traceback" not in err
+
+
+def test_too_many_negatives_is_one_line(tmp_path, small_isic_root, capsys, monkeypatch):
+  status, _, err = _main_in_process(
+      ["--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
+       "--config.data.source=isic", f"--config.data.path={small_isic_root}",
+       f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.loss.num_negatives=5000"],
+      capsys, monkeypatch)
+  assert status == 2
+  assert "config.loss.num_negatives=5000 must be < the dataset size N=120" in err
+  assert "Traceback" not in err
+
+
+def test_a_workdir_of_another_experiment_is_one_line(tiny_pretraining, tmp_path, capsys,
+                                                     monkeypatch):
+  workdir = tmp_path / "copy"
+  shutil.copytree(tiny_pretraining.workdir, workdir)
+  (workdir / "summary.json").unlink()
+  status, _, err = _main_in_process(
+      ["--config=configs/pirl.py:tiny", f"--workdir={workdir}",
+       f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.loss.temperature=0.2"],
+      capsys, monkeypatch)
+  assert status == 2
+  assert "holds checkpoints (latest step 4) of a run whose config" in err
+  assert "loss.temperature: 0.07 in the workdir, 0.2 now" in err and "Traceback" not in err
+
+
+def test_a_missing_split_is_named(small_isic_root, tmp_path, capsys, monkeypatch):
+  root = tmp_path / "isic_without_validation"
+  shutil.copytree(small_isic_root, root)
+  for path in root.glob("ISIC-2017_Validation*"):
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+  status, _, err = _main_in_process(
+      ["--config=configs/finetune_isic.py:tiny", f"--workdir={tmp_path / 'run'}",
+       "--config.data.source=isic", f"--config.data.path={root}",
+       f"--config.data.cache_dir={tmp_path / 'cache'}"], capsys, monkeypatch)
+  assert status == 2
+  assert "validation" in err and "Traceback" not in err
+
+
+def test_console_command_is_declared_and_points_at_the_cli():
+  scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+  assert scripts["pirl-jax"] == "pirl_jax.cli:main"
+  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  assert callable(cli.main)
+
+
+@pytest.mark.slow
+def test_installed_package_gives_the_command_and_the_tfds_builder_anywhere(tmp_path):
+  """`pip install -e .` in a fresh virtualenv (dependencies from this one): `pirl-jax` runs and
+  the isic2017 builder imports from another directory."""
+  import site  # pylint: disable=g-import-not-at-top
+  import venv  # pylint: disable=g-import-not-at-top
+  env_dir = tmp_path / "venv"
+  venv.EnvBuilder(with_pip=True).create(env_dir)
+  python = env_dir / "bin" / "python"
+  site_packages = subprocess.check_output(
+      [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+      text=True).strip()
+  # This test environment's packages (jax, tensorflow, ...) without reinstalling them.
+  pathlib.Path(site_packages, "test_env.pth").write_text("\n".join(site.getsitepackages()))
+  install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps",
+                            "--no-build-isolation", "-e", str(REPO)], capture_output=True,
+                           text=True, timeout=600)
+  assert install.returncode == 0, install.stderr[-3000:]
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  helped = subprocess.run([str(env_dir / "bin" / "pirl-jax"), "--help"], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=300, env=env)
+  assert helped.returncode == 0, helped.stderr[-3000:]
+  assert "--config" in helped.stdout + helped.stderr
+  imported = subprocess.run(
+      [str(python), "-c", "import tensorflow_datasets as tfds, pirl_jax.data.tfds_isic2017; "
+       "print('isic2017' in tfds.list_builders(with_community_datasets=False))"],
+      cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
+  assert imported.returncode == 0, imported.stderr[-3000:]
+  assert imported.stdout.strip().endswith("True")
