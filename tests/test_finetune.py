@@ -1,27 +1,33 @@
 """ISIC 2017 evaluation: label subsets, pipelines, trunk restore, probe/fine-tune steps, BN at eval,
-outputs recomputed from the written files, and the CLI end to end from a real pretraining run."""
+resuming, config errors, outputs recomputed from the written files, and the CLI end to end from
+the session's tiny pretraining run (`tiny_pretraining` in conftest.py)."""
 
 import csv
+import hashlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
 import pytest
 
 from configs import finetune_isic
-from configs import pirl as pirl_configs
 from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.data import labelled
-from pirl_jax.eval import compare
+from pirl_jax.eval import classifier
 from pirl_jax.eval import finetune
-from pirl_jax.train import pretrain
+from pirl_jax.eval import isic
+from pirl_jax.eval import trunk_init
+
+import tree_arrays
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,33 +43,22 @@ def _tiny(isic_root, cache_dir, **overrides):
                        "data.cache_dir": str(cache_dir), **overrides})
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("finetune_cache")
+def _no_data(*args, **kwargs):
+  raise AssertionError("the data was read before the preflight checks")
 
 
 @pytest.fixture(scope="module")
-def pretrain_dir(tmp_path_factory, small_isic_root, cache_dir):
-  """One short real pretraining run (on the 8 fake devices), shared by the module."""
-  config = _set(pirl_configs.get_config("tiny"), {
-      "data.source": "isic", "data.path": str(small_isic_root), "data.cache_dir": str(cache_dir),
-      "num_train_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1})
-  workdir = tmp_path_factory.mktemp("pretrain") / "run"
-  pretrain.train_and_evaluate(config, str(workdir))
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def splits(small_isic_root, cache_dir):
-  config = _tiny(small_isic_root, cache_dir)
+def splits(small_isic_root, shared_cache_dir):
+  config = _tiny(small_isic_root, shared_cache_dir)
   return {s: labelled.load_split(config.data, s) for s in ("train", "validation")}
 
 
-def _trunk_arrays(item_dir, state_like):
-  """The checkpoint's trunk params and batch stats as host arrays."""
+def _trunk_arrays(item_dir, like):
+  """The checkpoint's trunk params and batch stats as host arrays, in the structure of `like`
+  (a state or a checkpoint's `array_metadata`)."""
   restored = checkpointing.restore_subtrees(item_dir, {
-      ("params", "trunk"): state_like.params["trunk"],
-      ("batch_stats", "trunk"): state_like.batch_stats["trunk"]})
+      ("params", "trunk"): like["params"]["trunk"],
+      ("batch_stats", "trunk"): like["batch_stats"]["trunk"]})
   return restored[("params", "trunk")], restored[("batch_stats", "trunk")]
 
 
@@ -76,27 +71,48 @@ def _trees_differ(a, b) -> bool:
       lambda x, y: not np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
 
 
-def _build(config, mesh, total_steps=10, init_dir=None):
-  """(model, tx, schedule, state, shardings), the trunk restored from `init_dir` if given."""
-  model = finetune.create_model(config)
-  tx, schedule = finetune.create_optimizer(config.optim, total_steps,
-                                           probe=config.protocol == "linear")
-  state, shardings = finetune.create_state(model, tx, config.augment.image_size, mesh,
-                                           config.seed)
-  if init_dir is not None:
-    init = finetune.resolve_init(_set(config.init, {"checkpoint": str(init_dir)}))
-    state = finetune.load_trunk(state, init, mesh)
+def _with_trunk(state, init, mesh):
+  """`state` with the trunk of `init` restored, replicated on `mesh` (as the run does)."""
+  restored = trunk_init.restore_trunk(
+      init, {"params": state.params["trunk"], "batch_stats": state.batch_stats["trunk"]},
+      sharding=sharding_lib.replicated(mesh))
+  return state.replace(params=dict(state.params, trunk=restored["params"]),
+                       batch_stats=dict(state.batch_stats, trunk=restored["batch_stats"]))
+
+
+def _build(config, mesh, total_steps=4, init=None):
+  """(model, tx, schedule, state, shardings), the trunk restored from `init` if given."""
+  model = classifier.create_model(config)
+  tx, schedule = classifier.create_optimizer(config.optim, total_steps,
+                                             probe=config.protocol == "linear")
+  state, shardings = classifier.create_state(model, tx, config.augment.image_size, mesh,
+                                             config.seed)
+  if init is not None:
+    state = _with_trunk(state, init, mesh)
   return model, tx, schedule, state, shardings
 
 
+# Compiling is most of this file's time (the classifier's initialiser alone takes 10-20 s of CPU),
+# so the tests build their states and steps as the runs build theirs: the tiny preset's 4 steps,
+# the class weights of its training set, the linear probe on one device like the CLI run. The
+# persistent compilation cache (conftest.py) then compiles each once for the tests, the in-process
+# runs and the CLI runs (which keep the 8 fake devices and use one of them).
+
+
 @pytest.fixture(scope="module")
-def built(pretrain_dir, small_isic_root, cache_dir):
+def class_weights(splits):
+  """The weights a tiny-preset run (all labels) trains with."""
+  return labelled.class_weights(splits["train"].label)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_pretraining, small_isic_root, shared_cache_dir):
   """The tiny fine-tune model on all 8 devices: scratch state and the PIRL-initialised one."""
-  config = _tiny(small_isic_root, cache_dir)
+  config = _tiny(small_isic_root, shared_cache_dir)
   mesh = sharding_lib.create_mesh()
   model, tx, schedule, scratch, shardings = _build(config, mesh)
-  init = finetune.resolve_init(_set(config.init, {"checkpoint": str(pretrain_dir)}))
-  restored = finetune.load_trunk(scratch, init, mesh)
+  init = trunk_init.resolve_init(str(tiny_pretraining.workdir))
+  restored = _with_trunk(scratch, init, mesh)
   return dict(config=config, mesh=mesh, model=model, tx=tx, schedule=schedule,
               scratch=scratch, restored=restored, shardings=shardings, init=init)
 
@@ -210,49 +226,51 @@ def test_tfds_source_gives_the_same_split_as_the_files(tmp_path):
 # --- Restore, steps, BatchNorm --------------------------------------------------------------------
 
 
-def test_restoring_a_pretraining_checkpoint_sets_the_trunk(built):
+def test_restoring_a_pretraining_checkpoint_sets_the_trunk(built, tiny_pretraining):
   init, scratch, restored = built["init"], built["scratch"], built["restored"]
-  assert init.kind == "pirl" and init.step == 2  # inferred from config.json, latest step
-  params, stats = _trunk_arrays(init.item_dir, scratch)
+  # Inferred from the workdir's config.json; the latest step.
+  assert init.kind == "pirl" and init.step == tiny_pretraining.summary["step"] == 4
+  params, stats = _trunk_arrays(init.item_dir, {"params": scratch.params,
+                                                "batch_stats": scratch.batch_stats})
   _assert_trees_equal(restored.params["trunk"], params)
   _assert_trees_equal(restored.batch_stats["trunk"], stats)
   assert _trees_differ(restored.params["trunk"], scratch.params["trunk"])
   assert _trees_differ(restored.batch_stats["trunk"], scratch.batch_stats["trunk"])
   _assert_trees_equal(restored.params["head"], scratch.params["head"])  # same seed, same head
-  # Restored onto the current mesh (8 devices), replicated.
+  # Restored onto the current mesh (8 devices; the CLI tests restore it onto 1), replicated.
   leaf = jax.tree.leaves(restored.params["trunk"])[0]
   assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
 
 
-def test_architecture_mismatch_names_the_parameter(pretrain_dir, small_isic_root, cache_dir):
-  config = _tiny(small_isic_root, cache_dir, **{"model.trunk": "resnet_tiny",
-                                                "model.width_multiplier": 2.0})
-  model = finetune.create_model(config)
-  variables = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False))
-  state = finetune.FinetuneState(step=None, params=variables["params"],
-                                 batch_stats=variables["batch_stats"], opt_state=None)
-  init = finetune.resolve_init(_set(config.init, {"checkpoint": str(pretrain_dir)}))
+def test_architecture_mismatch_names_the_parameter(tiny_pretraining, small_isic_root,
+                                                   shared_cache_dir, tmp_path, monkeypatch):
+  config = _tiny(small_isic_root, shared_cache_dir, **{
+      "model.trunk": "resnet_tiny", "model.width_multiplier": 2.0,
+      "init.checkpoint": str(tiny_pretraining.workdir), "init.inherit_trunk": False})
+  init = trunk_init.resolve_init(str(tiny_pretraining.workdir))
+  variables = trunk_init.abstract_trunk_variables(classifier.create_model(config).trunk, 32)
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"params/trunk/BasicBlock_0/Conv_0/kernel: checkpoint shape "
                            r"\(3, 3, 8, 8\) != model shape \(3, 3, 16, 16\)"):
-    finetune.load_trunk(state, init, sharding_lib.create_mesh())
-  # The loop checks before reading any data, and names the config fields too.
+    trunk_init.restore_trunk(init, variables)
+  # The run checks before reading any data, and names the config fields too.
+  monkeypatch.setattr(labelled, "load_split", _no_data)
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"(?s)BasicBlock_0/Conv_0/kernel.*config\.model\.width_multiplier=2\.0.*"
                            r"model\.trunk='resnet_tiny', model\.width_multiplier=1\.0"):
-    finetune.check_trunk(config, init, model)
+    finetune.train_and_evaluate(config, str(tmp_path / "run"))
   # With init.inherit_trunk (the default) the run takes the checkpoint's own trunk instead.
-  assert finetune.resolve_config(config, init).model.width_multiplier == 1.0
+  inherited = trunk_init.inherit_trunk(_set(config, {"init.inherit_trunk": True}), init)
+  assert inherited.model.width_multiplier == 1.0 and inherited.init.kind == "pirl"
 
 
-def test_linear_probe_leaves_the_trunk_untouched(pretrain_dir, small_isic_root, cache_dir):
-  config = _tiny(small_isic_root, cache_dir, protocol="linear")
-  mesh = sharding_lib.create_mesh()
-  model, tx, schedule, state, shardings = _build(config, mesh, init_dir=pretrain_dir)
+def test_linear_probe_leaves_the_trunk_untouched(built, class_weights):
+  config = _set(finetune_isic.get_config("tiny"), {"protocol": "linear"})
+  mesh = sharding_lib.create_mesh(jax.devices()[:1])  # as the CLI run (num_devices=1)
+  model, tx, schedule, state, shardings = _build(config, mesh, init=built["init"])
   before = jax.device_get(state)
-  step = finetune.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
-                                 class_weights=np.ones(3, np.float32))
+  step = classifier.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
+                                   class_weights=class_weights)
   for i in range(3):
     state, metrics = step(state, sharding_lib.global_batch(_random_batch(config, i), mesh))
   after = jax.device_get(state)
@@ -266,16 +284,17 @@ def test_linear_probe_leaves_the_trunk_untouched(pretrain_dir, small_isic_root, 
   assert sum(np.size(x) for x in jax.tree.leaves(after.opt_state)) < trunk_size
 
 
-def test_fine_tuning_trains_the_trunk_and_eight_devices_equal_one(built):
+def test_fine_tuning_trains_the_trunk_and_eight_devices_equal_one(built, class_weights):
   config, initial = built["config"], jax.device_get(built["restored"])
+  assert len(set(class_weights.tolist())) == 3  # a weighted loss
   kwargs = dict(model=built["model"], tx=built["tx"], schedule=built["schedule"],
-                class_weights=np.array([2.0, 3.0, 0.5], np.float32))
+                class_weights=class_weights)
   results = []
   for num_devices in (1, 8):
     mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
     shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), built["shardings"])
     state = jax.device_put(initial, shardings)
-    step = finetune.jit_train_step(mesh, shardings, **kwargs)
+    step = classifier.jit_train_step(mesh, shardings, **kwargs)
     for i in range(2):
       state, _ = step(state, sharding_lib.global_batch(_random_batch(config, i), mesh))
     results.append(jax.device_get(state))
@@ -290,15 +309,17 @@ def test_fine_tuning_trains_the_trunk_and_eight_devices_equal_one(built):
 def test_batchnorm_statistics_do_not_change_during_evaluation(built, splits):
   config, mesh, state = built["config"], built["mesh"], built["restored"]
   before = jax.device_get(state)
-  p_eval = finetune.jit_eval_step(mesh, built["shardings"], built["model"])
-  evaluator = finetune.Evaluator(splits["validation"], labelled.augment_config(config.augment),
-                                 p_eval, mesh, config)
-  probs, metrics = evaluator.run(state)
+  evaluator = isic.IsicEvaluator(splits["validation"], labelled.augment_config(config.augment),
+                                 built["model"], mesh, built["shardings"],
+                                 eval_batch_size=config.eval_batch_size)
+  probs = evaluator.predict(state)
+  metrics = evaluator.run(state)
   _assert_trees_equal(jax.device_get(state), before)
   assert probs.shape == (30, 3)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-  assert 0.0 <= metrics["auc_melanoma"] <= 1.0
+  assert 0.0 <= metrics["auc_melanoma"] <= 1.0 and metrics["num_images"] == 30
   # Inference-mode BatchNorm: an image's output does not depend on the rest of its batch.
+  p_eval = classifier.jit_eval_step(mesh, built["shardings"], built["model"])
   images = _random_batch(config, 0)["image"]
   others = np.concatenate([images[:1], -images[1:]])
   first = np.asarray(p_eval(state, sharding_lib.global_batch({"image": images}, mesh)))
@@ -308,7 +329,7 @@ def test_batchnorm_statistics_do_not_change_during_evaluation(built, splits):
 
 def test_learning_rate_steps_at_8_16_24_of_28_epochs():
   optim = finetune_isic.get_config("linear").optim
-  schedule = finetune.lr_schedule(optim, total_steps=280)
+  schedule = classifier.lr_schedule(optim, total_steps=280)
   lr = optim.learning_rate
   np.testing.assert_allclose([schedule(s) for s in (0, 79, 80, 159, 160, 239, 240, 279)],
                              [lr, lr, lr / 10, lr / 10, lr / 100, lr / 100, lr / 1000,
@@ -328,54 +349,174 @@ def test_small_label_fractions_train_at_least_min_train_steps():
   # eval_every_steps <= 0 falls back to eval_every_epochs.
   assert finetune.training_length(fresh({"eval_every_steps": -1}), 7) == (800, 7)
   with pytest.raises(configuration.ConfigError, match=r"config\.min_train_steps=-1"):
-    finetune.validate_config(_set(finetune_isic.get_config("tiny"), {"min_train_steps": -1}), 1)
+    configuration.validate_finetune_config(
+        _set(finetune_isic.get_config("tiny"), {"min_train_steps": -1}))
 
 
-def test_config_errors_name_the_field():
-  config = finetune_isic.get_config("tiny")
-  with pytest.raises(configuration.ConfigError, match=r"config\.label_fraction=0\.0"):
-    finetune.validate_config(_set(config, {"label_fraction": 0.0}), 1)
-  config = finetune_isic.get_config("tiny")
-  with pytest.raises(configuration.ConfigError, match=r"config\.init\.kind='pirl' needs "
-                                                      r"config\.init\.checkpoint"):
-    finetune.validate_config(_set(config, {"init.kind": "pirl"}), 1)
-  config = finetune_isic.get_config("tiny")
-  with pytest.raises(configuration.ConfigError, match=r"config\.protocol='probe'"):
-    finetune.validate_config(_set(config, {"protocol": "probe"}), 1)
+# --- Config errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"label_fraction": 0.0}, r"config\.label_fraction=0\.0 must be in \(0, 1\]"),
+    ({"init.kind": "pirl"}, r"config\.init\.kind='pirl' needs config\.init\.checkpoint"),
+    ({"protocol": "probe"}, r"config\.protocol='probe' is not one of"),
+    ({"optim.weight_decay": -1e-4}, r"config\.optim\.weight_decay=-0\.0001 must be a number >= 0"),
+    ({"optim.learning_rate": float("nan")},
+     r"config\.optim\.learning_rate=nan must be a positive number"),
+    ({"seed": -1}, r"config\.seed=-1 must be an integer >= 0"),
+    ({"data.max_image_side": 0}, r"config\.data\.max_image_side=0 must be a positive number"),
+    ({"data.num_parallel_calls": 0}, r"config\.data\.num_parallel_calls=0 must be -1"),
+])
+def test_config_errors_name_the_field(overrides, message):
+  config = _set(finetune_isic.get_config("tiny"), overrides)
+  with pytest.raises(configuration.ConfigError, match=message):
+    configuration.validate_finetune_config(config)
+
+
+def test_batch_sizes_must_divide_over_the_devices(tmp_path, small_isic_root, shared_cache_dir,
+                                                  monkeypatch):
+  config = _set(finetune_isic.get_config("tiny"), {"eval_batch_size": 12})
+  configuration.validate_finetune_config(config)  # fine until the device count is known
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.eval_batch_size=12 must be divisible by the number of "
+                           r"devices \(8\)"):
+    configuration.check_device_count(config, 8, ("global_batch_size", "eval_batch_size"))
+  configuration.check_device_count(config, 4, ("global_batch_size", "eval_batch_size"))
+  # The run checks it on its own mesh (the 8 test devices) before reading any data.
+  monkeypatch.setattr(labelled, "load_split", _no_data)
+  with pytest.raises(configuration.ConfigError, match=r"config\.eval_batch_size=12"):
+    finetune.train_and_evaluate(_tiny(small_isic_root, shared_cache_dir, eval_batch_size=12),
+                                str(tmp_path / "run"))
+
+
+def test_a_missing_checkpoint_names_the_field():
   with pytest.raises(FileNotFoundError, match=r"config\.init\.checkpoint='/nonexistent'"):
-    finetune.resolve_init(_set(finetune_isic.get_config("tiny").init,
-                               {"checkpoint": "/nonexistent"}))
+    trunk_init.resolve_init("/nonexistent")
 
 
-def test_compare_table():
-  run = lambda seed, mel: dict(seed=seed, test=dict(auc_melanoma=mel, auc_seborrheic_keratosis=0.5,
-                                                    auc_mean=(mel + 0.5) / 2))
-  table = compare.markdown_table({"scratch": [run(0, 0.5), run(1, 0.7)],
-                                  "pirl": [run(0, 0.8), run(1, 0.8)]}, 0.1, "finetune")
-  assert "| scratch | 0.600 ± 0.141 | 0.500 ± 0.000 | 0.550 ± 0.071 | 0,1 |" in table
-  assert "| PIRL (self-supervised) | 0.800 ± 0.000 |" in table
-  assert "label_fraction=0.1" in table
+# --- Resuming and preflight (in-process runs) -----------------------------------------------------
+
+
+def _outputs(workdir):
+  """What a finished run leaves, comparable across workdirs: the predictions CSVs (bytes),
+  best.json, metrics.json without its paths, and the arrays of the selected and the last state."""
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  for split in finetune.EVAL_SPLITS:
+    for key in ("ground_truth_csv", "predictions_csv"):
+      metrics[split].pop(key)
+  best_item, best_step = checkpointing.resolve_checkpoint(workdir / "best")
+  last_item, last_step = checkpointing.resolve_checkpoint(workdir / "checkpoints")
+  return dict(csv={s: (workdir / f"predictions_{s}.csv").read_bytes()
+                   for s in finetune.EVAL_SPLITS},
+              best_json=json.loads((workdir / "best.json").read_text()),
+              metrics=metrics, best_step=best_step, last_step=last_step,
+              best_state=tree_arrays.flat(checkpointing.load_arrays(best_item)),
+              last_state=tree_arrays.flat(checkpointing.load_arrays(last_item)))
+
+
+def test_fine_tuning_resumes_after_sigterm_with_the_same_result(
+    tmp_path, tiny_pretraining, small_isic_root, shared_cache_dir, monkeypatch):
+  """SIGTERM after step 2 stops the run at step 3 with a checkpoint; the same call resumes it,
+  and the selected state and every output equal those of an uninterrupted run, bit for bit."""
+  assert threading.current_thread() is threading.main_thread()  # the loop's SIGTERM handler
+  def config():
+    return _tiny(small_isic_root, shared_cache_dir, **{
+        "init.checkpoint": str(tiny_pretraining.workdir), "num_train_steps": 4,
+        "eval_every_steps": 2})
+  whole = finetune.train_and_evaluate(config(), str(tmp_path / "whole"))
+  assert whole["complete"] and not whole["preempted"]
+
+  workdir = tmp_path / "interrupted"
+  evaluate = isic.IsicEvaluator.run
+  def evaluate_then_sigterm(self, state):
+    metrics = evaluate(self, state)
+    if int(jax.device_get(state.step)) == 2:
+      signal.raise_signal(signal.SIGTERM)  # as a preemption would, during the evaluation
+    return metrics
+  monkeypatch.setattr(isic.IsicEvaluator, "run", evaluate_then_sigterm)
+  stopped = finetune.train_and_evaluate(config(), str(workdir))
+  monkeypatch.setattr(isic.IsicEvaluator, "run", evaluate)
+  assert stopped["preempted"] and not stopped["complete"] and stopped["step"] == 3
+  assert checkpointing.resolve_checkpoint(workdir)[1] == 3
+  assert json.loads((workdir / "best.json").read_text())["step"] == 2
+  assert not (workdir / "metrics.json").exists()
+
+  resumed = finetune.train_and_evaluate(config(), str(workdir))
+  assert resumed["complete"] and not resumed["preempted"] and resumed["step"] == 4
+  assert [e["step"] for e in resumed["evaluation_history"]] == [4]  # steps 1-3 were not redone
+  assert resumed["evaluations"] == whole["evaluations"]  # validation at step 4
+  expected, got = _outputs(tmp_path / "whole"), _outputs(workdir)
+  assert got["csv"] == expected["csv"]
+  assert got["best_json"] == expected["best_json"] and got["best_step"] == expected["best_step"]
+  assert got["metrics"] == expected["metrics"]
+  assert got["last_step"] == expected["last_step"] == 4
+  # The selected state may be step 2's, saved before the SIGTERM: the last state shows that the
+  # resumed steps 3-4 are the uninterrupted run's too.
+  for key in ("best_state", "last_state"):
+    assert got[key].keys() == expected[key].keys()
+    for name, array in expected[key].items():
+      np.testing.assert_array_equal(got[key][name], array, err_msg=f"{key} {name}")
+
+
+def test_preflight_unwritable_workdir_and_full_disk(tmp_path, small_isic_root, shared_cache_dir,
+                                                    monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  monkeypatch.setattr(labelled, "load_split", _no_data)
+  with pytest.raises(preflight.PreflightError,
+                     match=f"The workdir {blocker / 'run'} is not a writable directory"):
+    finetune.train_and_evaluate(_tiny(small_isic_root, shared_cache_dir), str(blocker / "run"))
+  monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 1 << 20)
+  with pytest.raises(preflight.PreflightError,
+                     match=r"Not enough free disk for checkpoints in .*: 1\.0 MiB free, "
+                           r"about .* MiB needed \(.*Free some space.* pass another --workdir\."):
+    finetune.train_and_evaluate(_tiny(small_isic_root, shared_cache_dir), str(tmp_path / "run"))
+
+
+def test_preflight_counts_the_best_state_too(tmp_path, small_isic_root, shared_cache_dir,
+                                             monkeypatch):
+  """best/ holds a copy of the state (and briefly its replacement) next to checkpoints/: room
+  for checkpoints/ alone is not enough to finish the run."""
+  config = _tiny(small_isic_root, shared_cache_dir)
+  model = classifier.create_model(config)
+  tx, _ = classifier.create_optimizer(config.optim, 1, probe=False)
+  state_bytes = preflight.state_bytes(jax.eval_shape(
+      lambda: classifier.create_state_variables(model, tx, config.augment.image_size)))
+  # Exactly the room for keep_checkpoints + 1 = 2 checkpoints in checkpoints/ and nothing more.
+  room = int(2 * state_bytes * 1.05) + (16 << 20)
+  monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: room)
+  def no_state(*args, **kwargs):
+    raise AssertionError("the run started with no room on disk for its best state")
+  monkeypatch.setattr(classifier, "create_state", no_state)
+  with pytest.raises(preflight.PreflightError, match=r"Not enough free disk"):
+    finetune.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 # --- End to end -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, pretrain_dir, small_isic_root):
-  """main.py as a user types it: the tiny preset, linear probe, from the pretraining workdir."""
-  tmp = tmp_path_factory.mktemp("cli")
-  workdir = tmp / "probe"
+def _main_py(args, cache, timeout=600):
+  """main.py as a user types it. It keeps this session's 8 fake devices (and with them the
+  compilation cache it shares with the in-process tests); the commands ask for one."""
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one device: the checkpoint was written on eight
-  env["PIRL_JAX_CACHE"] = str(tmp / "cache")
-  result = subprocess.run(
-      [sys.executable, "main.py", "--config=configs/finetune_isic.py:tiny",
-       f"--config.init.checkpoint={pretrain_dir}", f"--workdir={workdir}",
-       "--config.data.source=isic", f"--config.data.path={small_isic_root}",
-       "--config.protocol=linear"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  env["PIRL_JAX_CACHE"] = str(cache)
+  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_pretraining, small_isic_root, shared_cache_dir):
+  """One linear-probe run of the tiny preset from the pretraining workdir, on one device (the
+  checkpoint was written on 8), shared by the tests that only read its outputs.
+  Returns (workdir, args, cache, result)."""
+  workdir = tmp_path_factory.mktemp("cli") / "probe"
+  args = ["--config=configs/finetune_isic.py:tiny",
+          f"--config.init.checkpoint={tiny_pretraining.workdir}", f"--workdir={workdir}",
+          "--config.data.source=isic", f"--config.data.path={small_isic_root}",
+          "--config.protocol=linear", "--config.num_devices=1"]
+  result = _main_py(args, shared_cache_dir)
   assert result.returncode == 0, result.stderr[-4000:]
-  return workdir, result
+  return workdir, args, shared_cache_dir, result
 
 
 def _read_csv(path):
@@ -386,24 +527,36 @@ def _read_csv(path):
 
 @pytest.mark.slow
 def test_cli_end_to_end_writes_every_output(cli_run):
-  workdir, result = cli_run
+  workdir, _, _, result = cli_run
   assert "ETA" in result.stderr  # the progress line
+  assert "on 1 device(s)" in result.stderr  # config.num_devices=1 of the 8
+  assert "Traceback" not in result.stderr
   for name in ("predictions_validation.csv", "predictions_test.csv", "metrics.json", "roc.png",
-               "config.json"):
+               "config.json", "summary.json", "best.json"):
     assert (workdir / name).is_file(), name
   assert (workdir / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert list(workdir.glob("events.out.tfevents.*"))
   metrics = json.loads((workdir / "metrics.json").read_text())
+  assert {"validation", "test", "selected", "protocol", "init", "trunk", "label_fraction", "seed",
+          "num_train_images", "total_steps"} <= metrics.keys()
   assert metrics["init"]["kind"] == "pirl" and metrics["protocol"] == "linear"
-  assert metrics["selected"]["step"] in (2, 4)
-  assert (workdir / "checkpoints" / str(metrics["selected"]["step"])).is_dir()
+  assert metrics["total_steps"] == 4 and metrics["selected"]["step"] in (2, 4)
+  best = json.loads((workdir / "best.json").read_text())
+  assert best["step"] == metrics["selected"]["step"]
+  assert checkpointing.resolve_checkpoint(workdir / "best")[1] == best["step"]
+  assert checkpointing.resolve_checkpoint(workdir)[1] == 4  # the latest state, for resuming
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["complete"] and summary["results"]["test"] == metrics["test"]
+  # The terminal summary names the selection and the test AUCs.
+  assert f"selected step {best['step']} by validation mean AUC" in result.stdout
+  assert f"mean {metrics['test']['auc_mean']:.4f}" in result.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["validation", "test"])
 def test_written_auc_equals_sklearn_on_the_written_csv(cli_run, split):
   from sklearn.metrics import roc_auc_score
-  workdir, _ = cli_run
+  workdir = cli_run[0]
   metrics = json.loads((workdir / "metrics.json").read_text())[split]
   header, rows = _read_csv(workdir / f"predictions_{split}.csv")
   gt_header, gt_rows = _read_csv(metrics["ground_truth_csv"])
@@ -422,36 +575,31 @@ def test_written_auc_equals_sklearn_on_the_written_csv(cli_run, split):
 
 
 @pytest.mark.slow
-def test_cli_linear_probe_keeps_the_pretrained_trunk(cli_run, pretrain_dir):
-  workdir, _ = cli_run
-  probe_item, _ = checkpointing.resolve_checkpoint(workdir)
-  pre_item, _ = checkpointing.resolve_checkpoint(pretrain_dir)
-  saved = checkpointing.array_metadata(probe_item)
-  like = finetune.FinetuneState(step=None, params=saved["params"],
-                                batch_stats=saved["batch_stats"], opt_state=None)
-  _assert_trees_equal(_trunk_arrays(probe_item, like), _trunk_arrays(pre_item, like))
+def test_cli_linear_probe_keeps_the_pretrained_trunk(cli_run, tiny_pretraining):
+  workdir = cli_run[0]
+  pre_item, _ = checkpointing.resolve_checkpoint(tiny_pretraining.workdir)
+  for folder in (workdir / "best", workdir / "checkpoints"):  # the selected and the last state
+    item, _ = checkpointing.resolve_checkpoint(folder)
+    like = checkpointing.array_metadata(item)
+    _assert_trees_equal(_trunk_arrays(item, like), _trunk_arrays(pre_item, like))
+
+
+def _snapshot(workdir: pathlib.Path) -> dict:
+  """Every file under `workdir`: relative path -> (mtime in ns, content digest)."""
+  return {str(p.relative_to(workdir)): (p.stat().st_mtime_ns,
+                                        hashlib.sha256(p.read_bytes()).hexdigest())
+          for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
-def test_a_used_workdir_is_not_overwritten(cli_run, small_isic_root, cache_dir):
-  workdir, _ = cli_run
-  with pytest.raises(FileExistsError, match="already holds a fine-tuned model"):
-    finetune.train_and_evaluate(_tiny(small_isic_root, cache_dir), str(workdir))
-
-
-def test_preflight_unwritable_workdir_and_full_disk(tmp_path, small_isic_root, cache_dir,
-                                                    monkeypatch):
-  blocker = tmp_path / "a_file"
-  blocker.write_text("not a directory")
-  def no_data(*args, **kwargs):
-    raise AssertionError("the data was read before the preflight checks")
-  monkeypatch.setattr(labelled, "load_split", no_data)
-  with pytest.raises(preflight.PreflightError,
-                     match=f"The workdir {blocker / 'run'} is not a writable directory"):
-    finetune.train_and_evaluate(_tiny(small_isic_root, cache_dir), str(blocker / "run"))
-  monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 1 << 20)
-  with pytest.raises(preflight.PreflightError,
-                     match=r"Not enough free disk for checkpoints in .*checkpoints: 1\.0 MiB free, "
-                           r"about .* MiB needed \(2 checkpoint\(s\) of .* the best state and its "
-                           r"replacement\)\. Free some space or pass another --workdir\."):
-    finetune.train_and_evaluate(_tiny(small_isic_root, cache_dir), str(tmp_path / "run"))
+def test_rerunning_a_finished_command_changes_nothing(cli_run):
+  """Last of the cli_run tests: the same command again reports the run complete, exits 0, and
+  leaves every file (metrics.json, the predictions, best/, checkpoints/, ...) as it was."""
+  workdir, args, cache, _ = cli_run
+  before = _snapshot(workdir)
+  assert {"metrics.json", "predictions_validation.csv", "predictions_test.csv"} <= before.keys()
+  assert any(name.startswith("best/") for name in before)
+  result = _main_py(args, cache)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "is already complete; nothing was changed" in result.stdout
+  assert _snapshot(workdir) == before
