@@ -126,7 +126,9 @@ class BuiltStep:
     return step_lib.jit_train_step(
         self.mesh, self.shardings, model=self.model, tx=self.tx, schedule=self.schedule,
         loss_cfg=config.loss, bank_momentum=config.memory_bank.momentum,
-        num_examples=self.num_examples, skip_nonfinite=config.skip_nonfinite_steps)
+        num_examples=self.num_examples,
+        score_chunk_size=config.memory_bank.score_chunk_size,
+        skip_nonfinite=config.skip_nonfinite_steps)
 
   def new_state(self):
     state, _ = state_lib.create_train_state(self.config, self.model, self.tx, self.num_examples,

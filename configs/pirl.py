@@ -82,6 +82,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # --- Memory bank and loss ---------------------------------------------------------------
   config.memory_bank = ml_collections.ConfigDict()
   config.memory_bank.momentum = 0.5
+  # Columns (positive + negatives) scored at a time: each device gathers at most
+  # batch x score_chunk_size x embed_dim bank rows while scoring (memory_bank.score).
+  config.memory_bank.score_chunk_size = 1024
 
   config.loss = loss = ml_collections.ConfigDict()
   loss.kind = "infonce"  # 'nce' (paper/VISSL) | 'infonce' (softmax cross-entropy)
@@ -195,6 +198,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     loss.kind = "nce"
     loss.temperature = 0.07
     loss.num_negatives = 32000
+    config.memory_bank.score_chunk_size = 256
     config.global_batch_size = 1024
     optim.base_learning_rate = 0.03
     config.num_epochs = 200.0

@@ -144,6 +144,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
       ("loss.num_negatives", loss.num_negatives >= 1, "must be at least 1"),
       ("loss.nce_z_ema", 0.0 <= loss.nce_z_ema < 1.0, "must be in [0, 1)"),
       ("memory_bank.momentum", 0.0 <= config.memory_bank.momentum < 1.0, "must be in [0, 1)"),
+      ("memory_bank.score_chunk_size", config.memory_bank.score_chunk_size >= 1, "must be >= 1"),
       ("optim.base_learning_rate",
        _finite(optim.base_learning_rate) and optim.base_learning_rate > 0,
        "must be a positive number"),

@@ -3,16 +3,15 @@
 All functions are pure ``jnp`` and jit-friendly. Notation: B queries, K negatives per query, D embedding
 size, N dataset size, tau temperature.
 
-Typical step (read before write; negatives fresh per term)::
+Typical step (read before write; negatives fresh per term; scores from ``memory_bank.score``)::
 
-  logits_g = contrastive_scores(g_hat, bank, index, neg_g, tau)
-  logits_f = contrastive_scores(f_hat, bank, index, neg_f, tau)
+  logits_g = memory_bank.score(g_hat, bank, index, neg_g, tau, mesh)
+  logits_f = memory_bank.score(f_hat, bank, index, neg_f, tau, mesh)
   z = update_z(z, estimate_z([logits_g, logits_f], N), ema)       # NCE only; z is train state
   out = pirl_loss(logits_g, logits_f, kind='nce', z=z, num_examples=N, lam=0.5)
-  bank = memory_bank.update(bank, index, f_hat)                    # after scoring
+  bank = memory_bank.update(bank, index, f_hat, 0.5, mesh)          # after scoring
 
-The memory-bank rows (and Z) never receive gradients: the gathered rows and Z are wrapped in
-``stop_gradient``.
+Z never receives gradients (``stop_gradient``); nor do the bank rows (``memory_bank``).
 """
 
 from typing import NamedTuple, Sequence
@@ -34,67 +33,6 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   # rsqrt of the clamped squared norm keeps the gradient finite for all-zero rows (padded bank rows).
   return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.asarray(eps * eps, sq.dtype)))
-
-
-def contrastive_scores(query: jax.Array, bank: jax.Array, positives: jax.Array,
-                       negatives: jax.Array, temperature: float,
-                       precision=jax.lax.Precision.HIGHEST) -> jax.Array:
-  """Scores ``s_j = <m_j, q> / tau`` of each query against its positive row and its negatives.
-
-  Args:
-    query: ``(B, D)`` L2-normalised query embeddings (f_hat or g_hat).
-    bank: ``(num_rows, D)`` memory bank; rows are stop-gradient'ed.
-    positives: ``(B,)`` int dataset index of each query (the positive row).
-    negatives: ``(B, K)`` int row indices of the negatives.
-    temperature: tau.
-    precision: Matmul precision; HIGHEST by default because TF32 would perturb logits of ~1/tau scale
-      (and thereby the NCE normaliser Z) for little speed gain in this memory-bound op.
-
-  Returns:
-    ``(B, K + 1)`` float32 logits, column 0 the positive.
-  """
-  idx = jnp.concatenate([positives[:, None].astype(negatives.dtype), negatives], axis=1)
-  # (B, K+1, D): the dominant per-step memory cost at large K.
-  rows = jax.lax.stop_gradient(jnp.take(bank, idx, axis=0))
-  logits = jnp.einsum('bkd,bd->bk', rows.astype(jnp.float32), query.astype(jnp.float32),
-                      precision=precision)
-  return logits / temperature
-
-
-def contrastive_scores_chunked(query: jax.Array, bank: jax.Array, positives: jax.Array,
-                               negatives: jax.Array, temperature: float, chunk_size: int = 4096,
-                               precision=jax.lax.Precision.HIGHEST) -> jax.Array:
-  """``contrastive_scores`` with the bank rows gathered ``chunk_size`` columns at a time.
-
-  The same scores (each one the same D-long dot product), but the gathered rows peak at
-  ``B x chunk_size x D`` instead of ``B x (K + 1) x D`` (4.2 GB per term at B=256, K=32000,
-  D=128 in float32): the chunks are scored one after another under ``jax.lax.map``.
-
-  Args:
-    query, bank, positives, negatives, temperature, precision: as ``contrastive_scores``.
-    chunk_size: Columns (positive + negatives) scored per chunk; the last chunk is padded with
-      row 0 and the padding's scores dropped.
-
-  Returns:
-    ``(B, K + 1)`` float32 logits, column 0 the positive.
-  """
-  if chunk_size < 1:
-    raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
-  idx = jnp.concatenate([positives[:, None].astype(negatives.dtype), negatives], axis=1)
-  batch, total = idx.shape
-  chunk = min(chunk_size, total)
-  num_chunks = -(-total // chunk)
-  idx = jnp.pad(idx, ((0, 0), (0, num_chunks * chunk - total)))
-  idx = idx.reshape(batch, num_chunks, chunk).transpose(1, 0, 2)  # (chunks, B, chunk)
-  q = query.astype(jnp.float32)
-
-  def score(chunk_idx):
-    rows = jax.lax.stop_gradient(jnp.take(bank, chunk_idx, axis=0))  # (B, chunk, D)
-    return jnp.einsum('bkd,bd->bk', rows.astype(jnp.float32), q, precision=precision)
-
-  logits = jax.lax.map(score, idx)  # (chunks, B, chunk)
-  logits = logits.transpose(1, 0, 2).reshape(batch, num_chunks * chunk)[:, :total]
-  return logits / temperature
 
 
 def infonce_loss(logits: jax.Array) -> jax.Array:

@@ -44,6 +44,7 @@ RESUMABLE_FIELDS = frozenset({
     "data.cache_dir",
     "data.num_parallel_calls",
     "data.prefetch_batches",
+    "memory_bank.score_chunk_size",
 })
 # Pretraining only: the probes watch training, they do not change it.
 RESUMABLE_IN_PRETRAINING = frozenset({"eval_every_steps", "probe"})

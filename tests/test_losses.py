@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pirl_jax import losses
+from pirl_jax import memory_bank
 
 B, K, D, N = 4, 6, 8, 20
 
@@ -63,39 +64,6 @@ def test_l2_normalize():
   assert np.all(np.isfinite(grad))
 
 
-def test_contrastive_scores(setup):
-  bank, query, positives, negatives = setup
-  logits = losses.contrastive_scores(jnp.asarray(query), jnp.asarray(bank), jnp.asarray(positives),
-                                     jnp.asarray(negatives), 0.07)
-  assert logits.shape == (B, K + 1) and logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, _ref_scores(bank, query, positives, negatives, 0.07),
-                             rtol=1e-5, atol=1e-5)
-
-
-
-@pytest.mark.parametrize('chunk_size', [1, 3, 7, 100])
-def test_contrastive_scores_chunked_equals_dense(chunk_size):
-  """Same scores and query gradient as contrastive_scores, up to float32 summation order."""
-  rs = np.random.RandomState(1)
-  b, k, d, n = 8, 50, 128, 300
-  bank = jnp.asarray(_unit(rs.randn(n, d)).astype(np.float32))
-  query = jnp.asarray(_unit(rs.randn(b, d)).astype(np.float32))
-  positives = jnp.asarray(rs.choice(n, b, replace=False).astype(np.int32))
-  negatives = jnp.asarray(rs.randint(0, n, (b, k)).astype(np.int32))
-  dense = losses.contrastive_scores(query, bank, positives, negatives, 0.07)
-  chunked = losses.contrastive_scores_chunked(query, bank, positives, negatives, 0.07,
-                                              chunk_size=chunk_size)
-  assert chunked.shape == dense.shape == (b, k + 1)
-  np.testing.assert_allclose(chunked, dense, rtol=1e-6, atol=1e-5)
-
-  def grad(score_fn, **kw):
-    return jax.grad(lambda q: losses.infonce_loss(
-        score_fn(q, bank, positives, negatives, 0.07, **kw)))(query)
-  np.testing.assert_allclose(grad(losses.contrastive_scores_chunked, chunk_size=chunk_size),
-                             grad(losses.contrastive_scores), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match='chunk_size'):
-    losses.contrastive_scores_chunked(query, bank, positives, negatives, 0.07, chunk_size=0)
-
 def test_infonce_matches_reference(setup):
   bank, query, positives, negatives = setup
   ref_logits = _ref_scores(bank, query, positives, negatives, 0.1)
@@ -150,7 +118,7 @@ def test_gradient_reaches_query_not_bank(setup, kind):
   bank, query, positives, negatives = setup
 
   def loss_fn(q, m, z):
-    logits = losses.contrastive_scores(q, m, jnp.asarray(positives), jnp.asarray(negatives), 0.07)
+    logits = memory_bank.score(q, m, jnp.asarray(positives), jnp.asarray(negatives), 0.07)
     return losses.pirl_loss(logits, logits, kind=kind, z=z, num_examples=N).total
 
   gq, gm, gz = jax.grad(loss_fn, argnums=(0, 1, 2))(jnp.asarray(query), jnp.asarray(bank),

@@ -56,19 +56,22 @@ def _max_abs_diff(a, b):
   return max(jax.tree.leaves(diffs))
 
 
-@pytest.mark.parametrize("loss_kind", ["nce", "infonce"])
-def test_eight_devices_equal_one_device(loss_kind):
-  # N=203 is not a multiple of 8: the 8-device bank carries 5 padding rows.
-  num_examples = 203
-  config = _tiny_config(**{"loss.kind": loss_kind})
+@pytest.mark.parametrize("loss_kind,num_examples,num_negatives", [
+    ("nce", 203, 64), ("infonce", 203, 64),
+    # A size at which the partitioner, left alone, gathered the whole bank on every device.
+    ("infonce", 20_003, 4096)])
+def test_eight_devices_equal_one_device(loss_kind, num_examples, num_negatives):
+  # N is not a multiple of 8: the 8-device bank carries padding rows.
+  config = _tiny_config(**{"loss.kind": loss_kind, "loss.num_negatives": num_negatives})
   one, metrics_one = _run_steps(config, 1, num_examples, 2)
   eight, metrics_eight = _run_steps(config, 8, num_examples, 2)
 
-  assert eight.bank.shape == (208, 128) and one.bank.shape == (203, 128)
+  padded = -(-num_examples // 8) * 8
+  assert eight.bank.shape == (padded, 128) and one.bank.shape == (num_examples, 128)
   assert eight.bank.sharding.spec == sharding_lib.bank_sharding(
       sharding_lib.create_mesh(jax.devices()[:8])).spec
   # Each device holds 1/8 of the bank's rows.
-  assert {s.data.shape for s in eight.bank.addressable_shards} == {(26, 128)}
+  assert {s.data.shape for s in eight.bank.addressable_shards} == {(padded // 8, 128)}
   one, eight = jax.device_get(one), jax.device_get(eight)
   # Tolerances: float32 reductions are ordered differently across 8 shards.
   for m1, m8 in zip(metrics_one, metrics_eight):

@@ -75,6 +75,10 @@ class BestState:
       if record["step"] in self.checkpointer.all_steps():
         self.step, self.score, self.metrics = record["step"], record["score"], record["metrics"]
 
+  @staticmethod
+  def exists(workdir: pathlib.Path) -> bool:
+    return (workdir / "best.json").is_file()
+
   def update(self, step: int, state, evaluations: dict) -> None:
     metrics = evaluations[SELECTED_BY[0]]
     if self.step is not None and _score(metrics) <= self.score:
@@ -132,6 +136,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  config.label_fraction, config.seed, config.model.trunk,
                  config.model.width_multiplier)
 
+    # The state's shapes depend neither on the data nor on the schedule: check the disk before
+    # any image is read. Besides checkpoints/, best/ holds the best state and its replacement.
+    abstract_state = jax.eval_shape(lambda: classifier.create_state_variables(
+        model, classifier.create_optimizer(config.optim, 1, probe)[0], size))
+    run.check_disk(abstract_state, extra_copies=1 if BestState.exists(run.workdir) else 2)
+
     splits = {s: labelled.load_split(config.data, s) for s in ("train",) + EVAL_SPLITS}
     train = splits["train"]
     positions = labelled.stratified_subset(train.label, config.label_fraction, config.seed)
@@ -154,8 +164,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  steps_per_epoch, total, eval_every, np.round(weights, 3).tolist())
 
     tx, schedule = classifier.create_optimizer(config.optim, total, probe)
-    abstract_state = jax.eval_shape(lambda: classifier.create_state_variables(model, tx, size))
-    run.check_disk(abstract_state)
     state, shardings = classifier.create_state(model, tx, size, mesh, config.seed)
     if init.kind != "scratch" and run.latest is None:
       restored = trunk_init.restore_trunk(init, {"params": state.params[trunk_init.TRUNK],

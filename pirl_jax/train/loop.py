@@ -243,13 +243,19 @@ class Run:
     elif self.is_main:
       path.write_text(json.dumps(fingerprint))
 
-  def check_disk(self, abstract_state) -> None:
-    """Room for the checkpoints this run will keep (estimated from the state's shapes)."""
+  def check_disk(self, abstract_state, extra_copies: int = 0) -> None:
+    """Room for the checkpoints this run will keep (estimated from the state's shapes).
+
+    Args:
+      abstract_state: the train state's shapes and dtypes.
+      extra_copies: further full copies of the state the task writes besides `checkpoints/`
+        (fine-tuning's best state and its replacement).
+    """
     keep = self.config.get("keep_checkpoints", 1)
     existing = len(self.checkpointer.all_steps())
     preflight.agree(lambda: preflight.check_free_disk(
         self.checkpointer.directory, preflight.state_bytes(abstract_state),
-        max(1, keep + 1 - existing)))
+        max(1, keep + 1 - existing) + extra_copies))
 
   def save_config(self) -> None:
     """Writes config.json; a differing one (forced resume) is kept as config.<n>.json."""

@@ -93,6 +93,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step = step_lib.jit_train_step(
         run.mesh, shardings, model=model, tx=tx, schedule=lr_schedule, loss_cfg=config.loss,
         bank_momentum=config.memory_bank.momentum, num_examples=num_examples,
+        score_chunk_size=config.memory_bank.score_chunk_size,
         skip_nonfinite=config.skip_nonfinite_steps,
         running_stats_from_images=config.model.bn_running_stats == "images")
     task = loop.Task(

@@ -20,12 +20,13 @@ def is_finite_step(metrics):
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_momentum: float,
-               num_examples: int, bank_sharding=None, skip_nonfinite: bool = False,
-               running_stats_from_images: bool = True):
+               num_examples: int, mesh=None, score_chunk_size: int = 1024,
+               skip_nonfinite: bool = False, running_stats_from_images: bool = True):
   """One PIRL step: both trunk passes, heads, loss, optimizer, then the bank write.
 
-  The order matters (PIRL.md section 8): both loss terms score against the *old* bank rows;
-  only the image embedding f(v_I) is written, after the gradient step, without gradient.
+  The order matters: both loss terms score against the *old* bank rows; only the image
+  embedding f(v_I) is written, after the gradient step, without gradient. On a `mesh` the bank
+  stays row-sharded throughout (`memory_bank.score` / `update`); None runs on plain arrays.
 
   With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves params,
   batch_stats, opt_state, bank and nce_z as they were; the step counter and the negatives' key
@@ -48,6 +49,11 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
       jigsaw_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
   negatives_image = memory_bank.sample_negatives(
       image_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
+  if mesh is not None:
+    # Each device draws only its queries' negatives (B/devices x K), not all of them.
+    negatives_jigsaw, negatives_image = (
+        jax.lax.with_sharding_constraint(n, sharding_lib.batch_sharding(mesh))
+        for n in (negatives_jigsaw, negatives_image))
 
   def embed(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
@@ -64,10 +70,10 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
 
   def loss_fn(params):
     f_hat, g_hat, batch_stats = embed(params)
-    logits_jigsaw = losses.contrastive_scores(
-        g_hat, state.bank, index, negatives_jigsaw, loss_cfg.temperature)
-    logits_image = losses.contrastive_scores(
-        f_hat, state.bank, index, negatives_image, loss_cfg.temperature)
+    logits_jigsaw = memory_bank.score(g_hat, state.bank, index, negatives_jigsaw,
+                                      loss_cfg.temperature, mesh, score_chunk_size)
+    logits_image = memory_bank.score(f_hat, state.bank, index, negatives_image,
+                                     loss_cfg.temperature, mesh, score_chunk_size)
     if loss_cfg.kind == "nce":
       z_batch = losses.estimate_z(
           [jax.lax.stop_gradient(logits_jigsaw), jax.lax.stop_gradient(logits_image)],
@@ -92,9 +98,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  bank = memory_bank.update(state.bank, index, aux["f_hat"], bank_momentum)
-  if bank_sharding is not None:
-    bank = jax.lax.with_sharding_constraint(bank, bank_sharding)
+  bank = memory_bank.update(state.bank, index, aux["f_hat"], bank_momentum, mesh)
 
   if loss_cfg.kind == "nce":
     nce_z = jnp.where(state.nce_z > 0,
@@ -129,7 +133,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
 def jit_train_step(mesh, state_shardings, **step_kwargs):
   """`train_step` under jit with explicit shardings; the input state is donated."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  step = functools.partial(train_step, bank_sharding=state_shardings.bank, **step_kwargs)
+  step = functools.partial(train_step, mesh=mesh, **step_kwargs)
   return jax.jit(
       step,
       in_shardings=(state_shardings, batch_sharding),
