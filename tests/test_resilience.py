@@ -4,6 +4,12 @@ Multi-process runs, restores across device counts and real kills are in test_sca
 """
 
 import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +22,7 @@ from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources
+from pirl_jax.train import loop
 from pirl_jax.train import pretrain
 from pirl_jax.train import state as state_lib
 import tree_arrays  # tests/tree_arrays.py
@@ -30,6 +37,7 @@ def _config(root, cache_dir, source="folder", **overrides):
   config.data.source = source
   config.data.path = str(root)
   config.data.cache_dir = str(cache_dir)
+  config.probe.enabled = False  # the probes watch training; these tests are about the loop
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -160,14 +168,39 @@ def test_config_differences_ignore_resumable_fields(small_isic_root, cache_dir):
       saved, preflight.config_as_dict(new))
 
 
-def test_forced_resume_keeps_the_previous_config(tmp_path, small_isic_root, cache_dir):
-  first = _config(small_isic_root, cache_dir)
-  pretrain.save_config(first, tmp_path)
-  pretrain.save_config(first, tmp_path)  # unchanged: nothing kept aside
-  assert not (tmp_path / "config.1.json").exists()
-  pretrain.save_config(_config(small_isic_root, cache_dir, **{"loss.kind": "nce"}), tmp_path)
-  assert json.loads((tmp_path / "config.1.json").read_text())["loss"]["kind"] == "infonce"
-  assert json.loads((tmp_path / "config.json").read_text())["loss"]["kind"] == "nce"
+def test_forced_resume_keeps_the_previous_config(tmp_path, tiny_pretraining):
+  """Run's preflight and config.json on a copy of a finished run's workdir (checkpoints 2, 4)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_pretraining.workdir, workdir)
+  saved = (workdir / "config.json").read_text()
+  same = tiny_pretraining.config.copy_and_resolve_references()
+  changed = same.copy_and_resolve_references()
+  changed.loss.kind = "nce"  # resume stays 'auto'
+
+  # Another experiment's config is refused without --config.resume=force ...
+  with pytest.raises(preflight.PreflightError,
+                     match=r'(?s)latest step 4.*loss\.kind: "infonce" in the workdir, "nce" now'):
+    loop.Run(changed, workdir, pretrain.TASK_NAME)
+  # ... the same config rewrites nothing aside ...
+  with loop.Run(same, workdir, pretrain.TASK_NAME) as run:
+    run.save_config()
+  assert (workdir / "config.json").read_text() == saved
+  assert not (workdir / "config.1.json").exists()
+  # ... and a forced resume keeps the replaced config as config.1.json (then config.2.json).
+  def forced_resume(**fields):
+    config = same.copy_and_resolve_references()
+    config.update_from_flattened_dict({"resume": "force", **fields})
+    with loop.Run(config, workdir, pretrain.TASK_NAME) as run:
+      assert run.latest == 4
+      run.save_config()
+
+  forced_resume(**{"loss.kind": "nce"})
+  assert (workdir / "config.1.json").read_text() == saved
+  forced_resume(**{"loss.temperature": 0.2})
+  saved_configs = [json.loads((workdir / name).read_text())
+                   for name in ("config.1.json", "config.2.json", "config.json")]
+  assert [(c["loss"]["kind"], c["loss"]["temperature"]) for c in saved_configs] == [
+      ("infonce", 0.07), ("nce", 0.07), ("infonce", 0.2)]
 
 
 def test_distributed_initialize_from_flags_or_environment(monkeypatch):
@@ -191,3 +224,26 @@ def test_distributed_initialize_from_flags_or_environment(monkeypatch):
       dict(coordinator_address="h:1", num_processes=2, process_id=1),
       dict(coordinator_address="h0:9", num_processes=4, process_id=3),
       dict(coordinator_address=None, num_processes=4, process_id=2)]
+
+
+@pytest.mark.slow
+def test_cli_starts_jax_distributed_before_anything_initialises_jax(tmp_path):
+  """main.py with --coordinator_address (here a job of one process) gets past
+  jax.distributed.initialize: nothing (a log line included) may initialise JAX's backend first.
+  It then stops at the missing data folder, as a user error."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env.update(JAX_PLATFORMS="cpu", PIRL_JAX_CACHE=str(tmp_path / "cache"))
+  result = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
+       "--config.data.source=folder", f"--config.data.path={tmp_path / 'missing'}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=1", "--process_id=0"],
+      cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+      timeout=300)
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "process 0/1, 1 local / 1 global device(s)" in result.stderr
+  assert result.returncode == 2
+  assert f"error: Image folder does not exist: {tmp_path / 'missing'}" in result.stderr

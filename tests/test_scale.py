@@ -92,7 +92,7 @@ class _Run:
   def logged_step(self) -> int:
     """The last step of a progress line ('step 12/30 ...'), 0 before the first."""
     steps = [int(m.group(1)) for line in list(self.lines)
-             if (m := re.search(r"\] step (\d+)/\d+ ", line))]
+             if (m := re.search(r"(?:^|\s)step (\d+)/\d+ \(", line))]
     return max(steps, default=0)
 
   def wait_until(self, condition, timeout=300, what=""):
@@ -159,15 +159,16 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path, small_isic
         run.proc.kill()
   for i, (code, _, stderr) in enumerate(results):
     assert code == 0, f"process {i}:\n{stderr[-4000:]}"
-    assert f"process {i}/2, 4 local / 8 global devices" in stderr
+    assert f"process {i}/2, 4 local / 8 global device(s)" in stderr
   assert f"Pretraining finished at step {MULTI_STEPS}" in results[0][1]
   assert "Pretraining" not in results[1][1]  # process 1 reports nothing (gloo chats on stdout) ...
 
-  # ... and writes nothing but its share of the checkpoints: one TensorBoard file, one config.
+  # ... and writes nothing but its share of the checkpoints: one TensorBoard file, one config,
+  # one dataset record.
   names = sorted(p.name for p in workdir.iterdir())
   assert [n for n in names if not n.startswith("events.out.tfevents.")] == [
-      "checkpoints", "config.json", "summary.json"]
-  assert len(names) == 4
+      "checkpoints", "config.json", "dataset.json", "summary.json"]
+  assert len(names) == 5
   assert _steps(workdir) == [2, 4]
 
   mine = checkpointing.load_arrays(_item(workdir, MULTI_STEPS))

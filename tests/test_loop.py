@@ -1,0 +1,523 @@
+"""The training loop (pirl_jax/train/loop.py) through PIRL pretraining, and the step it drives.
+
+  * a damaged latest checkpoint: the run resumes from the one before, never from scratch;
+  * a dataset changed between a run and its resumption is refused before training;
+  * a finished run is not run again, and nothing in its workdir changes (in-process and CLI);
+    moved elsewhere, it reports its new place; a forced resume with more steps is not "finished";
+  * SIGTERM while the CLI starts up: a message and exit status 0;
+  * the jitted step's loss and memory-bank write, against a NumPy float64 reference;
+  * model.bn_running_stats: which pass updates the running statistics, training unchanged.
+
+Tests that need a finished run copy the session's `tiny_pretraining` workdir (never write into it).
+"""
+
+import functools
+import io
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import pirl as pirl_configs
+from pirl_jax import checkpointing
+from pirl_jax import configuration
+from pirl_jax import memory_bank
+from pirl_jax import preflight
+from pirl_jax import sharding as sharding_lib
+from pirl_jax.data import pipeline
+from pirl_jax.train import pretrain
+from pirl_jax.train import state as state_lib
+from pirl_jax.train import step as step_lib
+import tree_arrays  # tests/tree_arrays.py
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_flat = tree_arrays.flat
+
+
+def _steps(workdir):
+  folder = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _item(workdir, step):
+  return pathlib.Path(workdir) / "checkpoints" / str(step) / "default"
+
+
+def _assert_bitwise_equal(a, b):
+  a, b = _flat(a), _flat(b)
+  assert set(a) == set(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _messages(caplog, level=logging.INFO):
+  return [r.getMessage() for r in caplog.records if r.levelno >= level]
+
+
+def _copy_run(tiny_pretraining, destination):
+  """A copy of the session's finished tiny run (file contents and mtimes kept)."""
+  shutil.copytree(tiny_pretraining.workdir, destination)
+  return destination
+
+
+# --- Resume past a damaged checkpoint -------------------------------------------------------------
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_pretraining,
+                                                               caplog):
+  """The run was cut off after writing checkpoint 4 and before its summary, and checkpoint 4 is
+  damaged: the same command resumes from step 2 (not from scratch), saying which step it skipped,
+  and ends bitwise where the uninterrupted run ended."""
+  workdir = _copy_run(tiny_pretraining, tmp_path / "run")
+  assert _steps(workdir) == [2, 4]
+  (_item(workdir, 4) / "_METADATA").unlink()
+  (workdir / "summary.json").unlink()
+  config = tiny_pretraining.config.copy_and_resolve_references()
+  config.probe.enabled = False  # resumable in pretraining; the probes do not touch the state
+
+  with caplog.at_level(logging.INFO, logger="absl"):
+    summary = pretrain.train_and_evaluate(config, str(workdir))
+
+  assert summary["complete"] and summary["step"] == 4 and not summary.get("already_complete")
+  damaged = workdir / "checkpoints" / "4"
+  kept = workdir / "checkpoints" / "4.damaged"
+  warnings = _messages(caplog, logging.WARNING)
+  assert any(f"Checkpoint {damaged} is damaged" in w and "Trying the step before it" in w
+             for w in warnings), warnings
+  infos = _messages(caplog)
+  assert any(m.startswith(f"Resumed from {workdir / 'checkpoints'} at step 2 on 8 device(s); "
+                          f"skipped damaged step 4 (") and f"kept as {kept}" in m
+             for m in infos), infos
+  assert any(m.startswith("Pretraining: steps 2..4 ") for m in infos), infos  # not 0..4
+  assert kept.is_dir() and _steps(workdir) == [2, 4]
+  _assert_bitwise_equal(checkpointing.load_arrays(_item(workdir, 4)),
+                        checkpointing.load_arrays(_item(tiny_pretraining.workdir, 4)))
+  assert summary["metrics"]["loss"] == tiny_pretraining.summary["metrics"]["loss"]
+
+
+# --- The dataset changed between a run and its resumption ---------------------------------------
+
+NUM_FOLDER_IMAGES = 40
+
+
+def _write_jpeg(path, seed):
+  rng = np.random.default_rng(seed)
+  pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+  path.write_bytes(out.getvalue())
+
+
+def _folder_config(root, cache_dir):
+  config = pirl_configs.get_config("tiny")
+  config.update_from_flattened_dict({
+      "data.source": "folder", "data.path": str(root), "data.cache_dir": str(cache_dir),
+      "probe.enabled": False, "loss.num_negatives": 16, "num_devices": 1,
+      "num_train_steps": 4, "checkpoint_every_steps": 2, "log_every_steps": 2})
+  return config
+
+
+class _Crash(Exception):
+  """Stands for the process dying."""
+
+
+def _crash_at(monkeypatch, crash_step):
+  """Makes the data pipeline fail when the loop asks for training step `crash_step` (1-based)."""
+  original = pipeline.PretrainInput.iterate
+
+  def iterate(self, start_step=0):
+    for step, batch in enumerate(original(self, start_step), start=start_step + 1):
+      if step == crash_step:
+        raise _Crash()
+      yield batch
+  monkeypatch.setattr(pipeline.PretrainInput, "iterate", iterate)
+
+
+def _swap_in(folder, pristine, change=lambda folder: None):
+  """`folder` becomes a copy of `pristine` with `change` applied (same path: data.path)."""
+  shutil.rmtree(folder)
+  shutil.copytree(pristine, folder)
+  change(folder)
+
+
+@pytest.fixture(scope="module")
+def interrupted_folder_run(tmp_path_factory):
+  """A run on a folder of 40 JPEGs that died after its step-2 checkpoint (4 steps configured).
+
+  Tests change the folder in place (data.path is part of the experiment), restore it afterwards
+  with `_swap_in`, and resume copies of the workdir.
+  """
+  root = tmp_path_factory.mktemp("folder_run")
+  folder, pristine = root / "images", root / "pristine"
+  pristine.mkdir()
+  for i in range(NUM_FOLDER_IMAGES):
+    _write_jpeg(pristine / f"img_{i:02d}.jpg", seed=i)
+  shutil.copytree(pristine, folder)
+  config = _folder_config(folder, root / "cache")
+  workdir = root / "run"
+  with pytest.MonkeyPatch.context() as m:
+    _crash_at(m, 3)
+    with pytest.raises(_Crash):
+      pretrain.train_and_evaluate(config, str(workdir))
+  assert _steps(workdir) == [2] and not (workdir / "summary.json").exists()
+  names = json.loads((workdir / "dataset.json").read_text())["names"]
+  assert names == [f"img_{i:02d}.jpg" for i in range(NUM_FOLDER_IMAGES)]
+  return types.SimpleNamespace(folder=folder, pristine=pristine, config=config, workdir=workdir)
+
+
+_CHANGES = {
+    "content": (lambda f: _write_jpeg(f / "img_07.jpg", seed=1000),
+                [r"index 7: img_07\.jpg has other content"]),
+    "removed": (lambda f: (f / "img_11.jpg").unlink(),
+                [r"39 images now, 40 when the run started", r"removed: img_11\.jpg"]),
+    # Renamed so that it sorts last: every index from 3 on now holds another image. The message
+    # must name the image that went and the one that came.
+    "renamed": (lambda f: (f / "img_03.jpg").rename(f / "zz_renamed.jpg"),
+                [r"img_03\.jpg", r"zz_renamed\.jpg"]),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_changed_dataset_is_refused_before_training(tmp_path, interrupted_folder_run, change,
+                                                    monkeypatch):
+  run = interrupted_folder_run
+  workdir = tmp_path / "run"
+  shutil.copytree(run.workdir, workdir)
+  recorded = (workdir / "dataset.json").read_text()
+
+  def nothing_built(*args, **kwargs):
+    raise AssertionError("the train state was built before the dataset check")
+  monkeypatch.setattr(state_lib, "create_train_state", nothing_built)
+  monkeypatch.setattr(state_lib, "abstract_train_state", nothing_built)
+
+  alter, expected = _CHANGES[change]
+  _swap_in(run.folder, run.pristine, alter)
+  try:
+    with pytest.raises(preflight.PreflightError,
+                       match=r"The dataset changed since .* \(step 2\)") as raised:
+      pretrain.train_and_evaluate(run.config, str(workdir))
+  finally:
+    _swap_in(run.folder, run.pristine)
+  for pattern in expected:
+    assert re.search(pattern, str(raised.value)), f"{pattern!r} not in:\n{raised.value}"
+  assert _steps(workdir) == [2]
+  assert (workdir / "dataset.json").read_text() == recorded
+
+
+def test_unchanged_dataset_resumes(tmp_path, interrupted_folder_run, caplog):
+  run = interrupted_folder_run
+  workdir = tmp_path / "run"
+  shutil.copytree(run.workdir, workdir)
+  _swap_in(run.folder, run.pristine)  # a fresh copy of the same files: not a change
+  with caplog.at_level(logging.INFO, logger="absl"):
+    summary = pretrain.train_and_evaluate(run.config, str(workdir))
+  assert summary["complete"] and summary["step"] == 4
+  assert any(m.startswith(f"Resumed from {workdir / 'checkpoints'} at step 2 ")
+             for m in _messages(caplog)), _messages(caplog)
+  assert _steps(workdir) == [2, 4]
+
+
+# --- A finished run is not run again ---------------------------------------------------------------
+
+
+def _snapshot(folder):
+  """Every path under `folder`: file -> (bytes, mtime_ns), folder -> None."""
+  return {str(p.relative_to(folder)): ((p.read_bytes(), p.stat().st_mtime_ns) if p.is_file()
+                                       else None)
+          for p in sorted(pathlib.Path(folder).rglob("*"))}
+
+
+def test_finished_run_is_not_run_again(tmp_path, tiny_pretraining, monkeypatch):
+  workdir = _copy_run(tiny_pretraining, tmp_path / "run")
+  before = _snapshot(workdir)
+  saved_summary = json.loads((workdir / "summary.json").read_text())
+  assert saved_summary["complete"] and saved_summary["step"] == 4
+
+  def nothing_built(*args, **kwargs):
+    raise AssertionError("a finished run built its train state again")
+  monkeypatch.setattr(state_lib, "create_train_state", nothing_built)
+
+  summary = pretrain.train_and_evaluate(tiny_pretraining.config.copy_and_resolve_references(),
+                                        str(workdir))
+  assert summary["already_complete"] is True
+  places = ("workdir", "checkpoint_dir")  # test_finished_run_moved_elsewhere_reports_its_...
+  assert ({k: v for k, v in summary.items() if k not in places} ==
+          {k: v for k, v in dict(saved_summary, already_complete=True).items() if k not in places})
+  assert _snapshot(workdir) == before  # no file added, removed, rewritten or touched
+
+
+def test_finished_run_moved_elsewhere_reports_its_new_place(tmp_path, tiny_pretraining):
+  """A finished workdir copied or moved (another disk, another machine) and the command run
+  there again: the summary, and the CLI's message and next-step commands built from it, name
+  where the run is now, not where it was written."""
+  workdir = _copy_run(tiny_pretraining, tmp_path / "moved")
+  summary = pretrain.train_and_evaluate(tiny_pretraining.config.copy_and_resolve_references(),
+                                        str(workdir))
+  assert summary["already_complete"] is True
+  assert summary["workdir"] == str(workdir)
+  assert summary["checkpoint_dir"] == str(workdir / "checkpoints")
+
+
+class _WouldTrain(Exception):
+  """Raised where the run builds its train state: it is going on to train."""
+
+
+def test_forced_resume_with_more_steps_is_not_already_complete(tmp_path, tiny_pretraining,
+                                                               monkeypatch):
+  """A finished 4-step workdir, resumed with num_train_steps=6 and --config.resume=force, is not
+  the run that finished: it goes on to train (it does not report 'already complete')."""
+  workdir = _copy_run(tiny_pretraining, tmp_path / "run")
+  config = tiny_pretraining.config.copy_and_resolve_references()
+  config.update_from_flattened_dict({"num_train_steps": 6, "resume": "force",
+                                     "probe.enabled": False})
+
+  def would_train(*args, **kwargs):
+    raise _WouldTrain()
+  monkeypatch.setattr(state_lib, "create_train_state", would_train)
+  try:
+    summary = pretrain.train_and_evaluate(config, str(workdir))
+  except _WouldTrain:
+    return
+  pytest.fail(f"returned without training: already_complete={summary.get('already_complete')}, "
+              f"step {summary['step']}/{summary['total_steps']} (6 steps asked for)")
+
+
+def _cli_env(tmp_path):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the user's environment: one CPU device
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PIRL_JAX_CACHE"] = str(tmp_path / "cache")
+  return env
+
+
+@pytest.mark.slow
+def test_cli_reports_an_already_complete_run(tmp_path, tiny_pretraining, small_isic_root):
+  """The tiny run's config from the command line (its other fields are resumable ones)."""
+  workdir = _copy_run(tiny_pretraining, tmp_path / "run")
+  before = _snapshot(workdir)
+  result = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/pirl.py:tiny", f"--workdir={workdir}",
+       "--config.data.source=isic", f"--config.data.path={small_isic_root}",
+       "--config.num_train_steps=4"],
+      cwd=REPO, env=_cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r"Pretraining in \S+ is already complete \(step 4/4, final loss [\d.]+\); "
+                   r"nothing was changed\.", result.stdout), result.stdout
+  assert "Traceback" not in result.stderr
+  assert _snapshot(workdir) == before
+
+
+# --- SIGTERM while the CLI starts up ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_during_startup_exits_cleanly(tmp_path, small_isic_root):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "main.py", "--config=configs/pirl.py:tiny", f"--workdir={workdir}",
+       "--config.data.source=isic", f"--config.data.path={small_isic_root}"],
+      cwd=REPO, env=_cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines, stdout = [], []
+  readers = [threading.Thread(target=lambda pipe=pipe, out=out: out.extend(pipe), daemon=True)
+             for pipe, out in ((proc.stderr, lines), (proc.stdout, stdout))]
+  for reader in readers:
+    reader.start()
+  started = re.compile(r"JAX \S+, process 0/1, .* workdir ")
+  deadline = time.time() + 300
+  try:
+    while not any(started.search(line) for line in list(lines)):
+      assert proc.poll() is None, f"main.py exited ({proc.returncode}):\n{''.join(lines)}"
+      assert time.time() < deadline, f"no start-up line:\n{''.join(lines)}"
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  for reader in readers:
+    reader.join(timeout=30)
+  stderr = "".join(lines)
+  assert code == 0, stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  assert "Stopped by SIGTERM outside the training steps" in stderr, stderr[-3000:]
+  assert not (workdir / "checkpoints").is_dir() or _steps(workdir) == []
+
+
+# --- The jitted step against a NumPy reference -------------------------------------------------------
+
+# The folder run's numbers (40 examples, K=16, its optimizer, 1 device): the same programs, so
+# the session's persistent compilation cache compiles the state's init and the InfoNCE step once.
+NUM_EXAMPLES = NUM_FOLDER_IMAGES
+_MEMO = {}
+
+
+def _step_config(loss_kind="infonce", bn_running_stats="images"):
+  config = _folder_config("/unused", "/unused")
+  config.loss.kind = loss_kind
+  config.model.bn_running_stats = bn_running_stats
+  return config
+
+
+def _random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  views, b = config.data.views, config.global_batch_size
+  return {
+      "image": rng.normal(size=(b, views.image_size, views.image_size, 3)).astype(np.float32),
+      "tiles": rng.normal(size=(b, 9, views.tile_size, views.tile_size, 3)).astype(np.float32),
+      "index": rng.permutation(NUM_EXAMPLES)[:b].astype(np.int32),
+  }
+
+
+def _memo(key, make):
+  if key not in _MEMO:
+    _MEMO[key] = make()
+  return _MEMO[key]
+
+
+def _start():
+  """The initial state on 1 device and a batch (the loss kind and the running statistics option
+  change neither). Returns (model, tx, schedule, mesh, host state, shardings, batch)."""
+  def make():
+    config = _step_config()
+    mesh = sharding_lib.create_mesh(jax.devices()[:1])
+    model = state_lib.create_model(config.model)
+    schedule = configuration.resolve_schedule(config, NUM_EXAMPLES)
+    tx, learning_rate = state_lib.create_optimizer(
+        config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps)
+    state, shardings = state_lib.create_train_state(config, model, tx, NUM_EXAMPLES, mesh,
+                                                    config.seed)
+    return (model, tx, learning_rate, mesh, jax.device_get(state), shardings,
+            _random_batch(config))
+  return _memo("start", make)
+
+
+def _one_step(loss_kind, bn_running_stats="images"):
+  """One `jit_train_step` from the fixed state and batch. Returns (config, model, state before,
+  batch, state after, metrics), host arrays."""
+  def make():
+    config = _step_config(loss_kind, bn_running_stats)
+    model, tx, schedule, mesh, before, shardings, batch = _start()
+    train_step = step_lib.jit_train_step(
+        mesh, shardings, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
+        bank_momentum=config.memory_bank.momentum, num_examples=NUM_EXAMPLES,
+        score_chunk_size=config.memory_bank.score_chunk_size,
+        running_stats_from_images=config.model.bn_running_stats == "images")
+    state = jax.device_put(before, shardings)  # a fresh copy: the step donates it
+    after, metrics = train_step(state, sharding_lib.global_batch(batch, mesh))
+    return config, model, before, batch, jax.device_get(after), jax.device_get(metrics)
+  return _memo((loss_kind, bn_running_stats), make)
+
+
+def _reference_forward():
+  """From the initial state, in train mode: f_hat and g_hat, and the running statistics after
+  the image pass alone and after the tile pass then the image pass (`PIRLNet.__call__`)."""
+  def make():
+    model, _, _, _, before, _, batch = _start()
+    variables = {"params": before.params, "batch_stats": before.batch_stats}
+
+    @jax.jit
+    def forward(variables, image, tiles):
+      apply = functools.partial(model.apply, variables, train=True, mutable=["batch_stats"])
+      f_hat, image_vars = apply(image, method="embed_images")
+      g_hat, _ = apply(tiles, method="embed_tiles")
+      _, both_vars = apply(image, tiles)
+      return f_hat, g_hat, image_vars["batch_stats"], both_vars["batch_stats"]
+    return jax.device_get(forward(variables, batch["image"], batch["tiles"]))
+  return _memo("forward", make)
+
+
+def _logsumexp(x):
+  top = x.max(axis=1, keepdims=True)
+  return (top + np.log(np.sum(np.exp(x - top), axis=1, keepdims=True)))[:, 0]
+
+
+def _normalise(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("loss_kind", ["infonce", "nce"])
+def test_step_matches_numpy_reference(loss_kind):
+  config, _, before, batch, after, metrics = _one_step(loss_kind)
+  loss_cfg, n, k = config.loss, NUM_EXAMPLES, config.loss.num_negatives
+  index = batch["index"]
+
+  # The negatives, drawn as the step draws them.
+  next_rng, jigsaw_rng, image_rng = jax.random.split(before.rng, 3)
+  negatives = {
+      name: np.asarray(memory_bank.sample_negatives(
+          rng, index, k, n, exclude_positive=loss_cfg.exclude_positive))
+      for name, rng in (("jigsaw", jigsaw_rng), ("image", image_rng))}
+  assert all(np.all(neg != index[:, None]) for neg in negatives.values())
+
+  f_hat, g_hat = (np.asarray(x, np.float64) for x in _reference_forward()[:2])
+  old_bank = np.asarray(before.bank, np.float64)
+
+  def scores(query, neg):  # against the old rows; column 0 the positive
+    rows = old_bank[np.concatenate([index[:, None], neg], axis=1)]
+    return np.einsum("bkd,bd->bk", rows, query) / loss_cfg.temperature
+
+  logits = {"jigsaw": scores(g_hat, negatives["jigsaw"]),
+            "image": scores(f_hat, negatives["image"])}
+  if loss_kind == "infonce":
+    term = {name: float(np.mean(_logsumexp(s) - s[:, 0])) for name, s in logits.items()}
+  else:
+    # Z = N * mean(exp(s)) over both terms' logits (estimated at the first step).
+    z = n * np.mean(np.exp(np.concatenate([logits["jigsaw"], logits["image"]])))
+    np.testing.assert_allclose(metrics["nce_z"], z, rtol=1e-5)
+    noise = k / n  # K * P_n
+    term = {}
+    for name, s in logits.items():
+      x = np.exp(s) / z
+      term[name] = float(-np.mean(np.log(x[:, 0] / (x[:, 0] + noise)) +
+                                  np.sum(np.log(noise / (x[:, 1:] + noise)), axis=1)))
+  lam = loss_cfg.jigsaw_weight
+  total = lam * term["jigsaw"] + (1 - lam) * term["image"]
+  np.testing.assert_allclose(metrics["loss_jigsaw"], term["jigsaw"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss_image"], term["image"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)
+
+  # The bank: only the batch's rows, each normalise(m * old + (1 - m) * f_hat).
+  m = config.memory_bank.momentum
+  np.testing.assert_allclose(after.bank[index], _normalise(m * old_bank[index] + (1 - m) * f_hat),
+                             rtol=1e-5, atol=1e-6)
+  others = np.setdiff1d(np.arange(n), index)
+  np.testing.assert_array_equal(after.bank[others], before.bank[others])
+  assert int(after.step) == 1
+  np.testing.assert_array_equal(after.rng, next_rng)
+
+
+def test_bn_running_stats_from_the_image_pass_only():
+  _, _, _, _, images, images_metrics = _one_step("infonce", "images")
+  _, _, _, _, both, both_metrics = _one_step("infonce", "tiles_and_images")
+  _, _, image_pass, tiles_then_images = _reference_forward()
+  assert set(images.batch_stats) == {"trunk"}
+
+  def close(a, b):
+    a, b = _flat(a), _flat(b)
+    return set(a) == set(b) and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+  assert close(images.batch_stats, image_pass)  # 'images': the image pass's statistics ...
+  assert not close(images.batch_stats, tiles_then_images)
+  assert close(both.batch_stats, tiles_then_images)  # ... 'tiles_and_images': both passes
+  assert not close(both.batch_stats, image_pass)
+
+  # Training does not depend on the option: same loss, gradients, params and bank.
+  for name in ("loss", "loss_jigsaw", "loss_image", "grad_norm"):
+    np.testing.assert_allclose(images_metrics[name], both_metrics[name], rtol=1e-6)
+  for field in ("params", "opt_state", "bank"):
+    a, b = _flat(getattr(images, field)), _flat(getattr(both, field))
+    for name in a:
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
