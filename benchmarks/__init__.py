@@ -9,11 +9,12 @@
   pipeline  examples/s of the tf.data jigsaw pipeline vs a per-image PIL/NumPy baseline, and the
             rate at which the step consumes images.
   bank      the memory bank at ImageNet scale sharded over 8 fake CPU devices: bytes per device,
-            gathered-negatives peak, step time of sampling + scoring + write, dense and chunked.
+            the largest collective and the collective bytes per step, temporaries, step time of
+            sampling + scoring (with the query gradient) + write, the bank kept row-sharded.
   compile   lower / compile / first-call wall seconds of the ResNet-50 step.
   all       all of the above (the bank in a subprocess with 8 fake devices).
 
-Each measurement is one JSON line on stdout (and appended to --results=FILE). BENCHMARKS.md has
+Each measurement is one JSON line on stdout (and appended to --results=FILE). docs/benchmarks.md has
 the commands and the tables. The suite is not part of the `pirl_jax` package: it imports
 `pirl_jax`, never the other way round, and torch is optional (requirements-bench.txt).
 """

@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--bank_batch", type=int, default=None, help="bank: global batch (default 256)")
   p.add_argument("--bank_devices", type=int, default=8, help="bank: devices the bank is split over")
   p.add_argument("--bank_chunk", type=int, default=None,
-                 help="bank: columns per chunk of the chunked scoring (default 4096)")
+                 help="bank: columns scored at a time (default 256)")
   p.add_argument("--bank_reps", type=int, default=None,
                  help="bank: timed steps per path, after one warm-up step (default 3)")
   p.add_argument("--bank_memory_fraction", type=float, default=0.7,
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   defaults = dict(matmul_size=1024 if quick else 2048, batches=2 if quick else 10,
                   pipeline_images=48 if quick else 0,
                   bank_rows=4096 if quick else 1_281_167, bank_negatives=255 if quick else 32000,
-                  bank_batch=32 if quick else 256, bank_chunk=64 if quick else 4096)
+                  bank_batch=32 if quick else 256, bank_chunk=64 if quick else 256)
   for k, v in defaults.items():
     if getattr(opts, k) is None:
       setattr(opts, k, v)

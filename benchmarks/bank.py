@@ -1,11 +1,12 @@
 """The `bank` benchmark: the memory bank at ImageNet scale, sharded over 8 (fake CPU) devices.
 
 Times one step of the bank's work in the train step -- negative sampling
-(`memory_bank.sample_negatives`), scoring of both loss terms (`losses.contrastive_scores`, each
-gathering B x (K+1) x D rows) and the write (`memory_bank.update`) -- with the bank sharded as
-`sharding.bank_sharding`, and reports the bytes each device holds and the size of the gathered
-negatives (computed, and from XLA's memory analysis where the backend gives one). The same step
-with `losses.contrastive_scores_chunked` (rows gathered chunk by chunk) is timed beside it.
+(`memory_bank.sample_negatives`), scoring of both loss terms and the query gradient
+(`memory_bank.score`, which keeps the bank row-sharded: each device scores only the entries whose
+rows it holds, `--bank_chunk` columns at a time) and the write (`memory_bank.update`) -- with the
+bank sharded as `sharding.bank_sharding`, and reports the bytes each device holds, the bytes the
+compiled program's collectives move per step, and its temporaries per device (XLA's memory
+analysis, where the backend gives one).
 
 XLA's fake host devices must be requested before jax is imported: `python -m benchmarks bank`
 sets XLA_FLAGS=--xla_force_host_platform_device_count=N itself (N = --bank_devices) when it runs
@@ -15,7 +16,6 @@ subprocess.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pathlib
@@ -37,22 +37,34 @@ def device_flag(n: int) -> str:
   return f"--xla_force_host_platform_device_count={n}"
 
 
-def _step_fn(num_examples, num_negatives, temperature, chunk):
-  if chunk:
-    score = functools.partial(losses.contrastive_scores_chunked, chunk_size=chunk)
-  else:
-    score = losses.contrastive_scores
+def _step_fn(num_examples, num_negatives, temperature, chunk, mesh):
+  batch_sh = sharding_lib.batch_sharding(mesh)
+
+  def loss_fn(f_hat, g_hat, bank, index, neg_j, neg_i):
+    logits_j = memory_bank.score(g_hat, bank, index, neg_j, temperature, mesh, chunk)
+    logits_i = memory_bank.score(f_hat, bank, index, neg_i, temperature, mesh, chunk)
+    return 0.5 * losses.infonce_loss(logits_j) + 0.5 * losses.infonce_loss(logits_i)
 
   def step(bank, rng, index, f_hat, g_hat):
     rng, jigsaw_rng, image_rng = jax.random.split(rng, 3)
-    neg_j = memory_bank.sample_negatives(jigsaw_rng, index, num_negatives, num_examples)
-    neg_i = memory_bank.sample_negatives(image_rng, index, num_negatives, num_examples)
-    logits_j = score(g_hat, bank, index, neg_j, temperature)
-    logits_i = score(f_hat, bank, index, neg_i, temperature)
-    loss = 0.5 * losses.infonce_loss(logits_j) + 0.5 * losses.infonce_loss(logits_i)
-    bank = memory_bank.update(bank, index, f_hat, 0.5)
-    return bank, rng, loss
+    negatives = [jax.lax.with_sharding_constraint(
+        memory_bank.sample_negatives(r, index, num_negatives, num_examples), batch_sh)
+                 for r in (jigsaw_rng, image_rng)]
+    # The query gradients are part of the bank's work: the backward pass scores again.
+    loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(f_hat, g_hat, bank, index,
+                                                             *negatives)
+    bank = memory_bank.update(bank, index, f_hat, 0.5, mesh)
+    return bank, rng, loss + 0.0 * sum(jax.numpy.sum(g) for g in grads)
   return step
+
+
+def _collective_bytes_per_step(batch: int, negatives: int, dim: int) -> int:
+  """Bytes the bank's collectives move per step, from their shapes (all devices' shares)."""
+  scores = batch * (negatives + 1)
+  per_term = (batch * dim + scores  # all-gather queries and indices
+              + scores  # reduce-scatter the partial scores
+              + 2 * scores + batch * dim)  # backward: indices and score gradients in, queries out
+  return 4 * (2 * per_term + batch + batch * dim)  # + the write's indices and embeddings
 
 
 def _rerun_in_subprocess(opts) -> list[dict]:
@@ -113,18 +125,27 @@ def bench_bank(opts, emit) -> list[dict]:
   rng = jax.device_put(jax.random.PRNGKey(1), rep)
   avail = common.available_memory_bytes()
 
-  for path, chunk in (("dense", 0), ("chunked", opts.bank_chunk)):
-    step = jax.jit(_step_fn(n, k, 0.07, chunk), in_shardings=(bank_sh, rep, batch_sh, batch_sh,
-                                                              batch_sh),
+  for path, chunk in (("sharded", opts.bank_chunk),):
+    step = jax.jit(_step_fn(n, k, 0.07, chunk, mesh),
+                   in_shardings=(bank_sh, rep, batch_sh, batch_sh, batch_sh),
                    out_shardings=(bank_sh, rep, rep), donate_argnums=0)
     compiled = step.lower(bank, rng, index, f_hat, g_hat).compile()
     mem = common.memory_analysis(compiled)
     temp = None if mem is None else mem.get("temp_size_in_bytes")
-    computed_peak = gathered if not chunk else b * min(chunk, k + 1) * dim * 4
     pset = dict(settings, path=path)
     out.append(emit(common.make_record(
-        "bank", f"{path}_gathered_peak_bytes_per_term", computed_peak, "bytes", settings=pset,
-        formula="B * (K+1) * D * 4" if not chunk else "B * chunk * D * 4")))
+        "bank", f"{path}_gathered_peak_bytes_per_term", b * min(chunk, k + 1) * dim * 4 // 8,
+        "bytes", settings=pset, formula="B/blocks * chunk * D * 4 (blocks = 8)")))
+    collectives = common.collective_bytes(compiled.as_text())
+    largest = max(collectives, key=lambda c: c[2]) if collectives else ("none", "", 0)
+    out.append(emit(common.make_record(
+        "bank", f"{path}_largest_collective_bytes", largest[2], "bytes", settings=pset,
+        op=largest[0], shape=largest[1], collectives_in_program=len(collectives))))
+    out.append(emit(common.make_record(
+        "bank", f"{path}_collective_bytes_per_step", _collective_bytes_per_step(b, k, dim),
+        "bytes", settings=pset, formula="per term: all-gather B*D + B*(K+1) (forward), "
+        "B*(K+1) twice + reduce-scatter B*D (backward), reduce-scatter B*(K+1); write: "
+        "all-gather B + B*D; 4 bytes each")))
     # memory_analysis is per device; fake CPU devices share the host's memory.
     out.append(emit(common.make_record(
         "bank", f"{path}_compiled_temp_bytes_per_device", temp, "bytes", settings=pset,

@@ -158,3 +158,27 @@ def available_memory_bytes() -> int | None:
   except OSError:
     pass
   return None
+
+
+_DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1,
+                "s64": 8, "u64": 8, "f64": 8}
+
+
+def collective_bytes(hlo_text: str) -> list[tuple[str, str, int]]:
+  """(op, result shape, bytes) of every collective in a compiled program's HLO text.
+
+  Each op is listed once, even inside a loop that runs it several times.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  found = []
+  for line in hlo_text.splitlines():
+    m = re.search(r"= \(?([a-z0-9]+)\[([0-9,]*)\][^=]*? (all-gather|all-reduce|reduce-scatter|"
+                  r"collective-permute|all-to-all)(-start)?\(", line)
+    if m:
+      dims = [int(d) for d in m.group(2).split(",") if d]
+      count = 1
+      for d in dims:
+        count *= d
+      found.append((m.group(3), f"{m.group(1)}[{m.group(2)}]",
+                    count * _DTYPE_BYTES.get(m.group(1), 4)))
+  return found

@@ -50,8 +50,9 @@ def test_every_benchmark_reports(quick_run):
                    ("mfu", "peak_matmul_numpy"), ("overhead", "step_over_trunk"),
                    ("pipeline", "tfdata_examples_per_s"), ("pipeline", "pil_examples_per_s"),
                    ("pipeline", "step_consumes_images_per_s"), ("bank", "bank_bytes_per_device"),
-                   ("bank", "dense_step_s"), ("bank", "chunked_step_s"),
-                   ("bank", "dense_gathered_peak_bytes_per_term"),
+                   ("bank", "sharded_step_s"), ("bank", "sharded_largest_collective_bytes"),
+                   ("bank", "sharded_collective_bytes_per_step"),
+                   ("bank", "sharded_gathered_peak_bytes_per_term"),
                    ("compile", "compile_s"), ("compile", "first_call_s")]:
     assert expected in names
 
@@ -77,6 +78,8 @@ def test_bank_bytes_per_device(quick_run):
   (r,) = [r for r in records if r["name"] == "bank_bytes_per_device"]
   assert len(r["per_device"]) == r["settings"]["devices"] == 8
   assert sum(r["per_device"].values()) == r["total_bytes"] == r["settings"]["padded_rows"] * 128 * 4
+  (largest,) = [r for r in records if r["name"] == "sharded_largest_collective_bytes"]
+  assert largest["value"] < max(r["per_device"].values())  # no collective moves a bank shard
 
 
 def test_results_file_appends(quick_run):

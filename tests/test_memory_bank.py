@@ -1,7 +1,5 @@
 """Memory bank: init, negative sampling, read and write, checked against NumPy."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,30 +208,14 @@ def _compiled_step(num_examples, num_negatives, batch, chunk_size):
   return compiled, abstract.bank
 
 
-_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1,
-          "s64": 8, "u64": 8, "f64": 8}
-
-
-def collective_bytes(hlo_text: str) -> list[tuple[str, str, int]]:
-  """(op, shape, bytes) of every collective's result in a compiled program's HLO text."""
-  found = []
-  for line in hlo_text.splitlines():
-    m = re.search(r"= \(?([a-z0-9]+)\[([0-9,]*)\][^=]*? (all-gather|all-reduce|reduce-scatter|"
-                  r"collective-permute|all-to-all)(-start)?\(", line)
-    if m:
-      dims = [int(d) for d in m.group(2).split(",") if d]
-      found.append((m.group(3), f"{m.group(1)}[{m.group(2)}]",
-                    int(np.prod(dims)) * _BYTES.get(m.group(1), 4)))
-  return found
-
-
 @pytest.mark.slow
 def test_imagenet_sized_bank_is_never_gathered_in_the_compiled_step():
   """N=1.28M rows, K=32000 negatives, global batch 256, 8 devices: no collective moves as much
   as one device's share of the bank, and the step's temporaries stay under a quarter of it."""
   compiled, bank = _compiled_step(1_281_167, 32_000, 256, chunk_size=256)
   bank_bytes = int(np.prod(bank.shape)) * 4
-  collectives = collective_bytes(compiled.as_text())
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  collectives = common.collective_bytes(compiled.as_text())
   assert collectives, "the step on 8 devices must communicate"
   largest = max(collectives, key=lambda c: c[2])
   assert largest[2] < bank_bytes / 8, largest
