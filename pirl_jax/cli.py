@@ -61,13 +61,11 @@ class _Formatter(std_logging.Formatter):
     stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
     level = "" if record.levelno < std_logging.WARNING else f"{record.levelname}: "
     process = ""
-    if "jax" in sys.modules:
-      try:
-        import jax  # pylint: disable=g-import-not-at-top
-        if jax.process_count() > 1:
-          process = f"[{jax.process_index()}] "
-      except Exception:  # before jax.distributed is up, asking for the count is not safe
-        pass
+    jax = sys.modules.get("jax")
+    # Only after jax.distributed is up: asking for the process index earlier would start JAX's
+    # backend before jax.distributed.initialize, which must come first.
+    if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+      process = f"[{jax.process_index()}] "
     return f"{stamp} {process}{level}{record.getMessage()}"
 
 

@@ -211,12 +211,12 @@ def dataset_differences(saved: dict, new: dict) -> list[str]:
     lines.append(f"{new.get('num_examples')} images now, {saved.get('num_examples')} when the "
                  "run started")
   old_names, new_names = saved.get("names", []), new.get("names", [])
-  if old_names and new_names and len(old_names) != len(new_names):
+  if old_names and new_names and set(old_names) != set(new_names):
     removed = sorted(set(old_names) - set(new_names))
     added = sorted(set(new_names) - set(old_names))
     lines += [f"removed: {name}" for name in removed[:5]]
     lines += [f"added: {name}" for name in added[:5]]
-  elif old_names and new_names:
+  elif old_names and new_names:  # the same images in another order
     lines += [f"index {i}: {after} now, {before} before"
               for i, (before, after) in enumerate(zip(old_names, new_names)) if before != after]
   old_digests, new_digests = saved.get("digests", []), new.get("digests", [])

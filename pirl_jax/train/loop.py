@@ -191,9 +191,13 @@ class Run:
     self.mesh = sharding_lib.create_mesh(devices)
     self.checkpointer = checkpointing.Checkpointer(self.workdir / "checkpoints",
                                                    keep=config.get("keep_checkpoints", 1))
-    self.latest = self.checkpointer.latest_step()
-    preflight.agree(lambda: preflight.check_resume(config, self.workdir, self.latest))
-    self.completed = self._completed_summary()
+    try:
+      self.latest = self.checkpointer.latest_step()
+      preflight.agree(lambda: preflight.check_resume(config, self.workdir, self.latest))
+      self.completed = self._completed_summary()
+    except BaseException:
+      self.close()
+      raise
 
   def __enter__(self):
     return self
@@ -216,7 +220,14 @@ class Run:
       return None
     if not summary.get("complete") or summary.get("step") != self.latest:
       return None
-    return summary
+    # A forced resume with another config (e.g. more steps) is not the run that finished.
+    saved_config = self.workdir / "config.json"
+    if saved_config.is_file() and preflight.config_differences(
+        json.loads(saved_config.read_text()), preflight.config_as_dict(self.config)):
+      return None
+    # The workdir may have moved since: report where it is now.
+    return dict(summary, workdir=str(self.workdir),
+                checkpoint_dir=str(self.checkpointer.directory))
 
   def check_dataset(self, fingerprint: dict) -> None:
     """Refuses to resume over another dataset; records the dataset of a new run.
