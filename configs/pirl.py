@@ -93,6 +93,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   loss.num_negatives = 1000
   loss.exclude_positive = True  # VISSL samples with replacement and does not exclude.
   loss.nce_z_ema = 0.0  # 0: Z frozen after the first step (paper); >0: weight of each new estimate in an EMA of Z.
+  # Z = N * mean(exp(s)) over 'both' terms' scores, or over the 'jigsaw' term's only (VISSL).
+  loss.nce_z_from = "both"
+  loss.nce_eps = 1e-7  # added to the NCE denominators, as VISSL does (0: the paper's formula)
 
   # --- Optimisation -----------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()

@@ -23,6 +23,7 @@ _PRETRAIN_CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.bn_running_stats": ("images", "tiles_and_images"),
     "loss.kind": ("nce", "infonce"),
+    "loss.nce_z_from": ("both", "jigsaw"),
     "resume": ("auto", "never", "force"),
 }
 _FINETUNE_CHOICES = {
@@ -143,6 +144,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
       ("loss.jigsaw_weight", 0.0 <= loss.jigsaw_weight <= 1.0, "must be in [0, 1]"),
       ("loss.num_negatives", loss.num_negatives >= 1, "must be at least 1"),
       ("loss.nce_z_ema", 0.0 <= loss.nce_z_ema < 1.0, "must be in [0, 1)"),
+      ("loss.nce_eps", loss.nce_eps >= 0.0, "must be >= 0"),
       ("memory_bank.momentum", 0.0 <= config.memory_bank.momentum < 1.0, "must be in [0, 1)"),
       ("memory_bank.score_chunk_size", config.memory_bank.score_chunk_size >= 1, "must be >= 1"),
       ("optim.base_learning_rate",

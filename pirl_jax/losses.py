@@ -48,18 +48,20 @@ def infonce_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
 
 
-def nce_loss(logits: jax.Array, z: jax.Array | float, num_examples: int) -> jax.Array:
+def nce_loss(logits: jax.Array, z: jax.Array | float, num_examples: int,
+             eps: float = 0.0) -> jax.Array:
   """NCE loss of the paper / VISSL ``nce_loss_with_memory`` (negatives summed, batch averaged).
 
   With ``x_j = exp(s_j) / Z``, ``P_n = 1/N`` and ``K`` negatives:
-  ``h_pos = x_0 / (x_0 + K P_n)``, ``h_neg_j = K P_n / (x_j + K P_n)`` and
-  ``L = -mean_b[log h_pos + sum_j log h_neg_j]``, evaluated in log space (softplus) so that large
-  logits or a small Z cannot overflow.
+  ``h_pos = x_0 / (x_0 + K P_n + eps)``, ``h_neg_j = K P_n / (x_j + K P_n + eps)`` and
+  ``L = -mean_b[log h_pos + sum_j log h_neg_j]``, evaluated in log space (log-sum-exp) so that
+  large logits or a small Z cannot overflow. VISSL adds ``eps = 1e-7`` to the denominators.
 
   Args:
     logits: ``(B, K + 1)`` scores, column 0 the positive.
     z: The normalising constant Z (> 0); treated as a constant (stop-gradient).
     num_examples: N, the dataset size (noise distribution P_n = 1/N).
+    eps: Added to every denominator (0: the paper's formula).
 
   Returns:
     Scalar float32 loss.
@@ -68,8 +70,14 @@ def nce_loss(logits: jax.Array, z: jax.Array | float, num_examples: int) -> jax.
   num_negatives = logits.shape[1] - 1
   log_x = logits - jnp.log(jax.lax.stop_gradient(jnp.asarray(z, jnp.float32)))
   log_kpn = jnp.log(jnp.float32(num_negatives)) - jnp.log(jnp.float32(num_examples))
-  log_h_pos = -jax.nn.softplus(log_kpn - log_x[:, 0])
-  log_h_neg = -jax.nn.softplus(log_x[:, 1:] - log_kpn)
+  if eps > 0:
+    # log(x + K P_n + eps) for every entry, without leaving log space.
+    log_rest = jnp.logaddexp(log_kpn, jnp.log(jnp.float32(eps)))
+    log_denominator = jnp.logaddexp(log_x, log_rest)
+  else:
+    log_denominator = jnp.logaddexp(log_x, log_kpn)
+  log_h_pos = log_x[:, 0] - log_denominator[:, 0]
+  log_h_neg = log_kpn - log_denominator[:, 1:]
   return -jnp.mean(log_h_pos + jnp.sum(log_h_neg, axis=1))
 
 
@@ -126,7 +134,7 @@ class PIRLLoss(NamedTuple):
 
 def pirl_loss(logits_g: jax.Array, logits_f: jax.Array, *, kind: str = 'nce',
               z: jax.Array | float | None = None, num_examples: int | None = None,
-              lam: float = 0.5) -> PIRLLoss:
+              lam: float = 0.5, nce_eps: float = 0.0) -> PIRLLoss:
   """``lam * L(g) + (1 - lam) * L(f)``, both terms scored against the memory rows.
 
   Args:
@@ -136,6 +144,7 @@ def pirl_loss(logits_g: jax.Array, logits_f: jax.Array, *, kind: str = 'nce',
     z: NCE normaliser (required for ``'nce'``, ignored for ``'infonce'``).
     num_examples: N (required for ``'nce'``).
     lam: Weight of the jigsaw term (0.5 in the paper).
+    nce_eps: see `nce_loss`.
 
   Returns:
     ``PIRLLoss(total, jigsaw, image)`` scalars.
@@ -146,7 +155,7 @@ def pirl_loss(logits_g: jax.Array, logits_f: jax.Array, *, kind: str = 'nce',
   if kind == 'nce':
     if z is None or num_examples is None:
       raise ValueError("loss kind 'nce' needs z and num_examples")
-    loss_fn = lambda l: nce_loss(l, z, num_examples)
+    loss_fn = lambda l: nce_loss(l, z, num_examples, nce_eps)
   elif kind == 'infonce':
     loss_fn = infonce_loss
   else:

@@ -364,9 +364,10 @@ NUM_EXAMPLES = NUM_FOLDER_IMAGES
 _MEMO = {}
 
 
-def _step_config(loss_kind="infonce", bn_running_stats="images"):
+def _step_config(loss_kind="infonce", bn_running_stats="images", z_from="both"):
   config = _folder_config("/unused", "/unused")
   config.loss.kind = loss_kind
+  config.loss.nce_z_from = z_from
   config.model.bn_running_stats = bn_running_stats
   return config
 
@@ -404,11 +405,11 @@ def _start():
   return _memo("start", make)
 
 
-def _one_step(loss_kind, bn_running_stats="images"):
+def _one_step(loss_kind, bn_running_stats="images", z_from="both"):
   """One `jit_train_step` from the fixed state and batch. Returns (config, model, state before,
   batch, state after, metrics), host arrays."""
   def make():
-    config = _step_config(loss_kind, bn_running_stats)
+    config = _step_config(loss_kind, bn_running_stats, z_from)
     model, tx, schedule, mesh, before, shardings, batch = _start()
     train_step = step_lib.jit_train_step(
         mesh, shardings, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
@@ -418,7 +419,7 @@ def _one_step(loss_kind, bn_running_stats="images"):
     state = jax.device_put(before, shardings)  # a fresh copy: the step donates it
     after, metrics = train_step(state, sharding_lib.global_batch(batch, mesh))
     return config, model, before, batch, jax.device_get(after), jax.device_get(metrics)
-  return _memo((loss_kind, bn_running_stats), make)
+  return _memo((loss_kind, bn_running_stats, z_from), make)
 
 
 def _reference_forward():
@@ -448,9 +449,10 @@ def _normalise(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("loss_kind", ["infonce", "nce"])
-def test_step_matches_numpy_reference(loss_kind):
-  config, _, before, batch, after, metrics = _one_step(loss_kind)
+@pytest.mark.parametrize("loss_kind,z_from", [("infonce", "both"), ("nce", "both"),
+                                              ("nce", "jigsaw")])
+def test_step_matches_numpy_reference(loss_kind, z_from):
+  config, _, before, batch, after, metrics = _one_step(loss_kind, z_from=z_from)
   loss_cfg, n, k = config.loss, NUM_EXAMPLES, config.loss.num_negatives
   index = batch["index"]
 
@@ -474,15 +476,17 @@ def test_step_matches_numpy_reference(loss_kind):
   if loss_kind == "infonce":
     term = {name: float(np.mean(_logsumexp(s) - s[:, 0])) for name, s in logits.items()}
   else:
-    # Z = N * mean(exp(s)) over both terms' logits (estimated at the first step).
-    z = n * np.mean(np.exp(np.concatenate([logits["jigsaw"], logits["image"]])))
+    # Z = N * mean(exp(s)) over both terms' logits, or the jigsaw term's (estimated at the
+    # first step); VISSL's eps in the denominators.
+    z_logits = [logits["jigsaw"]] if z_from == "jigsaw" else [logits["jigsaw"], logits["image"]]
+    z = n * np.mean(np.exp(np.concatenate(z_logits)))
     np.testing.assert_allclose(metrics["nce_z"], z, rtol=1e-5)
-    noise = k / n  # K * P_n
+    noise, eps = k / n, loss_cfg.nce_eps  # K * P_n
     term = {}
     for name, s in logits.items():
       x = np.exp(s) / z
-      term[name] = float(-np.mean(np.log(x[:, 0] / (x[:, 0] + noise)) +
-                                  np.sum(np.log(noise / (x[:, 1:] + noise)), axis=1)))
+      term[name] = float(-np.mean(np.log(x[:, 0] / (x[:, 0] + noise + eps)) +
+                                  np.sum(np.log(noise / (x[:, 1:] + noise + eps)), axis=1)))
   lam = loss_cfg.jigsaw_weight
   total = lam * term["jigsaw"] + (1 - lam) * term["image"]
   np.testing.assert_allclose(metrics["loss_jigsaw"], term["jigsaw"], rtol=1e-5)

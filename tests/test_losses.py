@@ -44,15 +44,15 @@ def _ref_infonce(logits):
   return total / len(logits)
 
 
-def _ref_nce(logits, z, n):
+def _ref_nce(logits, z, n, eps=0.0):
   k = logits.shape[1] - 1
   pn = 1.0 / n
   total = 0.0
   for row in logits:
     x = [math.exp(s) / z for s in row]
-    term = math.log(x[0] / (x[0] + k * pn))
+    term = math.log(x[0] / (x[0] + k * pn + eps))
     for xj in x[1:]:
-      term += math.log(k * pn / (xj + k * pn))
+      term += math.log(k * pn / (xj + k * pn + eps))
     total += term
   return -total / len(logits)
 
@@ -82,6 +82,15 @@ def test_nce_matches_reference(setup, tau):
   for z_other in (z * 1e-3, z * 1e3):
     loss = losses.nce_loss(jnp.asarray(ref_logits, jnp.float32), z_other, N)
     np.testing.assert_allclose(loss, _ref_nce(ref_logits, z_other, N), rtol=1e-5)
+
+
+@pytest.mark.parametrize('eps', [1e-7, 0.5])
+def test_nce_with_vissl_epsilon_matches_reference(setup, eps):
+  bank, query, positives, negatives = setup
+  logits = _ref_scores(bank, query, positives, negatives, 0.07).astype(np.float32)
+  got = losses.nce_loss(jnp.asarray(logits), 3.0, N, eps=eps)
+  np.testing.assert_allclose(got, _ref_nce(logits.astype(np.float64), 3.0, N, eps), rtol=1e-5)
+  assert np.isfinite(float(losses.nce_loss(jnp.asarray(logits) * 100, 1e-30, N, eps=eps)))
 
 
 def test_nce_is_finite_for_extreme_logits():

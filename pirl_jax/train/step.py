@@ -75,14 +75,16 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
     logits_image = memory_bank.score(f_hat, state.bank, index, negatives_image,
                                      loss_cfg.temperature, mesh, score_chunk_size)
     if loss_cfg.kind == "nce":
-      z_batch = losses.estimate_z(
-          [jax.lax.stop_gradient(logits_jigsaw), jax.lax.stop_gradient(logits_image)],
-          num_examples)
+      # Z from both terms' scores, or (VISSL) from the jigsaw term's only.
+      z_from = [logits_jigsaw] if loss_cfg.nce_z_from == "jigsaw" else [logits_jigsaw,
+                                                                          logits_image]
+      z_batch = losses.estimate_z([jax.lax.stop_gradient(l) for l in z_from], num_examples)
       z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
     else:
       z_batch = z = jnp.zeros((), jnp.float32)
     loss = losses.pirl_loss(logits_jigsaw, logits_image, kind=loss_cfg.kind, z=z,
-                            num_examples=num_examples, lam=loss_cfg.jigsaw_weight)
+                            num_examples=num_examples, lam=loss_cfg.jigsaw_weight,
+                            nce_eps=loss_cfg.nce_eps)
     tau = loss_cfg.temperature
     similarities = {
         "positive_similarity": (jnp.mean(logits_jigsaw[:, 0]) + jnp.mean(logits_image[:, 0]))
