@@ -72,6 +72,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   model.width_multiplier = 0.25
   model.embed_dim = 128
   model.head = "linear"  # 'linear' (paper) | 'mlp' (VISSL mlphead)
+  # BatchNorm on the pooled trunk features before the heads (SimCLR-style; not in the paper).
+  model.head_batch_norm = False
   model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
   # Which trunk pass updates the BatchNorm running statistics (only evaluation uses them; training
   # normalises each pass with its own batch statistics either way): 'images', so that they

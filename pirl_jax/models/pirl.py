@@ -40,12 +40,16 @@ class PIRLNet(nn.Module):
     trunk: Feature module ``trunk(x, train=...) -> (N, F)`` (e.g. ``resnet.get_trunk('resnet50')``).
     embed_dim: Embedding size E (128).
     head: ``'linear'`` (paper) or ``'mlp'`` (VISSL mlphead).
+    head_batch_norm: a BatchNorm (batch statistics in training) on the trunk's pooled features
+      before each head: centred and scaled features, as in SimCLR's projection head. Not in
+      the paper; its statistics are the heads' own, the trunk's are unchanged.
     num_tiles: Tiles per example (9).
     dtype: Compute dtype of the heads; outputs are float32.
   """
   trunk: nn.Module
   embed_dim: int = 128
   head: str = 'linear'
+  head_batch_norm: bool = False
   num_tiles: int = 9
   dtype: Any = jnp.float32
 
@@ -59,6 +63,9 @@ class PIRLNet(nn.Module):
       self.g_tile_hidden = dense(features, features)
     self.f_out = dense(self.embed_dim, features)
     self.g_tile_out = dense(self.embed_dim, features)
+    if self.head_batch_norm:
+      norm = lambda: nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+      self.f_norm, self.g_tile_norm = norm(), norm()
     self.g_concat = dense(self.embed_dim, self.num_tiles * self.embed_dim)
 
   def trunk_features(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -68,6 +75,8 @@ class PIRLNet(nn.Module):
   def embed_images(self, images: jax.Array, train: bool) -> jax.Array:
     """f_hat of the image views ``(B, S, S, 3)``: ``(B, embed_dim)`` float32, L2-normalised."""
     x = self.trunk(images, train=train)
+    if self.head_batch_norm:
+      x = self.f_norm(x, use_running_average=not train)
     if self.head == 'mlp':
       x = nn.relu(self.f_hidden(x))
     return l2_normalize(self.f_out(x).astype(jnp.float32))
@@ -78,6 +87,8 @@ class PIRLNet(nn.Module):
     if tiles.ndim != 5 or tiles.shape[1] != self.num_tiles:
       raise ValueError(f'tiles must have shape (B, {self.num_tiles}, T, T, C), got {tiles.shape}')
     x = self.trunk(tiles.reshape((batch * self.num_tiles,) + tiles.shape[2:]), train=train)
+    if self.head_batch_norm:
+      x = self.g_tile_norm(x, use_running_average=not train)
     if self.head == 'mlp':
       x = nn.relu(self.g_tile_hidden(x))
     g = self.g_tile_out(x).reshape(batch, self.num_tiles * self.embed_dim)

@@ -35,7 +35,8 @@ def compute_dtype(name: str):
 def create_model(model_cfg) -> pirl_model.PIRLNet:
   trunk = resnet.get_trunk(model_cfg.trunk, width_multiplier=model_cfg.width_multiplier,
                            dtype=compute_dtype(model_cfg.dtype))
-  return pirl_model.PIRLNet(trunk=trunk, embed_dim=model_cfg.embed_dim, head=model_cfg.head)
+  return pirl_model.PIRLNet(trunk=trunk, embed_dim=model_cfg.embed_dim, head=model_cfg.head,
+                            head_batch_norm=model_cfg.get("head_batch_norm", False))
 
 
 def weight_decay_mask(params):
