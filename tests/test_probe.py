@@ -211,3 +211,16 @@ def test_probe_command_reports_a_bad_labels_csv_in_one_line(tiny_pretraining, la
   assert result.returncode == 2
   assert "line 2: 'not_there.png' is not an image in" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_learning_curve_plot_and_table_from_a_workdir(tiny_pretraining, tmp_path):
+  from pirl_jax.eval import curves  # pylint: disable=g-import-not-at-top
+  points = curves.read_curve(tiny_pretraining.workdir)
+  assert [p["step"] for p in points] == [2, 4]
+  out = tmp_path / "curves.png"
+  curves.plot({"tiny": points}, out, random=(0.5, 0.5))
+  assert Image.open(out).size[0] > 0
+  table = curves.markdown({"tiny": points})
+  assert f"| tiny | 4 | {points[1]['knn_auc_mean']:.4f} |" in table
+  with pytest.raises(Exception, match="summary.json does not exist"):
+    curves.read_curve(tmp_path)
