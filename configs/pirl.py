@@ -80,6 +80,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # describe the images a probe or fine-tuning sees, or 'tiles_and_images' (tiles, then images:
   # the reference implementation's order).
   model.bn_running_stats = "images"
+  # Batch statistics in training: over the 'global' batch (as one device would), or 'per_device'
+  # (each device's share of the batch alone, as the reference implementations with one process
+  # per GPU do). The running statistics are the same kind of average either way.
+  model.batch_norm = "global"
 
   # --- Memory bank and loss ---------------------------------------------------------------
   config.memory_bank = ml_collections.ConfigDict()

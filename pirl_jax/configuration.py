@@ -22,6 +22,7 @@ _PRETRAIN_CHOICES = {
     "model.head": ("linear", "mlp"),
     "model.dtype": ("float32", "bfloat16"),
     "model.bn_running_stats": ("images", "tiles_and_images"),
+    "model.batch_norm": ("global", "per_device"),
     "loss.kind": ("nce", "infonce"),
     "loss.nce_z_from": ("both", "jigsaw"),
     "resume": ("auto", "never", "force"),

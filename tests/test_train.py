@@ -177,3 +177,34 @@ def test_num_negatives_must_be_below_dataset_size():
   config = _tiny_config(**{"global_batch_size": 64})
   with pytest.raises(configuration.ConfigError, match="fewer than config.global_batch_size=64"):
     configuration.validate_dataset_size(config, 50)
+
+
+def test_per_device_batch_norm_uses_each_devices_share_only():
+  """model.batch_norm='per_device': on 8 devices, the trunk's outputs and running statistics
+  equal 8 groups on one device, and differ from global statistics; the variables are flax's."""
+  from pirl_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(0).normal(size=(32, 16, 16, 3)).astype(np.float32)
+  images[16:] *= 3.0  # the devices' shares differ in scale, so their statistics differ
+
+  def forward(groups, num_devices):
+    trunk = resnet.get_trunk("resnet_tiny", bn_groups=groups)
+    variables = trunk.init(jax.random.PRNGKey(0), images[:1], train=False)
+    mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
+    apply = jax.jit(lambda v, x: trunk.apply(v, x, train=True, mutable=["batch_stats"]),
+                    in_shardings=(sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)),
+                    out_shardings=sharding_lib.replicated(mesh))
+    return variables, jax.device_get(apply(variables, images))
+
+  variables, (per_device, stats) = forward(8, 8)
+  _, (grouped, grouped_stats) = forward(8, 1)
+  global_variables, (global_out, _) = forward(1, 8)
+  # Tolerance: the deepest layers normalise 4 images at 1x1, a statistic of 4 numbers whose
+  # float32 summation order differs between one device and eight.
+  np.testing.assert_allclose(per_device, grouped, rtol=1e-3, atol=1e-3)
+  assert _max_abs_diff(stats, grouped_stats) < 1e-4
+  assert np.max(np.abs(per_device - global_out)) > 0.1
+  assert jax.tree.structure(variables) == jax.tree.structure(global_variables)
+  state_lib.create_model(_tiny_config(**{"model.batch_norm": "per_device"}).model, 8)
+  assert state_lib.create_model(
+      _tiny_config(**{"model.batch_norm": "per_device"}).model, 8).trunk.bn_groups == 8
+  assert state_lib.create_model(_tiny_config().model, 8).trunk.bn_groups == 1

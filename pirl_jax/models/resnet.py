@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pirl_jax.models import norm as norm_lib
+
 ModuleDef = Any
 Dtype = Any
 
@@ -151,6 +153,8 @@ class ResNet(nn.Module):
       default as in torchvision and VISSL).
     bn_momentum: Flax-convention BatchNorm momentum (0.9 = torch 0.1).
     bn_epsilon: BatchNorm epsilon.
+    bn_groups: 1: batch statistics over the whole batch; n > 1: over each of n contiguous parts
+      of it (`norm.BatchNorm`: per-device statistics when n is the device count).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -163,6 +167,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  bn_groups: int = 1
 
   @property
   def num_features(self) -> int:
@@ -185,7 +190,11 @@ class ResNet(nn.Module):
     width = _scaled_width(self.num_filters, self.width_multiplier)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                              kernel_init=conv_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    if self.bn_groups > 1:
+      batch_norm = functools.partial(norm_lib.BatchNorm, groups=self.bn_groups)
+    else:
+      batch_norm = nn.BatchNorm
+    norm = functools.partial(batch_norm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype, param_dtype=jnp.float32)
 

@@ -76,7 +76,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       len(source.skipped))
     run.check_dataset(_dataset_fingerprint(source))
 
-    model = state_lib.create_model(config.model)
+    model = state_lib.create_model(config.model, run.mesh.size)
     tx, lr_schedule = state_lib.create_optimizer(
         config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps)
     abstract_state, _ = state_lib.abstract_train_state(config, model, tx, num_examples, run.mesh)

@@ -32,9 +32,17 @@ def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def create_model(model_cfg) -> pirl_model.PIRLNet:
+def create_model(model_cfg, num_devices: int = 1) -> pirl_model.PIRLNet:
+  """The PIRL network of a `model` config block.
+
+  Args:
+    model_cfg: the block.
+    num_devices: the mesh's device count; with `model.batch_norm='per_device'` each device's
+      share of the batch is normalised with its own statistics.
+  """
+  groups = num_devices if model_cfg.get("batch_norm", "global") == "per_device" else 1
   trunk = resnet.get_trunk(model_cfg.trunk, width_multiplier=model_cfg.width_multiplier,
-                           dtype=compute_dtype(model_cfg.dtype))
+                           dtype=compute_dtype(model_cfg.dtype), bn_groups=groups)
   return pirl_model.PIRLNet(trunk=trunk, embed_dim=model_cfg.embed_dim, head=model_cfg.head,
                             head_batch_norm=model_cfg.get("head_batch_norm", False))
 
