@@ -15,7 +15,7 @@ Presets:
             Expected: at label_fraction=0.1 (800 steps) 1.5-2.5 minutes on a 2-core CPU; test
             melanoma AUC from scratch 0.674 +- 0.034, from the default PIRL run 0.687 +- 0.065
             (seeds 0, 1, 2). All labels: 30 epochs, 1890 steps.
-  linear    As default, but the linear probe of PIRL.md section 7: frozen trunk, res5 average
+  linear    As default, but the linear probe of the PIRL paper: frozen trunk, res5 average
             pool -> BatchNorm -> Linear, SGD Nesterov, lr steps at 8/16/24 of 28 epochs.
   tiny      For tests and smoke runs: tiny ResNet, 32 px, a few steps. Seconds.
   isic      Real ISIC 2017 under data.path: ResNet-50 at 224 px, full fine-tuning.
@@ -110,7 +110,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   optim.nesterov = True
   optim.weight_decay = 5e-4  # kernels only; BatchNorm parameters and biases are not decayed
   # The learning rate is multiplied by lr_decay_factor at these fractions of training
-  # (PIRL.md section 7: epochs 8, 16, 24 of 28).
+  # (the PIRL paper's linear evaluation: epochs 8, 16, 24 of 28).
   optim.lr_decay_at = (8 / 28, 16 / 28, 24 / 28)
   optim.lr_decay_factor = 0.1
 

@@ -53,7 +53,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
   data.prefetch_batches = 2
 
-  # The two PIRL views (PIRL.md section 1); paper sizes are 224 / 255 / 64.
+  # The two PIRL views (docs/method.md); paper sizes are 224 / 255 / 64.
   data.views = views = ml_collections.ConfigDict()
   views.image_size = 64
   views.image_crop_scale = (0.08, 1.0)

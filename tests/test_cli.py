@@ -33,6 +33,10 @@ def _main_in_process(args, capsys, monkeypatch):
   """cli.main as `python main.py ARGS` runs it, in this process: (exit status, stdout, stderr)."""
   from pirl_jax import cli  # pylint: disable=g-import-not-at-top
   flags.FLAGS.unparse_flags()
+  # config_flags defines one flag per overridden field while parsing; an earlier run's would
+  # clash with this one's.
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)
   argv = ["main.py", *args]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
   # absl's handler keeps the stream it was created with; point it at this test's captured one.

@@ -1,6 +1,6 @@
 """The fine-tuning network and its state: a trunk and a linear classifier, SGD, the jitted steps.
 
-With `probe=True` (the linear-probe protocol, PIRL.md section 7) the trunk is frozen: it runs
+With `probe=True` (the PIRL paper's linear-probe protocol) the trunk is frozen: it runs
 with BatchNorm in inference mode and no gradient, and only res5 average pool -> BatchNorm ->
 Linear is trained; the optimizer leaves the trunk's parameters exactly unchanged.
 """
