@@ -188,8 +188,27 @@ def run_program(main_fn: Callable, argv, entry_files=()) -> int:
             "command again to continue.", file=sys.stderr)
       return 0
 
+  if any(arg in ("-h", "--help", "-?") for arg in argv[1:]):
+    print(command_help(argv[0]))
+    return 0
   app.run(wrapped, argv=list(argv), flags_parser=parse_flags)
   return 0
+
+
+def command_help(program: str) -> str:
+  """--help: the command's own flags and --verbosity (absl's lists only the main script's, which
+  for an installed entry point is none); --helpfull still lists every library's flags."""
+  parts = [f"usage: {os.path.basename(program)} [flags]"]
+  for module, module_flags in sorted(FLAGS.flags_by_module_dict().items()):
+    # A command run as a script or with -m registers its flags under its file's path.
+    if module.startswith("pirl_jax") or module.endswith(".py") or module == "__main__":
+      parts.append(FLAGS.module_help(module).strip())
+  if "config" in FLAGS:
+    parts.append("  --config.<field>=<value>: overrides one field of the config, e.g. "
+                 "--config.num_epochs=40.")
+  parts.append("  --verbosity: 0 (default): progress, warnings and results; 1: the libraries' "
+               "INFO logs too.\nTry --helpfull to get a list of all flags.")
+  return "\n\n".join(parts)
 
 
 # --- pretraining and fine-tuning ----------------------------------------------------------------

@@ -201,10 +201,32 @@ def test_installed_package_gives_the_command_and_the_tfds_builder_anywhere(tmp_p
   helped = subprocess.run([str(env_dir / "bin" / "pirl-jax"), "--help"], cwd=elsewhere,
                           capture_output=True, text=True, timeout=300, env=env)
   assert helped.returncode == 0, helped.stderr[-3000:]
-  assert "--config" in helped.stdout + helped.stderr
+  assert "--config:" in helped.stdout and "--workdir:" in helped.stdout, helped.stdout
   imported = subprocess.run(
       [str(python), "-c", "import tensorflow_datasets as tfds, pirl_jax.data.tfds_isic2017; "
        "print('isic2017' in tfds.list_builders(with_community_datasets=False))"],
       cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
   assert imported.returncode == 0, imported.stderr[-3000:]
   assert imported.stdout.strip().endswith("True")
+
+
+@pytest.mark.parametrize("module,flag", [("pirl_jax.eval.probe", "--checkpoint:"),
+                                         ("pirl_jax.eval.compare", "--pirl:")])
+def test_help_lists_the_commands_own_flags_with_status_0(module, flag):
+  helped = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert helped.returncode == 0, helped.stderr[-3000:]
+  assert flag in helped.stdout and "--verbosity" in helped.stdout, helped.stdout
+
+
+def test_importing_the_commands_defines_no_flags():
+  # Flags defined at import would clash with the command that runs in the same process.
+  import importlib  # pylint: disable=g-import-not-at-top
+  def project_flags():
+    return {name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+            if "pirl_jax" in module or "benchmarks" in module for name in defined}
+  before = project_flags()
+  for module in ("pirl_jax.eval.compare", "pirl_jax.eval.probe", "pirl_jax.eval.curves",
+                 "pirl_jax.eval.finetune", "pirl_jax.train.pretrain", "benchmarks.__main__"):
+    importlib.import_module(module)
+  assert project_flags() == before

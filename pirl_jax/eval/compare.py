@@ -28,18 +28,24 @@ import numpy as np
 from pirl_jax import user_errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", "configs/finetune_isic.py",
-    "The evaluation recipe shared by every arm (a configs/finetune_isic.py preset).",
-    lock_config=True)
-flags.DEFINE_string("pirl", None, "PIRL pretraining workdir (or checkpoint folder).")
-flags.DEFINE_string("supervised", None,
-                    "Optional: a checkpoint of the same trunk trained with labels (the blog's "
-                    "'ImageNet transfer' arm).")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each arm runs once per seed.")
-flags.DEFINE_float("label_fraction", 0.1, "Fraction of the training labels (stratified subset).")
-flags.DEFINE_alias("label-fraction", "label_fraction")
-flags.DEFINE_string("workdir", None, "Where the runs and the table go (default: runs/compare).")
+
+
+def define_flags() -> None:
+  """The command's flags; defined when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/finetune_isic.py",
+      "The evaluation recipe shared by every arm (a configs/finetune_isic.py preset).",
+      lock_config=True)
+  flags.DEFINE_string("pirl", None, "PIRL pretraining workdir (or checkpoint folder).")
+  flags.DEFINE_string("supervised", None,
+                      "Optional: a checkpoint of the same trunk trained with labels (the blog's "
+                      "'ImageNet transfer' arm).")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each arm runs once per seed.")
+  flags.DEFINE_float("label_fraction", 0.1,
+                     "Fraction of the training labels (stratified subset).")
+  flags.DEFINE_alias("label-fraction", "label_fraction")
+  flags.DEFINE_string("workdir", None, "Where the runs and the table go (default: runs/compare).")
+
 
 ARM_TITLES = {"scratch": "scratch", "pirl": "PIRL (self-supervised)",
               "supervised": "supervised checkpoint"}
@@ -171,6 +177,7 @@ def _main(argv):
 
 def main(argv=None) -> int:
   from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  define_flags()
   return cli.run_program(_main, argv or sys.argv)
 
 
