@@ -6,14 +6,16 @@ Select a preset with `--config=configs/pirl.py:<preset>`; override any field wit
 Presets:
   default   The embedded synthetic ISIC-layout set, a narrow ResNet-18 and small views.
             `python main.py --config=configs/pirl.py`
-            Expected: 5.2 minutes from an empty cache on an idle 2-core CPU (41 s of it generating
-            the synthetic set; 7.2 minutes of pretraining on a CPU shared with another job);
-            620 steps, final loss 5.92 (chance: ln 1001 = 6.91).
+            Expected: 6.7 minutes from an empty cache on an idle 2-core CPU (data generation
+            included); 620 steps, final loss 5.61; test-split probes kNN / linear mean AUC 0.690 /
+            0.683 over seeds 0-2 (random trunk 0.546 / 0.578; docs/experiments.md).
   quality   The default preset trained 6x longer (60 epochs, probes every 310 steps): the
-            comparison preset for fine-tuning (`python -m pirl_jax.eval.compare`).
+            comparison preset for fine-tuning (`python -m pirl_jax.eval.compare`). Expected: ~25 min
+            here; probes 0.800 / 0.768; fine-tuning at label_fraction 0.1 from it: test melanoma
+            AUC 0.806 vs scratch 0.652 (5 seeds, paired t = 5.34, p = 0.006).
             `python main.py --config=configs/pirl.py:quality`
   paper_small  The default preset with the paper's heads (no BatchNorm before them): the control
-            for `model.head_batch_norm`.
+            for `model.head_batch_norm` (seed 0: probes 0.561 / 0.592 vs the default's 0.704 / 0.708).
   tiny      For tests and smoke runs: a tiny ResNet, 32 px views, a few steps. Seconds.
             `python main.py --config=configs/pirl.py:tiny --workdir=/tmp/pirl_tiny`
   isic      The published ISIC 2017 reimplementation: ResNet-50, 224/255/64 views, the 2000
