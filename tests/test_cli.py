@@ -58,7 +58,6 @@ def cli_run(tmp_path_factory, small_isic_root):
   return dict(args=args, home=home, workdir=home / "runs" / "tiny", result=result)
 
 
-@pytest.mark.slow
 def test_pretraining_command_trains_and_is_quiet(cli_run):
   result, workdir = cli_run["result"], cli_run["workdir"]
   assert result.returncode == 0, result.stderr[-3000:]

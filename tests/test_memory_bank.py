@@ -208,7 +208,6 @@ def _compiled_step(num_examples, num_negatives, batch, chunk_size):
   return compiled, abstract.bank
 
 
-@pytest.mark.slow
 def test_imagenet_sized_bank_is_never_gathered_in_the_compiled_step():
   """N=1.28M rows, K=32000 negatives, global batch 256, 8 devices: no collective moves as much
   as one device's share of the bank, and the step's temporaries stay under a quarter of it."""
