@@ -4,8 +4,10 @@ Select a preset with `--config=configs/finetune_isic.py:<preset>`; override any 
 `--config.<field>=<value>`. The initialisation is `--config.init.checkpoint`: empty for scratch,
 a PIRL pretraining workdir (its trunk and batch statistics are restored from the latest
 checkpoint, or `--config.init.step`), or any Orbax checkpoint holding the same trunk (e.g. a
-fine-tuned workdir of this loop). With `init.inherit_trunk` the trunk architecture is read from
-the checkpoint's workdir `config.json`.
+fine-tuned workdir of this loop), or a torchvision-layout ResNet weights file (`.safetensors`, or
+`.pth` when torch is installed), such as ImageNet-supervised weights. With `init.inherit_trunk`
+the trunk architecture is read from the checkpoint's workdir `config.json` (from the tensors'
+shapes for a weights file).
 
 Presets:
   default   The embedded synthetic ISIC-layout set (generated once into the cache), the trunk of
@@ -46,14 +48,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
   # --- Initialisation ----------------------------------------------------------------------
   config.init = init = ml_collections.ConfigDict()
-  # '' infers it: no checkpoint -> 'scratch'; a workdir whose config.json has mode 'pretrain' ->
-  # 'pirl'; anything else -> 'checkpoint'.
+  # '' infers it: no checkpoint -> 'scratch'; a .safetensors/.pth/.pt/.bin file -> 'weights';
+  # a workdir whose config.json has mode 'pretrain' -> 'pirl'; anything else -> 'checkpoint'.
   init.kind = ""
-  # A PIRL pretraining workdir, a checkpoints folder, one step folder, or another Orbax
-  # checkpoint whose params/batch_stats hold the trunk (under 'trunk' or at the top level).
+  # A PIRL pretraining workdir, a checkpoints folder, one step folder, another Orbax checkpoint
+  # whose params/batch_stats hold the trunk (under 'trunk' or at the top level), or a weights
+  # file in torchvision's ResNet layout (e.g. ImageNet-supervised weights; `fc` is dropped).
   init.checkpoint = ""
   init.step = -1  # -1: the latest checkpoint
-  # Take model.trunk / model.width_multiplier from the checkpoint's workdir config.json.
+  # Take model.trunk / model.width_multiplier from the checkpoint's workdir config.json (for a
+  # weights file: from its tensors' shapes).
   init.inherit_trunk = True
 
   # --- Data ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ _PRETRAIN_CHOICES = {
 _FINETUNE_CHOICES = {
     "mode": ("finetune",),
     "protocol": ("finetune", "linear"),
-    "init.kind": ("", "scratch", "pirl", "checkpoint"),
+    "init.kind": ("", "scratch", "pirl", "checkpoint", "weights"),
     "data.source": ("synthetic", "isic", "tfds"),
     "data.on_bad_image": ("error", "skip"),
     "model.dtype": ("float32", "bfloat16"),
@@ -201,10 +201,10 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"config.init.kind='scratch' contradicts config.init.checkpoint="
         f"{config.init.checkpoint!r}; leave one of them empty.")
-  if config.init.kind in ("pirl", "checkpoint") and not config.init.checkpoint:
+  if config.init.kind in ("pirl", "checkpoint", "weights") and not config.init.checkpoint:
     raise ConfigError(
         f"config.init.kind={config.init.kind!r} needs config.init.checkpoint (a PIRL "
-        "pretraining workdir or a checkpoint folder).")
+        "pretraining workdir, a checkpoint folder or a .safetensors/.pth weights file).")
   _check_data_path(config.data)
 
 

@@ -10,8 +10,9 @@ import sys
 import tomllib
 
 from absl import flags
-from absl import logging
 import pytest
+
+import cli_in_process
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Lines the libraries print at INFO level; the terminal shows them only with --verbosity=1.
@@ -27,24 +28,6 @@ def _run(args, tmp_path, timeout=600, env_extra=None, module=None):
   command = [sys.executable, "-m", module] if module else [sys.executable, "main.py"]
   return subprocess.run(command + list(args), cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
-
-
-def _main_in_process(args, capsys, monkeypatch):
-  """cli.main as `python main.py ARGS` runs it, in this process: (exit status, stdout, stderr)."""
-  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
-  flags.FLAGS.unparse_flags()
-  # config_flags defines one flag per overridden field while parsing; an earlier run's would
-  # clash with this one's.
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)
-  argv = ["main.py", *args]
-  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
-  # absl's handler keeps the stream it was created with; point it at this test's captured one.
-  monkeypatch.setattr(logging.get_absl_handler().python_handler, "stream", sys.stderr)
-  with pytest.raises(SystemExit) as exit_info:
-    cli.main(argv)
-  captured = capsys.readouterr()
-  return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +78,7 @@ def test_rerunning_a_finished_command_changes_nothing_and_verbosity_shows_librar
 
 
 def test_unknown_config_field_names_the_closest_fields(capsys, monkeypatch):
-  status, _, err = _main_in_process(["--config=configs/pirl.py:tiny",
+  status, _, err = cli_in_process.main_in_process(["--config=configs/pirl.py:tiny",
                                      "--config.loss.num_negativs=10"], capsys, monkeypatch)
   assert status == 2
   assert ("error: config.loss.num_negativs is not a field of this config. Did you mean "
@@ -104,7 +87,7 @@ def test_unknown_config_field_names_the_closest_fields(capsys, monkeypatch):
 
 
 def test_unknown_preset_is_one_line(capsys, monkeypatch):
-  status, _, err = _main_in_process(["--config=configs/pirl.py:imagenett"], capsys, monkeypatch)
+  status, _, err = cli_in_process.main_in_process(["--config=configs/pirl.py:imagenett"], capsys, monkeypatch)
   assert status == 2
   assert "Unknown preset 'imagenett'" in err and "Traceback" not in err
 
@@ -122,7 +105,7 @@ def test_unknown_preset_is_one_line(capsys, monkeypatch):
 ])
 def test_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, capsys,
                                                 monkeypatch):
-  status, _, err = _main_in_process(
+  status, _, err = cli_in_process.main_in_process(
       ["--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
        f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides], capsys, monkeypatch)
   assert status == 2, err
@@ -132,7 +115,7 @@ def test_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, ca
 
 
 def test_too_many_negatives_is_one_line(tmp_path, small_isic_root, capsys, monkeypatch):
-  status, _, err = _main_in_process(
+  status, _, err = cli_in_process.main_in_process(
       ["--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
        "--config.data.source=isic", f"--config.data.path={small_isic_root}",
        f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.loss.num_negatives=5000"],
@@ -147,7 +130,7 @@ def test_a_workdir_of_another_experiment_is_one_line(tiny_pretraining, tmp_path,
   workdir = tmp_path / "copy"
   shutil.copytree(tiny_pretraining.workdir, workdir)
   (workdir / "summary.json").unlink()
-  status, _, err = _main_in_process(
+  status, _, err = cli_in_process.main_in_process(
       ["--config=configs/pirl.py:tiny", f"--workdir={workdir}",
        f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.loss.temperature=0.2"],
       capsys, monkeypatch)
@@ -161,7 +144,7 @@ def test_a_missing_split_is_named(small_isic_root, tmp_path, capsys, monkeypatch
   shutil.copytree(small_isic_root, root)
   for path in root.glob("ISIC-2017_Validation*"):
     shutil.rmtree(path) if path.is_dir() else path.unlink()
-  status, _, err = _main_in_process(
+  status, _, err = cli_in_process.main_in_process(
       ["--config=configs/finetune_isic.py:tiny", f"--workdir={tmp_path / 'run'}",
        "--config.data.source=isic", f"--config.data.path={root}",
        f"--config.data.cache_dir={tmp_path / 'cache'}"], capsys, monkeypatch)

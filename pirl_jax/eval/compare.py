@@ -3,6 +3,9 @@ r"""Scratch vs PIRL (vs a supervised checkpoint) on ISIC 2017 under one recipe a
   python -m pirl_jax.eval.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
   python -m pirl_jax.eval.compare --pirl=runs/pirl --supervised=runs/supervised/checkpoints \
       --config=configs/finetune_isic.py:linear --workdir=runs/compare-linear
+  python -m pirl_jax.eval.compare --config=configs/finetune_isic.py:isic \
+      --config.data.path=/data/isic2017 --pirl=runs/pirl-isic \
+      --supervised=resnet50_imagenet.safetensors   # scratch / PIRL / ImageNet, ResNet-50
 
 Every arm runs `finetune.train_and_evaluate` with the same config (`--config`, default
 configs/finetune_isic.py, with any `--config.<field>=...` override), the same trunk (the PIRL run's,
@@ -38,8 +41,9 @@ def define_flags() -> None:
       lock_config=True)
   flags.DEFINE_string("pirl", None, "PIRL pretraining workdir (or checkpoint folder).")
   flags.DEFINE_string("supervised", None,
-                      "Optional: a checkpoint of the same trunk trained with labels (the blog's "
-                      "'ImageNet transfer' arm).")
+                      "Optional: the same trunk trained with labels (the 'ImageNet transfer' "
+                      "arm): a checkpoint, or a torchvision-layout weights file (.safetensors; "
+                      ".pth with torch installed).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each arm runs once per seed.")
   flags.DEFINE_float("label_fraction", 0.1,
                      "Fraction of the training labels (stratified subset).")
@@ -59,7 +63,7 @@ def arm_config(base, arm: str, checkpoint: str, seed: int, label_fraction: float
   config = ml_collections.ConfigDict(base.to_dict())
   config.seed = seed
   config.label_fraction = label_fraction
-  config.init.kind = arm if arm != "supervised" else "checkpoint"
+  config.init.kind = arm if arm != "supervised" else ""  # a checkpoint or a weights file
   config.init.checkpoint = checkpoint
   config.init.inherit_trunk = False  # every arm uses the PIRL run's trunk, set here
   config.model.trunk, config.model.width_multiplier = trunk

@@ -132,7 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     configuration.check_device_count(config, mesh.size, ("global_batch_size", "eval_batch_size"))
     logging.info("Evaluation protocol %s, init %s%s, label_fraction %g, seed %d, trunk %s x%g.",
                  config.protocol, init.kind,
-                 f" from {init.item_dir} (step {init.step})" if init.item_dir else "",
+                 (f" from {init.item_dir} (step {init.step})" if init.item_dir else
+                  f" from {init.checkpoint}" if init.checkpoint else ""),
                  config.label_fraction, config.seed, config.model.trunk,
                  config.model.width_multiplier)
 
@@ -174,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           params=dict(state.params, trunk=restored["params"]),
           batch_stats=dict(state.batch_stats, trunk=restored["batch_stats"]))
       logging.info("Restored the trunk's parameters and batch statistics from %s.",
-                   init.item_dir)
+                   init.item_dir or init.checkpoint)
 
     evaluators = {s: isic.IsicEvaluator(
         splits[s], view, model, mesh, shardings, eval_batch_size=config.eval_batch_size,

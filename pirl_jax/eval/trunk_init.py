@@ -4,7 +4,9 @@ A checkpoint is named by a pretraining or fine-tuning workdir, its `checkpoints/
 folder, or the item folder inside it (`checkpointing.resolve_checkpoint`). The trunk sits under
 `params['trunk']` / `batch_stats['trunk']` in the states this project writes, or at their top
 level in a bare trunk checkpoint. The architecture is read from the workdir's `config.json`
-when there is one.
+when there is one. A weights file in torchvision's ResNet layout (`.safetensors`, or `.pth` with
+torch installed; `models.torch_weights`) is the other kind: its architecture is read from its
+tensors' shapes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ml_collections
 
 from pirl_jax import checkpointing
 from pirl_jax.models import resnet
+from pirl_jax.models import torch_weights
 
 TRUNK = "trunk"
 
@@ -29,17 +32,20 @@ class Init:
   """Where a trunk comes from.
 
   Attributes:
-    kind: 'scratch', 'pirl' or 'checkpoint'.
-    checkpoint: the folder the user gave ('' for scratch).
-    item_dir: the Orbax item folder that is restored (None for scratch).
+    kind: 'scratch', 'pirl', 'checkpoint' or 'weights'.
+    checkpoint: the folder or weights file the user gave ('' for scratch).
+    item_dir: the Orbax item folder that is restored (None for scratch and weights files).
     step: the checkpoint's step, when known.
-    source_config: the checkpoint's workdir config.json, when there is one.
+    source_config: the checkpoint's workdir config.json, when there is one; for a weights file,
+      its architecture as {'model': {'trunk', 'width_multiplier'}}.
+    weights: a weights file's state dict (torchvision keys -> NumPy arrays).
   """
   kind: str
   checkpoint: str = ""
   item_dir: str | None = None
   step: int | None = None
   source_config: dict | None = None
+  weights: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def find_workdir_config(item_dir: pathlib.Path, given: pathlib.Path) -> dict | None:
@@ -61,15 +67,18 @@ def resolve_init(checkpoint: str, kind: str = "", step: int = -1,
   """Finds the checkpoint a user named and infers its kind when `kind` is empty.
 
   Args:
-    checkpoint: '' for scratch, or a folder (see the module docstring).
-    kind: '', 'scratch', 'pirl' or 'checkpoint'; '' infers it ('pirl' when the workdir's
-      config.json is a pretraining config).
+    checkpoint: '' for scratch, a folder or a weights file (see the module docstring).
+    kind: '', 'scratch', 'pirl', 'checkpoint' or 'weights'; '' infers it ('weights' for a
+      .safetensors/.pth/.pt/.bin file, 'pirl' when the workdir's config.json is a pretraining
+      config).
     step: the checkpoint step; -1 = the latest.
     field: the config field or flag the path came from, for error messages.
   """
   if not checkpoint:
     return Init(kind="scratch")
   given = pathlib.Path(checkpoint).expanduser().absolute()
+  if kind == "weights" or (not kind and torch_weights.is_weights_file(given)):
+    return _resolve_weights_file(given, field)
   item_dir, found_step = checkpointing.resolve_checkpoint(given, None if step < 0 else int(step),
                                                           field=field)
   source_config = find_workdir_config(item_dir, given)
@@ -80,6 +89,20 @@ def resolve_init(checkpoint: str, kind: str = "", step: int = -1,
               source_config=source_config)
 
 
+def _resolve_weights_file(path: pathlib.Path, field: str) -> Init:
+  try:
+    weights = torch_weights.read(path)
+    trunk, width = torch_weights.infer_architecture(weights, source=str(path))
+  except torch_weights.WeightsError as e:
+    raise torch_weights.WeightsError(f"{field}: {e}") from None
+  logging.info("%s: a %s weights file (%s at width %g, %d tensors).", field,
+               "safetensors" if path.suffix == ".safetensors" else "PyTorch", trunk, width,
+               len(weights))
+  return Init(kind="weights", checkpoint=str(path),
+              source_config={"model": {"trunk": trunk, "width_multiplier": width}},
+              weights=weights)
+
+
 def inherit_trunk(config: ml_collections.ConfigDict, init: Init) -> ml_collections.ConfigDict:
   """A copy of `config` with `init.kind` filled in and, if inherited, the checkpoint's trunk."""
   config = ml_collections.ConfigDict(config.to_dict())
@@ -88,9 +111,10 @@ def inherit_trunk(config: ml_collections.ConfigDict, init: Init) -> ml_collectio
   if init.kind != "scratch" and config.init.inherit_trunk and "trunk" in model:
     trunk, width = model["trunk"], float(model.get("width_multiplier", 1.0))
     if (trunk, width) != (config.model.trunk, float(config.model.width_multiplier)):
-      logging.info("Using the checkpoint's trunk %s at width %g (from its config.json) instead "
+      logging.info("Using the checkpoint's trunk %s at width %g (from its %s) instead "
                    "of model.trunk=%s, model.width_multiplier=%g (init.inherit_trunk=True).",
-                   trunk, width, config.model.trunk, config.model.width_multiplier)
+                   trunk, width, "tensors" if init.kind == "weights" else "config.json",
+                   config.model.trunk, config.model.width_multiplier)
     config.model.trunk, config.model.width_multiplier = trunk, width
   return config
 
@@ -121,7 +145,12 @@ def check_trunk(init: Init, variables: dict, model_fields: str) -> None:
 
   Raises:
     checkpointing.CheckpointMismatchError: naming the parameter and both shapes.
+    torch_weights.WeightsError: a weights file that does not fit, naming the keys.
   """
+  if init.kind == "weights":
+    torch_weights.from_state_dict(init.weights, variables, source=init.checkpoint,
+                                  model=model_fields)
+    return
   try:
     checkpointing.check_subtrees(init.item_dir, _targets(init.item_dir, variables))
   except checkpointing.CheckpointMismatchError as e:
@@ -141,6 +170,9 @@ def restore_trunk(init: Init, variables: dict, sharding=None) -> dict:
     variables: the model's trunk variables (shapes suffice).
     sharding: where the arrays go (e.g. replicated on the mesh); None gives NumPy arrays.
   """
+  if init.kind == "weights":
+    restored = torch_weights.from_state_dict(init.weights, variables, source=init.checkpoint)
+    return restored if sharding is None else jax.device_put(restored, sharding)
   targets = _targets(init.item_dir, variables)
   params_key, stats_key = targets
   restored = checkpointing.restore_subtrees(init.item_dir, targets, sharding=sharding)

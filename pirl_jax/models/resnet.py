@@ -128,7 +128,8 @@ class Bottleneck(nn.Module):
     return self.act(residual + y)
 
 
-def _scaled_width(num_filters: int, width_multiplier: float) -> int:
+def scaled_width(num_filters: int, width_multiplier: float) -> int:
+  """`num_filters * width_multiplier`, rounded: the stem width of a trunk."""
   width = int(round(num_filters * width_multiplier))
   if width < 1:
     raise ValueError(f'num_filters * width_multiplier must be >= 1, got {num_filters} * '
@@ -172,7 +173,7 @@ class ResNet(nn.Module):
   @property
   def num_features(self) -> int:
     """Dimension of the pooled res5 features (2048 for ResNet-50 at width 1)."""
-    width = _scaled_width(self.num_filters, self.width_multiplier)
+    width = scaled_width(self.num_filters, self.width_multiplier)
     return width * 2 ** (len(self.stage_sizes) - 1) * self.block_cls.expansion
 
   @nn.compact
@@ -187,7 +188,7 @@ class ResNet(nn.Module):
     Returns:
       ``(B, num_features)`` pooled features, or ``(B, num_classes)`` logits; float32.
     """
-    width = _scaled_width(self.num_filters, self.width_multiplier)
+    width = scaled_width(self.num_filters, self.width_multiplier)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                              kernel_init=conv_kernel_init)
     if self.bn_groups > 1:
