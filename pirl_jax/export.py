@@ -25,7 +25,6 @@ import sys
 
 import numpy as np
 
-from pirl_jax import inference
 from pirl_jax.models import torch_weights
 
 
@@ -34,6 +33,9 @@ def export(checkpoint: str, out: str, step: int | None = None) -> dict:
   out_path = pathlib.Path(out).expanduser()
   if not out_path.name.endswith(".safetensors"):
     raise torch_weights.WeightsError(f"--out={out}: the file name must end in .safetensors.")
+  # Imported here, after the command has configured TensorFlow's logging (the data modules
+  # that inference uses import TensorFlow).
+  from pirl_jax import inference  # pylint: disable=g-import-not-at-top
   loaded = inference.restore(checkpoint, step)
   state = torch_weights.to_state_dict(loaded.variables)
   metadata = {"architecture": loaded.name, "width_multiplier": f"{loaded.width_multiplier:g}",

@@ -193,7 +193,8 @@ def test_installed_package_gives_the_command_and_the_tfds_builder_anywhere(tmp_p
 
 
 @pytest.mark.parametrize("module,flag", [("pirl_jax.eval.probe", "--checkpoint:"),
-                                         ("pirl_jax.eval.compare", "--pirl:")])
+                                         ("pirl_jax.eval.compare", "--pirl:"),
+                                         ("pirl_jax.export", "--out:")])
 def test_help_lists_the_commands_own_flags_with_status_0(module, flag):
   helped = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -209,6 +210,7 @@ def test_importing_the_commands_defines_no_flags():
             if "pirl_jax" in module or "benchmarks" in module for name in defined}
   before = project_flags()
   for module in ("pirl_jax.eval.compare", "pirl_jax.eval.probe", "pirl_jax.eval.curves",
-                 "pirl_jax.eval.finetune", "pirl_jax.train.pretrain", "benchmarks.__main__"):
+                 "pirl_jax.eval.finetune", "pirl_jax.train.pretrain", "pirl_jax.export",
+                 "pirl_jax.inference", "benchmarks.__main__"):
     importlib.import_module(module)
   assert project_flags() == before

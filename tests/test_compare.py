@@ -1,18 +1,22 @@
-"""Scratch vs PIRL comparison (pirl_jax/eval/compare.py): the table, the paired statistics, and
-resuming an interrupted comparison."""
+"""Scratch vs PIRL comparison (pirl_jax/eval/compare.py): the table, the paired statistics,
+resuming an interrupted comparison, and a weights file as the supervised arm."""
 
 import json
 import pathlib
 import re
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
 
 from configs import finetune_isic
 from pirl_jax import checkpointing
+from pirl_jax import export
 from pirl_jax.eval import compare
 from pirl_jax.eval import finetune
+from pirl_jax.models import resnet
+from pirl_jax.models import torch_weights
 
 
 def _run(seed, mel, sk=0.5):
@@ -113,3 +117,36 @@ def test_run_comparison_resumes_an_interrupted_arm_and_reuses_finished_ones(tmp_
   written = (root / "compare.md").read_text()
   assert written == table + "\n" and "paired t = " in written
   assert json.loads((root / "compare.json").read_text())["seeds"] == [0, 1]
+
+
+def test_a_weights_file_is_the_supervised_arm(tmp_path, tiny_pretraining, small_isic_root,
+                                             shared_cache_dir):
+  """The PIRL run's trunk exported to .safetensors as the supervised arm: that arm is the PIRL
+  arm run again, so its results are the PIRL arm's."""
+  weights = tmp_path / "trunk.safetensors"
+  export.export(str(tiny_pretraining.workdir), str(weights))
+  base = finetune_isic.get_config("tiny")
+  base.update_from_flattened_dict({
+      "data.source": "isic", "data.path": str(small_isic_root),
+      "data.cache_dir": str(shared_cache_dir), "num_train_steps": 2, "eval_every_steps": 2})
+  results, table = compare.run_comparison(base, str(tmp_path / "compare"),
+                                          str(tiny_pretraining.workdir), str(weights), [0], 0.5)
+  def scores(arm):
+    return [{k: v for k, v in r["test"].items() if not k.endswith("_csv")} for r in results[arm]]
+  assert scores("supervised") == scores("pirl")
+  assert "| supervised checkpoint |" in table
+  metrics = json.loads((tmp_path / "compare" / "supervised" / "seed0" / "metrics.json").read_text())
+  assert metrics["init"]["kind"] == "weights"
+
+
+def test_a_supervised_file_of_another_architecture_fails_before_any_arm_runs(
+    tmp_path, tiny_pretraining, monkeypatch):
+  trunk = resnet.get_trunk("resnet_tiny_bottleneck")
+  variables = jax.device_get(trunk.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
+                                        train=False))
+  weights = tmp_path / "bottleneck.safetensors"
+  torch_weights.write(torch_weights.to_state_dict(variables), weights)
+  monkeypatch.setattr(finetune, "train_and_evaluate", lambda *a: pytest.fail("an arm ran"))
+  with pytest.raises(torch_weights.WeightsError, match="layer1.0.conv3.weight"):
+    compare.run_comparison(finetune_isic.get_config("tiny"), str(tmp_path / "compare"),
+                           str(tiny_pretraining.workdir), str(weights), [0], 0.1)

@@ -142,6 +142,12 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
   trunk = (resolved.model.trunk, float(resolved.model.width_multiplier))
   arms = {"scratch": "", "pirl": pirl}
   if supervised:
+    # A supervised checkpoint of another architecture fails now, not after the other arms ran.
+    model = trunk_init.trunk_from_config({"trunk": trunk[0], "width_multiplier": trunk[1]})
+    trunk_init.check_trunk(
+        trunk_init.resolve_init(supervised, field="--supervised"),
+        trunk_init.abstract_trunk_variables(model, base_config.augment.image_size),
+        f"the PIRL run's trunk {trunk[0]} at width {trunk[1]:g}")
     arms["supervised"] = supervised
   root = pathlib.Path(workdir).absolute()
   logging.info("Comparing %s on trunk %s x%g, seeds %s, label_fraction %g, in %s.",
