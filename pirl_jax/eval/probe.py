@@ -156,7 +156,7 @@ def default_probe_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _data_config(saved: dict | None, flags_values: dict) -> ml_collections.ConfigDict:
+def data_config(saved: dict | None, flags_values: dict) -> ml_collections.ConfigDict:
   """The data block for the probe: the checkpoint's run where known, then the flags."""
   base = dict(source="synthetic", path="", tfds_name="", tfds_split="train", tfds_data_dir="",
               cache_dir="", synthetic_seed=0, synthetic_num_unlabeled=0, include_unlabeled=True,
@@ -209,15 +209,15 @@ def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_di
   overrides = {"cache_dir": cache_dir or None, "tfds_data_dir": tfds_data_dir or None}
   if data.startswith("tfds:"):
     cfg.tfds_name = data[len("tfds:"):]
-    data_cfg = _data_config(saved, overrides)
+    data_cfg = data_config(saved, overrides)
   elif data.startswith("isic:"):
-    data_cfg = _data_config(saved, dict(overrides, source="isic", path=data[len("isic:"):]))
+    data_cfg = data_config(saved, dict(overrides, source="isic", path=data[len("isic:"):]))
   elif data == "synthetic":
-    data_cfg = _data_config(saved, dict(overrides, source="synthetic", path=""))
+    data_cfg = data_config(saved, dict(overrides, source="synthetic", path=""))
   elif data:
-    data_cfg = _data_config(saved, dict(overrides, source="folder", path=data))
+    data_cfg = data_config(saved, dict(overrides, source="folder", path=data))
   else:
-    data_cfg = _data_config(saved, overrides)
+    data_cfg = data_config(saved, overrides)
   if labels:
     cfg.labels = labels
   elif data_cfg.source == "folder" and not cfg.tfds_name:

@@ -1,0 +1,1 @@
+"""Analyses of trained representations (python -m pirl_jax.analysis.<name>)."""

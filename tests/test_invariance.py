@@ -1,0 +1,93 @@
+"""The invariance analysis (pirl_jax/analysis/invariance.py): transforms, the score against a
+NumPy loop, and the command on a tiny pretraining run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pirl_jax.analysis import invariance
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _ramp(size=64):
+  return np.arange(size * size * 3, dtype=np.int64).reshape(size, size, 3)
+
+
+def test_shuffle_cells_moves_each_cell_where_the_permutation_says():
+  image = _ramp(64)  # cells of 21 px; row and column 63 lie outside the grid
+  permutation = [8, 7, 6, 5, 4, 3, 2, 1, 0]
+  out = invariance.shuffle_cells(image, permutation)
+  np.testing.assert_array_equal(out[0:21, 0:21], image[42:63, 42:63])  # cell 0 <- cell 8
+  np.testing.assert_array_equal(out[0:21, 21:42], image[42:63, 21:42])  # cell 1 <- cell 7
+  np.testing.assert_array_equal(out[21:42, 21:42], image[21:42, 21:42])  # cell 4 stays
+  np.testing.assert_array_equal(out[63], image[63])
+  np.testing.assert_array_equal(out[:, 63], image[:, 63])
+  np.testing.assert_array_equal(invariance.shuffle_cells(image, range(9)), image)
+  assert sorted(map(tuple, out[:63, :63].reshape(-1, 3))) == sorted(
+      map(tuple, image[:63, :63].reshape(-1, 3)))  # a permutation of the pixels
+
+
+def test_rotation_turns_counter_clockwise():
+  image = np.zeros((4, 4, 3), np.uint8)
+  image[0, 3] = 255  # top right
+  np.testing.assert_array_equal(np.argwhere(invariance.rotate(image, 1)[..., 0]), [[0, 0]])
+  np.testing.assert_array_equal(np.argwhere(invariance.rotate(image, 2)[..., 0]), [[3, 0]])
+  np.testing.assert_array_equal(np.argwhere(invariance.rotate(image, 3)[..., 0]), [[3, 3]])
+
+
+def test_centre_tiles_are_the_middle_of_each_cell():
+  image = _ramp(75)  # cells of 25 px, tiles of 19: offset 3
+  tiles = invariance.centre_tiles(image, 19)
+  assert tiles.shape == (9, 19, 19, 3)
+  np.testing.assert_array_equal(tiles[0], image[3:22, 3:22])
+  np.testing.assert_array_equal(tiles[5], image[28:47, 53:72])  # row 1, column 2
+
+
+def test_normalised_distances_equal_a_numpy_loop():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
+  unit = lambda x: x / np.linalg.norm(x)
+  between = np.mean([np.linalg.norm(unit(a[i]) - unit(a[j]))
+                     for i in range(7) for j in range(7) if i != j])
+  expected = [np.linalg.norm(unit(a[i]) - unit(b[i])) / between for i in range(7)]
+  np.testing.assert_allclose(invariance.normalised_distances(a, b), expected, rtol=1e-8)
+  np.testing.assert_allclose(invariance.normalised_distances(a, 3 * a), 0.0, atol=1e-7)
+  np.testing.assert_allclose(invariance.distances(a, -a), 2.0)
+  summary = invariance.summarize(np.asarray(expected))
+  assert sum(summary["histogram"]) == 7 and summary["mean"] == pytest.approx(np.mean(expected))
+
+
+def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pretraining,
+                                                              shared_cache_dir):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "inv"
+  result = subprocess.run(
+      [sys.executable, "-m", "pirl_jax.analysis.invariance",
+       f"--checkpoint={tiny_pretraining.workdir}",
+       f"--checkpoint={tiny_pretraining.workdir / 'checkpoints' / '2'}", f"--out={out}",
+       "--num_images=24", f"--cache_dir={shared_cache_dir}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = json.loads((out / "invariance.json").read_text())
+  assert written["num_images"] == 24
+  rows = written["results"]
+  assert list(rows) == [f"{tiny_pretraining.workdir} (step 4)",
+                        f"{tiny_pretraining.workdir / 'checkpoints' / '2'} (step 2)",
+                        "random init"]
+  for scores in rows.values():
+    assert set(scores) == {"trunk/jigsaw", "trunk/rotation", "embedding/jigsaw"}
+    for summary in scores.values():
+      assert sum(summary["histogram"]) == 24 and 0 <= summary["mean"] <= 2
+  # Two checkpoints of one run at different steps give different scores on the same inputs.
+  first, second, _ = rows.values()
+  assert first["trunk/jigsaw"]["mean"] != second["trunk/jigsaw"]["mean"]
+  assert "| random init |" in (out / "invariance.md").read_text()
+  assert (out / "invariance.png").stat().st_size > 0
+  assert "| random init |" in result.stdout
