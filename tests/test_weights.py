@@ -109,7 +109,7 @@ def test_architecture_is_read_from_the_tensors(name, width):
   assert torch_weights.infer_architecture(state) == (name, width)
 
 
-# --- A NumPy forward pass of torchvision's layout --------------------------------------------------
+# --- A NumPy forward pass of torchvision's layout ------------------------------------------------
 
 
 def _conv(x, weight, stride, padding):
@@ -387,3 +387,27 @@ def test_export_command_writes_the_trunk_with_its_provenance(tmp_path, tiny_pret
   assert trunk.num_features == 64
   np.testing.assert_array_equal(from_file["batch_stats"]["bn_init"]["var"],
                                 variables["batch_stats"]["bn_init"]["var"])
+
+
+def test_probe_of_an_exported_file_equals_the_probe_of_its_workdir(tmp_path, tiny_pretraining,
+                                                                   shared_cache_dir):
+  from pirl_jax.eval import probe  # pylint: disable=g-import-not-at-top
+  from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+  weights = tmp_path / "trunk.safetensors"
+  export.export(str(tiny_pretraining.workdir), str(weights))
+  with pytest.raises(user_errors.UserError, match="pass --image_size"):
+    probe.run_probe(str(weights), data="synthetic", cache_dir=str(shared_cache_dir))
+  size = tiny_pretraining.config.data.views.image_size
+  data = f"isic:{tiny_pretraining.config.data.path}"
+  of_file = probe.run_probe(str(weights), data=data, image_size=size,
+                            cache_dir=str(shared_cache_dir))
+  # The workdir's probe, with the file's data settings: its config.json prepares the images at
+  # the run's max_image_side, a weights file's probe at the default.
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_pretraining.workdir, workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  config["data"]["max_image_side"] = probe.data_config(None, {}).max_image_side
+  (workdir / "config.json").write_text(json.dumps(config))
+  of_workdir = probe.run_probe(str(workdir), data=data, cache_dir=str(shared_cache_dir))
+  assert of_file["results"]["checkpoint"] == of_workdir["results"]["checkpoint (step 4)"]

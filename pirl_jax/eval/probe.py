@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import user_errors
 from pirl_jax.data import labelled
 from pirl_jax.data import probe_data
 from pirl_jax.eval import features
@@ -200,6 +201,12 @@ def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_di
     raise trunk_init.checkpointing.CheckpointMismatchError(
         f"--checkpoint={checkpoint}: no config.json of the run that wrote it was found, so the "
         "trunk's architecture is unknown.")
+  views = saved.get("data", {}).get("views", {})
+  size = image_size or views.get("image_size") or saved.get("augment", {}).get("image_size")
+  if not size:
+    raise user_errors.UserError(
+        f"--checkpoint={checkpoint} does not say which image size its trunk was trained at "
+        "(a weights file has no config.json): pass --image_size, e.g. 224 for ImageNet weights.")
   cfg = probe_cfg or default_probe_config()
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.query_fraction = query_fraction
@@ -235,16 +242,14 @@ def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_di
 
   mesh = mesh or sharding_lib.create_mesh()
   trunk = trunk_init.trunk_from_config(saved["model"])
-  views = saved.get("data", {}).get("views", {})
-  size = image_size or views.get("image_size") or saved.get("augment", {}).get("image_size")
   abstract = trunk_init.abstract_trunk_variables(trunk, size)
   trunk_init.check_trunk(init, abstract, f"{saved['model']['trunk']} x"
                                          f"{saved['model'].get('width_multiplier', 1.0)}")
   evaluator = ProbeEvaluator(sets, trunk, size, mesh, cfg,
                              num_parallel_calls=data_cfg.num_parallel_calls)
+  name = "checkpoint" if init.step is None else f"checkpoint (step {init.step})"
   trunks = {
-      f"checkpoint (step {init.step})": trunk_init.restore_trunk(
-          init, abstract, sharding=sharding_lib.replicated(mesh)),
+      name: trunk_init.restore_trunk(init, abstract, sharding=sharding_lib.replicated(mesh)),
       f"random init (seed {random_seed})": jax.jit(
           lambda rng: trunk.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False),
           out_shardings=sharding_lib.replicated(mesh))(jax.random.PRNGKey(random_seed)),
@@ -263,7 +268,8 @@ def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from pirl_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("checkpoint", None, "A pretraining or fine-tuning workdir, its "
-                      "checkpoints/ folder or one step folder.")
+                      "checkpoints/ folder, one step folder, or a torchvision-layout weights "
+                      "file (.safetensors; with --image_size and --data).")
   flags.DEFINE_string("data", "", "'' (the data the checkpoint was trained on), 'synthetic', "
                       "'isic:PATH', 'tfds:NAME' or a folder of images (with --labels).")
   flags.DEFINE_string("labels", "", "For a folder: a CSV of 'file,label[,split]' lines.")
