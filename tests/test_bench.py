@@ -41,6 +41,7 @@ def quick_run(tmp_path_factory):
   return records, results
 
 
+@pytest.mark.slow
 def test_every_benchmark_reports(quick_run):
   records, _ = quick_run
   assert {r["benchmark"] for r in records} == {"step", "mfu", "overhead", "pipeline", "bank",
@@ -57,6 +58,7 @@ def test_every_benchmark_reports(quick_run):
     assert expected in names
 
 
+@pytest.mark.slow
 def test_schema_and_values(quick_run):
   records, _ = quick_run
   for r in records:
@@ -73,6 +75,7 @@ def test_schema_and_values(quick_run):
       assert r["status"].startswith(("skipped", "unavailable")), r
 
 
+@pytest.mark.slow
 def test_bank_bytes_per_device(quick_run):
   records, _ = quick_run
   (r,) = [r for r in records if r["name"] == "bank_bytes_per_device"]
@@ -82,6 +85,7 @@ def test_bank_bytes_per_device(quick_run):
   assert largest["value"] < max(r["per_device"].values())  # no collective moves a bank shard
 
 
+@pytest.mark.slow
 def test_results_file_appends(quick_run):
   records, results = quick_run
   lines = results.read_text().splitlines()
@@ -89,6 +93,7 @@ def test_results_file_appends(quick_run):
   assert [json.loads(l) for l in lines[1:]] == json.loads(json.dumps(records))
 
 
+@pytest.mark.slow
 def test_torch_skipped_when_missing(quick_run):
   records, _ = quick_run
   torch_lines = [r for r in records if r["benchmark"] == "step" and "torch" in r["name"]]

@@ -119,6 +119,7 @@ def test_run_comparison_resumes_an_interrupted_arm_and_reuses_finished_ones(tmp_
   assert json.loads((root / "compare.json").read_text())["seeds"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_weights_file_is_the_supervised_arm(tmp_path, tiny_pretraining, small_isic_root,
                                              shared_cache_dir):
   """The PIRL run's trunk exported to .safetensors as the supervised arm: that arm is the PIRL

@@ -389,6 +389,7 @@ def test_export_command_writes_the_trunk_with_its_provenance(tmp_path, tiny_pret
                                 variables["batch_stats"]["bn_init"]["var"])
 
 
+@pytest.mark.slow
 def test_probe_of_an_exported_file_equals_the_probe_of_its_workdir(tmp_path, tiny_pretraining,
                                                                    shared_cache_dir):
   from pirl_jax.eval import probe  # pylint: disable=g-import-not-at-top
