@@ -19,8 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "small bank; well under a minute")
   p.add_argument("--results", default="", help="also append each JSON line to this file")
   p.add_argument("--setting", default="",
-                 help="comma-separated step settings: resnet50, default, tiny "
-                      "(default: resnet50,default; tiny with --quick)")
+                 help="comma-separated step settings: resnet50, imagenet, default, tiny "
+                      "(default: resnet50,default; tiny with --quick; imagenet is for an "
+                      "accelerator host)")
   p.add_argument("--devices", type=int, default=0,
                  help="devices of the step's mesh (0 = all, as config.num_devices)")
   p.add_argument("--reps", type=int, default=None,

@@ -39,6 +39,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # configs/pirl.py:default as it is (ResNet-18 x0.25, batch 64, 64/75/19 px, K=1000) on the
     # 2000 images of the synthetic set.
     "default": dict(preset="default", num_examples=2000, overrides={}),
+    # The imagenet preset's step for one accelerator host: ResNet-50, 224 px image, 64 px tiles,
+    # NCE with K=32000 negatives from a 1.28M-row bank, global batch 256 over the host's devices.
+    # Seconds or more per step on a CPU: meant for a GPU or TPU host (docs/cloud.md).
+    "imagenet": dict(preset="imagenet", num_examples=1_281_167, overrides={
+        "global_batch_size": 256}, reps=3, steps=2, warmup=1),
     # Smoke size (--quick): the tiny preset.
     "tiny": dict(preset="tiny", num_examples=256, overrides={}),
 }

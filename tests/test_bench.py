@@ -134,3 +134,11 @@ def test_package_does_not_import_benchmarks():
       words = line.split()
       if words[:1] in (["import"], ["from"]) and len(words) > 1:
         assert words[1].split(".")[0] != "benchmarks", (path, line)
+
+
+def test_imagenet_setting_is_the_presets_step_at_batch_256():
+  config = train_step.get_config("imagenet")
+  assert config.model.trunk == "resnet50" and config.data.views.image_size == 224
+  assert config.loss.kind == "nce" and config.loss.num_negatives == 32000
+  assert config.global_batch_size == 256
+  assert train_step.SETTINGS["imagenet"]["num_examples"] == 1_281_167

@@ -152,6 +152,16 @@ def test_a_missing_split_is_named(small_isic_root, tmp_path, capsys, monkeypatch
   assert "validation" in err and "Traceback" not in err
 
 
+def test_accelerator_extras_install_jax_for_cuda_and_tpu():
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+  extras = project["optional-dependencies"]
+  assert any(r.startswith("jax[cuda12]") for r in extras["cuda12"])
+  assert any(r.startswith("jax[tpu]") for r in extras["tpu"])
+  # TensorFlow stays the CPU build whatever the extra: it must never take the accelerator.
+  requirements = (REPO / "requirements.txt").read_text()
+  assert "tensorflow-cpu" in requirements and "\ntensorflow>" not in requirements
+
+
 def test_console_command_is_declared_and_points_at_the_cli():
   scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
   assert scripts["pirl-jax"] == "pirl_jax.cli:main"
