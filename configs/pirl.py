@@ -99,6 +99,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # batch x score_chunk_size x embed_dim bank rows while scoring (memory_bank.score).
   config.memory_bank.score_chunk_size = 1024
 
+  # 'pirl': the memory-bank loss on the image and on its jigsaw tiles (the paper). 'npid': the
+  # image term alone, no jigsaw view (instance discrimination with a memory bank, Wu et al.
+  # 2018: PIRL with lambda = 0), the exemplar-style baseline PIRL is measured against.
+  config.method = "pirl"
+
   config.loss = loss = ml_collections.ConfigDict()
   loss.kind = "infonce"  # 'nce' (paper/VISSL) | 'infonce' (softmax cross-entropy)
   loss.temperature = 0.07

@@ -128,7 +128,7 @@ def update_z(z_old: jax.Array | float, z_batch: jax.Array, ema: float) -> jax.Ar
 class PIRLLoss(NamedTuple):
   """PIRL loss and its two terms (a pytree, usable as ``has_aux`` output)."""
   total: jax.Array
-  jigsaw: jax.Array  # L(m_i, g_hat(v_It))
+  jigsaw: jax.Array | None  # L(m_i, g_hat(v_It)); None without a jigsaw view
   image: jax.Array  # L(m_i, f_hat(v_I))
 
 
@@ -138,7 +138,8 @@ def pirl_loss(logits_g: jax.Array, logits_f: jax.Array, *, kind: str = 'nce',
   """``lam * L(g) + (1 - lam) * L(f)``, both terms scored against the memory rows.
 
   Args:
-    logits_g: ``(B, K + 1)`` scores of the jigsaw embedding g_hat (``contrastive_scores``).
+    logits_g: ``(B, K + 1)`` scores of the jigsaw embedding g_hat, or None for the image term
+      alone (NPID; `lam` is then unused and `jigsaw` is None).
     logits_f: ``(B, K + 1)`` scores of the image embedding f_hat.
     kind: ``'nce'`` or ``'infonce'``.
     z: NCE normaliser (required for ``'nce'``, ignored for ``'infonce'``).
@@ -160,6 +161,8 @@ def pirl_loss(logits_g: jax.Array, logits_f: jax.Array, *, kind: str = 'nce',
     loss_fn = infonce_loss
   else:
     raise ValueError(f'Unknown loss kind {kind!r}; valid: {", ".join(LOSS_KINDS)}')
-  loss_g = loss_fn(logits_g)
   loss_f = loss_fn(logits_f)
+  if logits_g is None:  # no jigsaw view (NPID): the image term is the loss
+    return PIRLLoss(total=loss_f, jigsaw=None, image=loss_f)
+  loss_g = loss_fn(logits_g)
   return PIRLLoss(total=lam * loss_g + (1.0 - lam) * loss_f, jigsaw=loss_g, image=loss_f)

@@ -405,9 +405,10 @@ def _start():
   return _memo("start", make)
 
 
-def _one_step(loss_kind, bn_running_stats="images", z_from="both"):
+def _one_step(loss_kind, bn_running_stats="images", z_from="both", method="pirl"):
   """One `jit_train_step` from the fixed state and batch. Returns (config, model, state before,
-  batch, state after, metrics), host arrays."""
+  batch, state after, metrics), host arrays. NPID steps from the same PIRL state (its jigsaw
+  head is there and unused) on the batch without its tiles."""
   def make():
     config = _step_config(loss_kind, bn_running_stats, z_from)
     model, tx, schedule, mesh, before, shardings, batch = _start()
@@ -415,11 +416,13 @@ def _one_step(loss_kind, bn_running_stats="images", z_from="both"):
         mesh, shardings, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
         bank_momentum=config.memory_bank.momentum, num_examples=NUM_EXAMPLES,
         score_chunk_size=config.memory_bank.score_chunk_size,
-        running_stats_from_images=config.model.bn_running_stats == "images")
+        running_stats_from_images=config.model.bn_running_stats == "images", method=method)
     state = jax.device_put(before, shardings)  # a fresh copy: the step donates it
+    if method == "npid":
+      batch = {k: v for k, v in batch.items() if k != "tiles"}
     after, metrics = train_step(state, sharding_lib.global_batch(batch, mesh))
     return config, model, before, batch, jax.device_get(after), jax.device_get(metrics)
-  return _memo((loss_kind, bn_running_stats, z_from), make)
+  return _memo((loss_kind, bn_running_stats, z_from, method), make)
 
 
 def _reference_forward():
@@ -449,10 +452,11 @@ def _normalise(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("loss_kind,z_from", [("infonce", "both"), ("nce", "both"),
-                                              ("nce", "jigsaw")])
-def test_step_matches_numpy_reference(loss_kind, z_from):
-  config, _, before, batch, after, metrics = _one_step(loss_kind, z_from=z_from)
+@pytest.mark.parametrize("loss_kind,z_from,method", [
+    ("infonce", "both", "pirl"), ("nce", "both", "pirl"), ("nce", "jigsaw", "pirl"),
+    ("infonce", "both", "npid"), ("nce", "both", "npid")])
+def test_step_matches_numpy_reference(loss_kind, z_from, method):
+  config, _, before, batch, after, metrics = _one_step(loss_kind, z_from=z_from, method=method)
   loss_cfg, n, k = config.loss, NUM_EXAMPLES, config.loss.num_negatives
   index = batch["index"]
 
@@ -473,12 +477,14 @@ def test_step_matches_numpy_reference(loss_kind, z_from):
 
   logits = {"jigsaw": scores(g_hat, negatives["jigsaw"]),
             "image": scores(f_hat, negatives["image"])}
+  if method == "npid":  # no jigsaw view
+    del logits["jigsaw"]
   if loss_kind == "infonce":
     term = {name: float(np.mean(_logsumexp(s) - s[:, 0])) for name, s in logits.items()}
   else:
     # Z = N * mean(exp(s)) over both terms' logits, or the jigsaw term's (estimated at the
     # first step); VISSL's eps in the denominators.
-    z_logits = [logits["jigsaw"]] if z_from == "jigsaw" else [logits["jigsaw"], logits["image"]]
+    z_logits = [logits["jigsaw"]] if z_from == "jigsaw" else list(logits.values())
     z = n * np.mean(np.exp(np.concatenate(z_logits)))
     np.testing.assert_allclose(metrics["nce_z"], z, rtol=1e-5)
     noise, eps = k / n, loss_cfg.nce_eps  # K * P_n
@@ -487,9 +493,13 @@ def test_step_matches_numpy_reference(loss_kind, z_from):
       x = np.exp(s) / z
       term[name] = float(-np.mean(np.log(x[:, 0] / (x[:, 0] + noise + eps)) +
                                   np.sum(np.log(noise / (x[:, 1:] + noise + eps)), axis=1)))
-  lam = loss_cfg.jigsaw_weight
-  total = lam * term["jigsaw"] + (1 - lam) * term["image"]
-  np.testing.assert_allclose(metrics["loss_jigsaw"], term["jigsaw"], rtol=1e-5)
+  if method == "npid":
+    total = term["image"]
+    assert "loss_jigsaw" not in metrics
+  else:
+    lam = loss_cfg.jigsaw_weight
+    total = lam * term["jigsaw"] + (1 - lam) * term["image"]
+    np.testing.assert_allclose(metrics["loss_jigsaw"], term["jigsaw"], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss_image"], term["image"], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)
 

@@ -25,11 +25,14 @@ def _tiny_config(**overrides):
 def _random_batch(config, num_examples, seed=0):
   rng = np.random.default_rng(seed)
   views, b = config.data.views, config.global_batch_size
-  return {
+  batch = {
       "image": rng.normal(size=(b, views.image_size, views.image_size, 3)).astype(np.float32),
       "tiles": rng.normal(size=(b, 9, views.tile_size, views.tile_size, 3)).astype(np.float32),
       "index": rng.permutation(num_examples)[:b].astype(np.int32),
   }
+  if config.method == "npid":
+    del batch["tiles"]
+  return batch
 
 
 def _run_steps(config, num_devices, num_examples, num_steps):
@@ -41,7 +44,7 @@ def _run_steps(config, num_devices, num_examples, num_steps):
   state, shardings = state_lib.create_train_state(config, model, tx, num_examples, mesh, 0)
   step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=lr,
                                  loss_cfg=config.loss, bank_momentum=0.5,
-                                 num_examples=num_examples)
+                                 num_examples=num_examples, method=config.method)
   metrics = []
   for i in range(num_steps):
     state, m = step(state, sharding_lib.global_batch(_random_batch(config, num_examples, i), mesh))
@@ -56,13 +59,14 @@ def _max_abs_diff(a, b):
   return max(jax.tree.leaves(diffs))
 
 
-@pytest.mark.parametrize("loss_kind,num_examples,num_negatives", [
-    ("nce", 203, 64), ("infonce", 203, 64),
+@pytest.mark.parametrize("loss_kind,num_examples,num_negatives,method", [
+    ("nce", 203, 64, "pirl"), ("infonce", 203, 64, "pirl"), ("nce", 203, 64, "npid"),
     # A size at which the partitioner, left alone, gathered the whole bank on every device.
-    ("infonce", 20_003, 4096)])
-def test_eight_devices_equal_one_device(loss_kind, num_examples, num_negatives):
+    ("infonce", 20_003, 4096, "pirl")])
+def test_eight_devices_equal_one_device(loss_kind, num_examples, num_negatives, method):
   # N is not a multiple of 8: the 8-device bank carries padding rows.
-  config = _tiny_config(**{"loss.kind": loss_kind, "loss.num_negatives": num_negatives})
+  config = _tiny_config(**{"loss.kind": loss_kind, "loss.num_negatives": num_negatives,
+                           "method": method})
   one, metrics_one = _run_steps(config, 1, num_examples, 2)
   eight, metrics_eight = _run_steps(config, 8, num_examples, 2)
 
@@ -81,6 +85,8 @@ def test_eight_devices_equal_one_device(loss_kind, num_examples, num_negatives):
   assert _max_abs_diff(one.batch_stats, eight.batch_stats) < 1e-5
   np.testing.assert_allclose(one.bank, eight.bank[:num_examples], atol=1e-5)
   np.testing.assert_array_equal(eight.bank[num_examples:], 0.0)  # padding never written
+  if method == "npid":  # no jigsaw head was made
+    assert set(one.params) == {"trunk", "f_out"}, set(one.params)
   if loss_kind == "nce":
     assert metrics_one[0]["nce_z"] > 0
     # Z is estimated at the first step and then frozen (nce_z_ema=0).
@@ -123,6 +129,32 @@ def _scalars(workdir, tag):
   return [v for _, v in sorted(points)]
 
 
+def test_npid_pretrains_without_a_jigsaw_view(tmp_path, small_isic_root, caplog):
+  """method='npid': the pipeline makes no tiles, the state has no jigsaw head, the loss is the
+  image term, and the run ends with probes like a PIRL run."""
+  from pirl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  seen = []
+  iterate = pipeline.PretrainInput.iterate
+  def recording_iterate(self, start_step=0):
+    for batch in iterate(self, start_step):
+      seen.append(set(batch))
+      yield batch
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(pipeline.PretrainInput, "iterate", recording_iterate)
+    with caplog.at_level("INFO", logger="absl"):
+      _, workdir, summary = _pretrain(tmp_path, "npid", small_isic_root,
+                                      **{"method": "npid", "num_train_steps": 4,
+                                         "eval_every_steps": 0})
+  assert seen and all(keys == {"image", "index"} for keys in seen)
+  assert summary["complete"] and "loss_jigsaw" not in summary["metrics"]
+  assert summary["metrics"]["loss"] == summary["metrics"]["loss_image"]
+  assert set(summary["evaluations"]["probe"]) >= {"knn_auc_mean", "linear_auc_mean"}
+  arrays = checkpointing.load_arrays(checkpointing.resolve_checkpoint(workdir)[0])
+  assert set(arrays["params"]) == {"trunk", "f_out"}
+  assert any(" loss " in r.getMessage() and "jigsaw" not in r.getMessage()
+             for r in caplog.records if "step 4/4" in r.getMessage())
+
+
 def test_loss_decreases_and_positives_separate(tmp_path, small_isic_root):
   _, workdir, summary = _pretrain(
       tmp_path, "learn", small_isic_root,
@@ -160,6 +192,7 @@ def test_checkpoint_roundtrip_is_identical(tmp_path):
     ("loss.kind", "ntxent", "config.loss.kind='ntxent'"),
     ("loss.temperature", 0.0, "config.loss.temperature"),
     ("data.source", "s3", "config.data.source='s3'"),
+    ("method", "simclr", "config.method='simclr'"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   config = _tiny_config(**{field: value})
@@ -167,6 +200,12 @@ def test_config_errors_name_the_field(field, value, message):
       ")", r"\)").replace(".", r"\.")):
     configuration.validate_pretrain_config(config)
     configuration.check_device_count(config, 8)
+
+
+def test_npid_has_no_jigsaw_term_to_estimate_z_from():
+  config = _tiny_config(**{"method": "npid", "loss.kind": "nce", "loss.nce_z_from": "jigsaw"})
+  with pytest.raises(configuration.ConfigError, match="config.loss.nce_z_from='jigsaw' needs"):
+    configuration.validate_pretrain_config(config)
 
 
 def test_num_negatives_must_be_below_dataset_size():

@@ -13,7 +13,7 @@ Representations and transforms:
     those of the image with its 3x3 grid of cells shuffled and put back together (jigsaw), or
     rotated by 90, 180 or 270 degrees (rotation). Defined for any trunk; a randomly initialised
     trunk of the same architecture is scored alongside as the reference.
-  * `embedding/jigsaw` (PIRL pretraining checkpoints): the paper's measure, the L2 distance
+  * `embedding/jigsaw` (PIRL pretraining checkpoints, not NPID's): the paper's measure, the L2 distance
     between the image head's unit-norm f(v_I) and the jigsaw head's unit-norm g(v_It) of the
     image's nine tiles in a shuffled order, not normalised (0 to 2), as in the paper's figure:
     f and g are different heads, so another image's f is no yardstick for g.
@@ -239,7 +239,9 @@ def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0
   pirl_model_cfg = None
   for given, init in zip(checkpoints, resolved):
     saved = init.source_config
-    is_pirl = saved.get("mode") == "pretrain" and init.item_dir is not None
+    # A PIRL pretraining state has both heads; an NPID one only the image head.
+    is_pirl = (saved.get("mode") == "pretrain" and init.item_dir is not None
+               and saved.get("method", "pirl") == "pirl")
     name = f"{given} (step {init.step})" if init.step is not None else given
     if is_pirl:
       arrays = checkpointing.load_arrays(init.item_dir)

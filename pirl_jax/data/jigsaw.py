@@ -219,7 +219,8 @@ def jigsaw_view(image_uint8, seed, cfg: ViewConfig, return_permutation: bool = F
   return tiles
 
 
-def make_views(image_bytes, index, seed, epoch, cfg: ViewConfig) -> dict[str, tf.Tensor]:
+def make_views(image_bytes, index, seed, epoch, cfg: ViewConfig,
+               with_tiles: bool = True) -> dict[str, tf.Tensor]:
   """Both PIRL views of one encoded image, for `tf.data.Dataset.map`.
 
   The image is decoded once; each view takes its own crop of the original image with an
@@ -231,14 +232,14 @@ def make_views(image_bytes, index, seed, epoch, cfg: ViewConfig) -> dict[str, tf
     seed: global run seed.
     epoch: epoch number (a different epoch gives different views).
     cfg: view configuration.
+    with_tiles: False leaves out the jigsaw view (the image view is the same either way).
 
   Returns:
     {'image': float32 (S, S, 3), 'tiles': float32 (grid**2, T, T, 3), 'index': int32 scalar}.
   """
   image = augment.decode(image_bytes)
   image_seed, jigsaw_seed = augment.split_seed(augment.example_seed(seed, epoch, index), 2)
-  return {
-      "image": image_view(image, image_seed, cfg),
-      "tiles": jigsaw_view(image, jigsaw_seed, cfg),
-      "index": tf.cast(index, tf.int32),
-  }
+  views = {"image": image_view(image, image_seed, cfg), "index": tf.cast(index, tf.int32)}
+  if with_tiles:
+    views["tiles"] = jigsaw_view(image, jigsaw_seed, cfg)
+  return views

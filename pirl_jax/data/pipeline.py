@@ -42,12 +42,13 @@ class PretrainInput:
 
   def __init__(self, source, views: jigsaw.ViewConfig, *, seed: int, global_batch_size: int,
                process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
-               prefetch_batches: int = 2):
+               prefetch_batches: int = 2, with_tiles: bool = True):
     if global_batch_size % process_count:
       raise errors.ConfigFieldError(f"global_batch_size={global_batch_size} is not divisible by "
                                     f"the process count {process_count}.")
     self.source = source
     self.views = views
+    self.with_tiles = with_tiles
     self.seed = seed
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
@@ -73,10 +74,10 @@ class PretrainInput:
     return order[:, start:start + self.local_batch_size].astype(np.int32)
 
   def _views_fn(self, epoch: int):
-    views, seed = self.views, self.seed
+    views, seed, with_tiles = self.views, self.seed, self.with_tiles
 
     def fn(image_bytes, index):
-      return jigsaw.make_views(image_bytes, index, seed, epoch, views)
+      return jigsaw.make_views(image_bytes, index, seed, epoch, views, with_tiles)
     return fn
 
   def epoch_dataset(self, epoch: int, first_step: int = 0) -> tf.data.Dataset:

@@ -25,8 +25,9 @@ TASK_NAME = "pretraining"
 
 def describe(means: dict) -> str:
   """The PIRL part of the progress line."""
-  return (f"loss {means['loss']:.4f} [jigsaw {means['loss_jigsaw']:.4f} image "
-          f"{means['loss_image']:.4f}] pos {means['positive_similarity']:.3f} neg "
+  terms = (f" [jigsaw {means['loss_jigsaw']:.4f} image {means['loss_image']:.4f}]"
+           if "loss_jigsaw" in means else "")
+  return (f"loss {means['loss']:.4f}{terms} pos {means['positive_similarity']:.3f} neg "
           f"{means['negative_similarity']:.3f} lr {means['learning_rate']:.4g}")
 
 
@@ -87,14 +88,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         source, pipeline.view_config(config.data.views), seed=config.seed,
         global_batch_size=config.global_batch_size, process_index=run.process_index,
         process_count=run.process_count, num_parallel_calls=config.data.num_parallel_calls,
-        prefetch_batches=config.data.prefetch_batches)
+        prefetch_batches=config.data.prefetch_batches,
+        with_tiles=config.get("method", "pirl") == "pirl")
     state, shardings = state_lib.create_train_state(config, model, tx, num_examples, run.mesh,
                                                     config.seed)
     train_step = step_lib.jit_train_step(
         run.mesh, shardings, model=model, tx=tx, schedule=lr_schedule, loss_cfg=config.loss,
         bank_momentum=config.memory_bank.momentum, num_examples=num_examples,
         score_chunk_size=config.memory_bank.score_chunk_size,
-        skip_nonfinite=config.skip_nonfinite_steps,
+        skip_nonfinite=config.skip_nonfinite_steps, method=config.get("method", "pirl"),
         running_stats_from_images=config.model.bn_running_stats == "images")
     task = loop.Task(
         state=state, shardings=shardings, train_step=train_step, batches=data.iterate,

@@ -21,8 +21,12 @@ def is_finite_step(metrics):
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_momentum: float,
                num_examples: int, mesh=None, score_chunk_size: int = 1024,
-               skip_nonfinite: bool = False, running_stats_from_images: bool = True):
+               skip_nonfinite: bool = False, running_stats_from_images: bool = True,
+               method: str = "pirl"):
   """One PIRL step: both trunk passes, heads, loss, optimizer, then the bank write.
+
+  With `method='npid'` there is no jigsaw view: the image pass, the image term of the loss
+  (Z, for NCE, from its scores) and the bank write; the batch has no 'tiles'.
 
   The order matters: both loss terms score against the *old* bank rows; only the image
   embedding f(v_I) is written, after the gradient step, without gradient. On a `mesh` the bank
@@ -57,6 +61,10 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
 
   def embed(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
+    if method == "npid":
+      f_hat, new_vars = model.apply(variables, batch["image"], train=True,
+                                    mutable=["batch_stats"], method="embed_images")
+      return f_hat.astype(jnp.float32), None, new_vars["batch_stats"]
     if running_stats_from_images:
       # Only evaluation uses the running statistics: let them describe images, not tiles.
       g_hat = model.apply(variables, batch["tiles"], train=True, mutable=["batch_stats"],
@@ -70,14 +78,15 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
 
   def loss_fn(params):
     f_hat, g_hat, batch_stats = embed(params)
-    logits_jigsaw = memory_bank.score(g_hat, state.bank, index, negatives_jigsaw,
-                                      loss_cfg.temperature, mesh, score_chunk_size)
+    logits_jigsaw = None if g_hat is None else memory_bank.score(
+        g_hat, state.bank, index, negatives_jigsaw, loss_cfg.temperature, mesh, score_chunk_size)
     logits_image = memory_bank.score(f_hat, state.bank, index, negatives_image,
                                      loss_cfg.temperature, mesh, score_chunk_size)
+    scored = [l for l in (logits_jigsaw, logits_image) if l is not None]
     if loss_cfg.kind == "nce":
       # Z from both terms' scores, or (VISSL) from the jigsaw term's only.
-      z_from = [logits_jigsaw] if loss_cfg.nce_z_from == "jigsaw" else [logits_jigsaw,
-                                                                          logits_image]
+      z_from = ([logits_jigsaw] if loss_cfg.nce_z_from == "jigsaw" and logits_jigsaw is not None
+                else scored)
       z_batch = losses.estimate_z([jax.lax.stop_gradient(l) for l in z_from], num_examples)
       z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
     else:
@@ -87,10 +96,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
                             nce_eps=loss_cfg.nce_eps)
     tau = loss_cfg.temperature
     similarities = {
-        "positive_similarity": (jnp.mean(logits_jigsaw[:, 0]) + jnp.mean(logits_image[:, 0]))
-                               * tau / 2,
-        "negative_similarity": (jnp.mean(logits_jigsaw[:, 1:]) + jnp.mean(logits_image[:, 1:]))
-                               * tau / 2,
+        "positive_similarity": sum(jnp.mean(l[:, 0]) for l in scored) * tau / len(scored),
+        "negative_similarity": sum(jnp.mean(l[:, 1:]) for l in scored) * tau / len(scored),
     }
     aux = dict(batch_stats=batch_stats, f_hat=f_hat, z=z, z_batch=z_batch, loss=loss,
                similarities=jax.lax.stop_gradient(similarities))
@@ -111,7 +118,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
 
   metrics = {
       "loss": loss,
-      "loss_jigsaw": aux["loss"].jigsaw,
+      **({} if aux["loss"].jigsaw is None else {"loss_jigsaw": aux["loss"].jigsaw}),
       "loss_image": aux["loss"].image,
       "nce_z": aux["z"],
       "learning_rate": schedule(state.step),
