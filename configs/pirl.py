@@ -1,7 +1,9 @@
 """PIRL pretraining configs.
 
 Select a preset with `--config=configs/pirl.py:<preset>`; override any field with
-`--config.<field>=<value>`.
+`--config.<field>=<value>`. `--config.method=npid` trains any preset as NPID (instance
+discrimination with the memory bank: the image term alone, no jigsaw view), the baseline PIRL
+improves on.
 
 Presets:
   default   The embedded synthetic ISIC-layout set, a narrow ResNet-18 and small views.
