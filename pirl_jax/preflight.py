@@ -49,6 +49,10 @@ RESUMABLE_FIELDS = frozenset({
 # Pretraining only: the probes watch training, they do not change it.
 RESUMABLE_IN_PRETRAINING = frozenset({"eval_every_steps", "probe"})
 
+# Fields added to the configs after workdirs were written, with the value the code had before
+# them: a saved config without the field ran with that value, so it is no difference.
+ADDED_FIELDS = {"method": "pirl"}
+
 _MIB = 1 << 20
 
 
@@ -131,6 +135,8 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     if field in resumable or field.split(".")[0] in resumable:
       continue
     before, after = saved.get(field, missing), new.get(field, missing)
+    if before is missing and field in ADDED_FIELDS:
+      before = ADDED_FIELDS[field]
     if before != after:
       show = lambda v: "(absent)" if v is missing else json.dumps(v)
       lines.append(f"{field}: {show(before)} in the workdir, {show(after)} now")

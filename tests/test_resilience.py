@@ -168,6 +168,17 @@ def test_config_differences_ignore_resumable_fields(small_isic_root, cache_dir):
       saved, preflight.config_as_dict(new))
 
 
+def test_a_workdir_from_before_config_method_resumes_as_pirl(small_isic_root, cache_dir):
+  """`method` was added later: a saved config without it ran PIRL."""
+  saved = preflight.config_as_dict(_config(small_isic_root, cache_dir))
+  del saved["method"]
+  pirl = preflight.config_as_dict(_config(small_isic_root, cache_dir))
+  assert preflight.config_differences(saved, pirl) == []
+  npid = preflight.config_as_dict(_config(small_isic_root, cache_dir, method="npid"))
+  assert preflight.config_differences(saved, npid) == [
+      'method: "pirl" in the workdir, "npid" now']
+
+
 def test_forced_resume_keeps_the_previous_config(tmp_path, tiny_pretraining):
   """Run's preflight and config.json on a copy of a finished run's workdir (checkpoints 2, 4)."""
   workdir = tmp_path / "run"

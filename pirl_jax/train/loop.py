@@ -35,6 +35,7 @@ import dataclasses
 import json
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -139,6 +140,12 @@ class StartupInterrupted(BaseException):
   """SIGTERM arrived before the first training step (a BaseException: nothing swallows it)."""
 
 
+# Set by the start-up handler. Python ignores exceptions raised where the signal happens to land
+# in a garbage-collection or weakref callback (it prints "Exception ignored in ..."), so the
+# training loop checks this before its first step too.
+_startup_sigterm = threading.Event()
+
+
 def install_startup_sigterm_handler() -> None:
   """Makes a SIGTERM before training starts end the program cleanly (see `StartupInterrupted`).
 
@@ -149,7 +156,17 @@ def install_startup_sigterm_handler() -> None:
 
   def handle(signum, frame):
     del signum, frame
+    _startup_sigterm.set()
     raise StartupInterrupted()
+
+  default_hook = sys.unraisablehook
+
+  def quiet_when_swallowed(unraisable):
+    # The flag carries the request on: no "Exception ignored" traceback for it.
+    if not isinstance(unraisable.exc_value, StartupInterrupted):
+      default_hook(unraisable)
+  _startup_sigterm.clear()
+  sys.unraisablehook = quiet_when_swallowed
   signal.signal(signal.SIGTERM, handle)
 
 
@@ -164,6 +181,9 @@ class _TermSignal:
     if (not jax.distributed.is_initialized() and
         threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if _startup_sigterm.is_set():  # a start-up SIGTERM whose exception was swallowed
+      self.__exit__(None, None, None)
+      raise StartupInterrupted()
     return self
 
   def _handle(self, signum, frame):
