@@ -255,7 +255,11 @@ def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0
                        width_multiplier=loaded.width_multiplier)
     results[name] = score_checkpoint(variables, model_cfg, views, with_heads=is_pirl)
     logging.info("%s: %s", name, describe(results[name]))
+  first_is_pretraining = resolved[0].source_config.get("mode") == "pretrain"
+  if pirl_model_cfg is None and first_is_pretraining:
+    pirl_model_cfg = dict(resolved[0].source_config["model"])
   if pirl_model_cfg is not None:
+    # The same random model whatever the methods: a PIRL network's initialisation at `seed`.
     random_vars = _random_model_variables(pirl_model_cfg, views, seed)
     results["random init"] = score_checkpoint(random_vars, pirl_model_cfg, views,
                                               with_heads=True)
