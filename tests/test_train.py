@@ -247,3 +247,32 @@ def test_per_device_batch_norm_uses_each_devices_share_only():
   assert state_lib.create_model(
       _tiny_config(**{"model.batch_norm": "per_device"}).model, 8).trunk.bn_groups == 8
   assert state_lib.create_model(_tiny_config().model, 8).trunk.bn_groups == 1
+
+
+def test_head_batch_norm_running_stats_come_from_their_own_pass():
+  """With head BatchNorm and bn_running_stats='images': the trunk's and f's running statistics
+  are the image pass's, the jigsaw head's the tile pass's (it never sees images)."""
+  config = _tiny_config(**{"model.head_batch_norm": True})
+  num_examples = 64
+  mesh = sharding_lib.create_mesh(jax.devices()[:1])
+  schedule = configuration.resolve_schedule(config, num_examples)
+  model = state_lib.create_model(config.model)
+  tx, lr = state_lib.create_optimizer(config.optim, schedule.learning_rate,
+                                      schedule.warmup_steps, schedule.total_steps)
+  state, shardings = state_lib.create_train_state(config, model, tx, num_examples, mesh, 0)
+  before = jax.device_get(state)
+  batch = _random_batch(config, num_examples)
+  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=lr,
+                                 loss_cfg=config.loss, bank_momentum=0.5,
+                                 num_examples=num_examples, running_stats_from_images=True)
+  after = jax.device_get(step(state, sharding_lib.global_batch(batch, mesh))[0])
+  variables = {"params": before.params, "batch_stats": before.batch_stats}
+  _, tile_vars = model.apply(variables, batch["tiles"], train=True, mutable=["batch_stats"],
+                             method="embed_tiles")
+  _, image_vars = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
+                              method="embed_images")
+  assert set(after.batch_stats) == {"trunk", "f_norm", "g_tile_norm"}
+  for name, source in (("trunk", image_vars), ("f_norm", image_vars), ("g_tile_norm", tile_vars)):
+    assert _max_abs_diff(after.batch_stats[name], source["batch_stats"][name]) < 1e-5, name
+  assert _max_abs_diff(after.batch_stats["g_tile_norm"],
+                       before.batch_stats["g_tile_norm"]) > 1e-3  # it moved

@@ -66,11 +66,17 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
                                     mutable=["batch_stats"], method="embed_images")
       return f_hat.astype(jnp.float32), None, new_vars["batch_stats"]
     if running_stats_from_images:
-      # Only evaluation uses the running statistics: let them describe images, not tiles.
-      g_hat = model.apply(variables, batch["tiles"], train=True, mutable=["batch_stats"],
-                          method="embed_tiles")[0]
+      # Only evaluation uses the running statistics: let the trunk's describe images, not
+      # tiles. The jigsaw head's own BatchNorm (model.head_batch_norm) sees tiles only: it keeps
+      # the tile pass's.
+      g_hat, tile_vars = model.apply(variables, batch["tiles"], train=True,
+                                     mutable=["batch_stats"], method="embed_tiles")
       f_hat, new_vars = model.apply(variables, batch["image"], train=True,
                                     mutable=["batch_stats"], method="embed_images")
+      tile_stats = tile_vars["batch_stats"]
+      if "g_tile_norm" in tile_stats:
+        new_vars = {"batch_stats": {**new_vars["batch_stats"],
+                                    "g_tile_norm": tile_stats["g_tile_norm"]}}
     else:
       (f_hat, g_hat), new_vars = model.apply(variables, batch["image"], batch["tiles"],
                                              train=True, mutable=["batch_stats"])
