@@ -8,7 +8,7 @@ improves on.
 Presets:
   default   The embedded synthetic ISIC-layout set, a narrow ResNet-18 and small views.
             `python main.py --config=configs/pirl.py`
-            Expected: 6.7 minutes from an empty cache on an idle 2-core CPU (data generation
+            Expected: 5.6 minutes (337 s) from an empty cache on an idle 2-core CPU (data generation
             included); 620 steps, final loss 5.61; test-split probes kNN / linear mean AUC 0.690 /
             0.683 over seeds 0-2 (random trunk 0.546 / 0.578; docs/experiments.md).
   quality   The default preset trained 6x longer (60 epochs, probes every 310 steps): the
