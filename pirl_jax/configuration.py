@@ -147,7 +147,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
       ("loss.num_negatives", loss.num_negatives >= 1, "must be at least 1"),
       ("loss.nce_z_ema", 0.0 <= loss.nce_z_ema < 1.0, "must be in [0, 1)"),
       ("loss.nce_eps", loss.nce_eps >= 0.0, "must be >= 0"),
-      ("loss.nce_z_from", config.get("method", "pirl") == "pirl" or loss.nce_z_from == "both",
+      ("loss.nce_z_from", config.method == "pirl" or loss.nce_z_from == "both",
        "needs the jigsaw term, which config.method='npid' does not have: use 'both'"),
       ("memory_bank.momentum", 0.0 <= config.memory_bank.momentum < 1.0, "must be in [0, 1)"),
       ("memory_bank.score_chunk_size", config.memory_bank.score_chunk_size >= 1, "must be >= 1"),

@@ -86,11 +86,14 @@ def load_trunk(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk
   return loaded.trunk, loaded.variables
 
 
-@jax.jit
-def _normalize(images):
-  mean = jnp.asarray(augment.IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(augment.IMAGENET_STD, jnp.float32)
-  return (images - mean) / std
+def normalize_images(images) -> np.ndarray:
+  """The training input's convention for RGB images: uint8 [0, 255] or floats [0, 1] -> minus
+  the ImageNet mean, over its standard deviation; float32."""
+  images = np.asarray(images)
+  scale = 1.0 / 255.0 if images.dtype == np.uint8 else 1.0
+  mean = np.asarray(augment.IMAGENET_MEAN, np.float32)
+  std = np.asarray(augment.IMAGENET_STD, np.float32)
+  return ((images.astype(np.float32) * scale - mean) / std).astype(np.float32)
 
 
 def embed(trunk: resnet.ResNet, variables: dict, images, *, normalize: bool = True,
@@ -107,18 +110,17 @@ def embed(trunk: resnet.ResNet, variables: dict, images, *, normalize: bool = Tr
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be (N, H, W, 3) RGB, got shape {images.shape}.")
-  scale = 1.0 / 255.0 if images.dtype == np.uint8 else 1.0
   apply = jax.jit(lambda v, x: trunk.apply(v, x, train=False))
   batch_size = max(1, min(batch_size, len(images)))
   outputs = []
   for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size].astype(np.float32) * scale
+    chunk = images[start:start + batch_size]
+    chunk = normalize_images(chunk) if normalize else chunk.astype(np.float32)
     count = len(chunk)
     if count < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:],
                                               np.float32)])
-    x = _normalize(chunk) if normalize else jnp.asarray(chunk)
-    outputs.append(np.asarray(apply(variables, x))[:count])
+    outputs.append(np.asarray(apply(variables, jnp.asarray(chunk)))[:count])
   if not outputs:
     return np.zeros((0, trunk.num_features), np.float32)
   return np.concatenate(outputs).astype(np.float32)

@@ -42,7 +42,6 @@ from PIL import Image
 from pirl_jax import checkpointing
 from pirl_jax import inference
 from pirl_jax import user_errors
-from pirl_jax.data import augment
 from pirl_jax.eval import probe
 from pirl_jax.eval import trunk_init
 from pirl_jax.train import state as state_lib
@@ -96,13 +95,6 @@ def centre_tiles(image: np.ndarray, tile_size: int, grid: int = GRID) -> np.ndar
   return np.stack(tiles)
 
 
-def normalize(images_uint8: np.ndarray) -> np.ndarray:
-  """[0, 255] -> the training input's ImageNet mean/std normalisation, float32."""
-  mean = np.asarray(augment.IMAGENET_MEAN, np.float32)
-  std = np.asarray(augment.IMAGENET_STD, np.float32)
-  return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-
-
 # --- The score ------------------------------------------------------------------------------------
 
 
@@ -143,7 +135,7 @@ def summarize(scores: np.ndarray) -> dict:
 # --- Views of the held-out images -----------------------------------------------------------------
 
 
-def held_out_images(saved: dict, num_images: int, cache_dir: str = "") -> np.ndarray:
+def held_out_images(saved: dict, num_images: int, cache_dir: str = "") -> list[np.ndarray]:
   """Up to `num_images` decoded held-out images (the probes' query split), uint8 RGB."""
   data_cfg = probe.data_config(saved, {"cache_dir": cache_dir or None})
   probe_cfg = probe.default_probe_config()
@@ -169,16 +161,12 @@ def make_views(images, image_size: int, jigsaw_crop_size: int, tile_size: int,
   turns = rng.integers(1, 4, len(images))
   jigsaw_squares = np.stack([centre_square(im, jigsaw_crop_size) for im in images])
   tiles = np.stack([centre_tiles(sq, tile_size)[p] for sq, p in zip(jigsaw_squares, permutations)])
+  normalize = inference.normalize_images
   return dict(
       image=normalize(squares),
       jigsaw=normalize(np.stack([shuffle_cells(sq, p) for sq, p in zip(squares, permutations)])),
       rotation=normalize(np.stack([rotate(sq, t) for sq, t in zip(squares, turns)])),
       tiles=normalize(tiles))
-
-
-def _batched(fn, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
-  return np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + batch_size])))
-                         for i in range(0, len(x), batch_size)])
 
 
 def score_checkpoint(variables: dict, model_cfg: dict, views: dict, with_heads: bool) -> dict:
@@ -189,17 +177,21 @@ def score_checkpoint(variables: dict, model_cfg: dict, views: dict, with_heads: 
     trunk_vars = {c: variables[c][trunk_init.TRUNK] for c in ("params", "batch_stats")}
   else:
     trunk_vars = variables
-  features = jax.jit(lambda x: model.trunk.apply(trunk_vars, x, train=False))
-  image = _batched(features, views["image"])
-  scores = {f"trunk/{name}": summarize(normalised_distances(image, _batched(features, views[name])))
-            for name in ("jigsaw", "rotation")}
+  names = ("image", "jigsaw", "rotation")
+  features = np.split(inference.embed(model.trunk, trunk_vars,
+                                      np.concatenate([views[n] for n in names]), normalize=False),
+                      len(names))
+  image = features[0]
+  scores = {f"trunk/{name}": summarize(normalised_distances(image, transformed))
+            for name, transformed in zip(names[1:], features[1:])}
   if with_heads:
-    embed_images = jax.jit(lambda x: model.apply(variables, x, train=False,
-                                                  method=model.embed_images))
-    embed_tiles = jax.jit(lambda x: model.apply(variables, x, train=False,
-                                                 method=model.embed_tiles))
-    scores["embedding/jigsaw"] = summarize(distances(
-        _batched(embed_images, views["image"]), _batched(embed_tiles, views["tiles"])))
+    embed = jax.jit(lambda v, x, tiles: (model.apply(v, x, train=False, method="embed_images"),
+                                         model.apply(v, tiles, train=False,
+                                                     method="embed_tiles")))
+    pairs = [embed(variables, views["image"][i:i + 128], views["tiles"][i:i + 128])
+             for i in range(0, len(views["image"]), 128)]
+    f_hat, g_hat = (np.concatenate([np.asarray(p[k]) for p in pairs]) for k in (0, 1))
+    scores["embedding/jigsaw"] = summarize(distances(f_hat, g_hat))
   return scores
 
 

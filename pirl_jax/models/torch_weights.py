@@ -103,6 +103,10 @@ def _to_torch(name: str, value: np.ndarray) -> np.ndarray:
   return np.transpose(value, (3, 2, 0, 1)) if name == "kernel" else value  # HWIO -> OIHW
 
 
+def _torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return (shape[3], shape[2], shape[0], shape[1]) if name == "kernel" else tuple(shape)
+
+
 def _from_torch(name: str, value: np.ndarray) -> np.ndarray:
   return np.transpose(value, (2, 3, 1, 0)) if name == "kernel" else value  # OIHW -> HWIO
 
@@ -173,9 +177,9 @@ def from_state_dict(state: Mapping[str, np.ndarray], variables: Mapping,
       continue
     value = _from_torch(path[-1], np.asarray(state[key], dtype=np.float32))
     if value.shape != tuple(flat[path].shape):
-      torch_shape = tuple(np.shape(state[key]))
-      expected = tuple(_to_torch(path[-1], np.zeros(flat[path].shape, np.bool_)).shape)
-      mismatched.append(f"{key}: {torch_shape} in the file, {expected} in the trunk")
+      expected = _torch_shape(path[-1], flat[path].shape)
+      mismatched.append(f"{key}: {tuple(np.shape(state[key]))} in the file, {expected} in the "
+                        "trunk")
       continue
     out[path] = value
   problems = []

@@ -89,14 +89,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         global_batch_size=config.global_batch_size, process_index=run.process_index,
         process_count=run.process_count, num_parallel_calls=config.data.num_parallel_calls,
         prefetch_batches=config.data.prefetch_batches,
-        with_tiles=config.get("method", "pirl") == "pirl")
+        with_tiles=config.method == "pirl")
     state, shardings = state_lib.create_train_state(config, model, tx, num_examples, run.mesh,
                                                     config.seed)
     train_step = step_lib.jit_train_step(
         run.mesh, shardings, model=model, tx=tx, schedule=lr_schedule, loss_cfg=config.loss,
         bank_momentum=config.memory_bank.momentum, num_examples=num_examples,
         score_chunk_size=config.memory_bank.score_chunk_size,
-        skip_nonfinite=config.skip_nonfinite_steps, method=config.get("method", "pirl"),
+        skip_nonfinite=config.skip_nonfinite_steps, method=config.method,
         running_stats_from_images=config.model.bn_running_stats == "images")
     task = loop.Task(
         state=state, shardings=shardings, train_step=train_step, batches=data.iterate,

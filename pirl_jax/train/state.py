@@ -84,7 +84,7 @@ def _init_fn(config, model, tx, num_examples: int, num_shards: int):
 
   def init(rng):
     params_rng, bank_rng, step_rng = jax.random.split(rng, 3)
-    if config.get("method", "pirl") == "npid":  # no jigsaw view: no jigsaw head either
+    if config.method == "npid":  # no jigsaw view: no jigsaw head either
       variables = model.init(params_rng, images, train=False, method="embed_images")
     else:
       variables = model.init(params_rng, images, tiles, train=False)

@@ -91,8 +91,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
     scored = [l for l in (logits_jigsaw, logits_image) if l is not None]
     if loss_cfg.kind == "nce":
       # Z from both terms' scores, or (VISSL) from the jigsaw term's only.
-      z_from = ([logits_jigsaw] if loss_cfg.nce_z_from == "jigsaw" and logits_jigsaw is not None
-                else scored)
+      z_from = [logits_jigsaw] if loss_cfg.nce_z_from == "jigsaw" else scored
       z_batch = losses.estimate_z([jax.lax.stop_gradient(l) for l in z_from], num_examples)
       z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
     else:
