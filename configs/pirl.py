@@ -1,9 +1,9 @@
 """PIRL pretraining configs.
 
 Select a preset with `--config=configs/pirl.py:<preset>`; override any field with
-`--config.<field>=<value>`. `--config.method=npid` trains any preset as NPID (instance
-discrimination with the memory bank: the image term alone, no jigsaw view), the baseline PIRL
-improves on.
+`--config.<field>=<value>`. `--config.method=<method>` trains any preset with another method on the
+same trunk, data and budget: pirl (default), pirl_rotation, npid, jigsaw, rotation,
+relative_patch (docs/methods.md).
 
 Presets:
   default   The embedded synthetic ISIC-layout set, a narrow ResNet-18 and small views.
@@ -101,10 +101,14 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # batch x score_chunk_size x embed_dim bank rows while scoring (memory_bank.score).
   config.memory_bank.score_chunk_size = 1024
 
-  # 'pirl': the memory-bank loss on the image and on its jigsaw tiles (the paper). 'npid': the
-  # image term alone, no jigsaw view (instance discrimination with a memory bank, Wu et al.
-  # 2018: PIRL with lambda = 0), the exemplar-style baseline PIRL is measured against.
+  # 'pirl': the memory-bank loss on the image and on its jigsaw tiles (the paper). The methods
+  # PIRL is measured against (pirl_jax/methods.py, docs/methods.md), on the same trunk, data,
+  # loop and probes: 'pirl_rotation' (PIRL with rotated images in place of the tiles), 'npid'
+  # (the image term alone: instance discrimination with a memory bank), and the covariant
+  # pretexts 'jigsaw' (which of jigsaw_permutations permutations), 'rotation' (RotNet, 4-way)
+  # and 'relative_patch' (position of a tile next to the centre one, 8-way).
   config.method = "pirl"
+  config.jigsaw_permutations = 1000  # method='jigsaw': classes (Noroozi & Favaro; Goyal et al.)
 
   config.loss = loss = ml_collections.ConfigDict()
   loss.kind = "infonce"  # 'nce' (paper/VISSL) | 'infonce' (softmax cross-entropy)

@@ -13,11 +13,12 @@ import math
 
 import ml_collections
 
+from pirl_jax import methods
 from pirl_jax import user_errors
 
 _PRETRAIN_CHOICES = {
     "mode": ("pretrain", "finetune"),
-    "method": ("pirl", "npid"),
+    "method": methods.METHODS,
     "data.source": ("synthetic", "isic", "folder", "tfds"),
     "data.on_bad_image": ("error", "skip"),
     "model.head": ("linear", "mlp"),
@@ -147,8 +148,18 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
       ("loss.num_negatives", loss.num_negatives >= 1, "must be at least 1"),
       ("loss.nce_z_ema", 0.0 <= loss.nce_z_ema < 1.0, "must be in [0, 1)"),
       ("loss.nce_eps", loss.nce_eps >= 0.0, "must be >= 0"),
-      ("loss.nce_z_from", config.method == "pirl" or loss.nce_z_from == "both",
-       "needs the jigsaw term, which config.method='npid' does not have: use 'both'"),
+      ("loss.nce_z_from",
+       methods.transformed_view(config.method) is not None or loss.nce_z_from == "both",
+       f"needs the transformed view's term, which config.method={config.method!r} does not "
+       "have: use 'both'"),
+      ("model.bn_running_stats",
+       config.method == "pirl" or config.model.bn_running_stats == "images",
+       f"'tiles_and_images' applies to config.method='pirl' only (the method here is "
+       f"{config.method!r}): use 'images'"),
+      ("data.views.grid", config.method not in methods.NEEDS_3X3_GRID or config.data.views.grid == 3,
+       f"config.method={config.method!r} is defined on a 3x3 grid of tiles: use 3"),
+      ("jigsaw_permutations", 2 <= config.jigsaw_permutations <= math.factorial(9),
+       "must be in [2, 9! = 362880]"),
       ("memory_bank.momentum", 0.0 <= config.memory_bank.momentum < 1.0, "must be in [0, 1)"),
       ("memory_bank.score_chunk_size", config.memory_bank.score_chunk_size >= 1, "must be >= 1"),
       ("optim.base_learning_rate",

@@ -51,7 +51,7 @@ RESUMABLE_IN_PRETRAINING = frozenset({"eval_every_steps", "probe"})
 
 # Fields added to the configs after workdirs were written, with the value the code had before
 # them: a saved config without the field ran with that value, so it is no difference.
-ADDED_FIELDS = {"method": "pirl"}
+ADDED_FIELDS = {"method": "pirl", "jigsaw_permutations": 1000}
 
 _MIB = 1 << 20
 

@@ -24,6 +24,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from pirl_jax import methods
 from pirl_jax.data import augment
 from pirl_jax.data import errors
 
@@ -179,6 +180,42 @@ def jigsaw_crop(image_uint8, seed, cfg: ViewConfig) -> tf.Tensor:
                                      cfg.jigsaw_crop_scale, cfg.crop_ratio)
 
 
+def _grid_tiles(image_uint8, seed, cfg: ViewConfig, cells=None) -> tf.Tensor:
+  """The tiles of the grid cells (all, row-major, or those listed in `cells`), not normalised.
+
+  Each tile is cut at an independent random offset inside its cell and, with
+  `cfg.tile_photometric`, augmented with the cell's own seed, so a cell's tile does not depend on
+  which other cells are taken.
+  """
+  _, offset_seed, _, photo_seed = _jigsaw_seeds(seed)
+  crop = jigsaw_crop(image_uint8, seed, cfg)
+  n, cell, t = cfg.num_tiles, cfg.cell_size, cfg.tile_size
+
+  # Per-tile offsets in [0, cell - t], drawn independently for y and x.
+  offsets = tf.random.stateless_uniform(
+      [n, 2], offset_seed, minval=0, maxval=cell - t + 1, dtype=tf.int32)
+  all_cells = tf.range(n, dtype=tf.int32)
+  top = (all_cells // cfg.grid) * cell + offsets[:, 0]
+  left = (all_cells % cfg.grid) * cell + offsets[:, 1]
+  span = tf.range(t, dtype=tf.int32)
+  rows = tf.gather(crop, top[:, None] + span[None, :])  # (n, t, C, 3)
+  tiles = tf.gather(rows, left[:, None] + span[None, :], axis=2, batch_dims=1)
+
+  tile_seeds = tf.random.experimental.stateless_split(photo_seed, n)
+  count = n
+  if cells is not None:
+    tiles, tile_seeds = tf.gather(tiles, cells), tf.gather(tile_seeds, cells)
+    count = len(cells) if isinstance(cells, (tuple, list)) else int(cells.shape[0])
+  if cfg.tile_photometric:
+    tiles = tf.stack([_photometric(tiles[k], tile_seeds[k], cfg) for k in range(count)])
+  return tiles
+
+
+def _shuffle_tiles(tiles, perm, cfg: ViewConfig) -> tf.Tensor:
+  n, t = cfg.num_tiles, cfg.tile_size
+  return tf.ensure_shape(_normalize(tf.gather(tiles, perm), cfg), [n, t, t, 3])
+
+
 def jigsaw_view(image_uint8, seed, cfg: ViewConfig, return_permutation: bool = False):
   """The jigsaw view v_It: grid**2 shuffled, independently augmented tiles.
 
@@ -193,38 +230,72 @@ def jigsaw_view(image_uint8, seed, cfg: ViewConfig, return_permutation: bool = F
     `return_permutation`, perm int32 (grid**2,): output tile k was cut from cell perm[k] of the
     crop, cells numbered in row-major order.
   """
-  _, offset_seed, perm_seed, photo_seed = _jigsaw_seeds(seed)
-  crop = jigsaw_crop(image_uint8, seed, cfg)
-  n, cell, t = cfg.num_tiles, cfg.cell_size, cfg.tile_size
-
-  # Per-tile offsets in [0, cell - t], drawn independently for y and x.
-  offsets = tf.random.stateless_uniform(
-      [n, 2], offset_seed, minval=0, maxval=cell - t + 1, dtype=tf.int32)
-  cells = tf.range(n, dtype=tf.int32)
-  top = (cells // cfg.grid) * cell + offsets[:, 0]
-  left = (cells % cfg.grid) * cell + offsets[:, 1]
-  span = tf.range(t, dtype=tf.int32)
-  rows = tf.gather(crop, top[:, None] + span[None, :])  # (n, t, C, 3)
-  tiles = tf.gather(rows, left[:, None] + span[None, :], axis=2, batch_dims=1)
-
-  if cfg.tile_photometric:
-    tile_seeds = augment.split_seed(photo_seed, n)
-    tiles = tf.stack([_photometric(tiles[k], tile_seeds[k], cfg) for k in range(n)])
-
+  perm_seed = _jigsaw_seeds(seed)[2]
+  tiles = _grid_tiles(image_uint8, seed, cfg)
   # argsort of i.i.d. uniforms is a uniformly random permutation of all n! orders.
-  perm = tf.argsort(tf.random.stateless_uniform([n], perm_seed))
-  tiles = tf.ensure_shape(_normalize(tf.gather(tiles, perm), cfg), [n, t, t, 3])
+  perm = tf.argsort(tf.random.stateless_uniform([cfg.num_tiles], perm_seed))
+  tiles = _shuffle_tiles(tiles, perm, cfg)
   if return_permutation:
     return tiles, perm
   return tiles
 
 
-def make_views(image_bytes, index, seed, epoch, cfg: ViewConfig,
-               with_tiles: bool = True) -> dict[str, tf.Tensor]:
-  """Both PIRL views of one encoded image, for `tf.data.Dataset.map`.
+def jigsaw_class_view(image_uint8, seed, cfg: ViewConfig, permutations) -> tuple:
+  """The covariant jigsaw pretext's input: the same tiles, shuffled by one of a fixed set.
+
+  Args:
+    image_uint8: (H, W, 3) uint8 image.
+    seed: stateless seed, shape (2,).
+    cfg: view configuration (a 3x3 grid).
+    permutations: int32 (P, 9) tensor, the classes (`permutations.permutation_set`).
+
+  Returns:
+    (tiles float32 (9, T, T, 3) normalised, label int32 scalar in [0, P)): output tile k was cut
+    from cell permutations[label][k].
+  """
+  perm_seed = _jigsaw_seeds(seed)[2]
+  label = tf.random.stateless_uniform([], perm_seed, minval=0,
+                                      maxval=tf.shape(permutations)[0], dtype=tf.int32)
+  tiles = _shuffle_tiles(_grid_tiles(image_uint8, seed, cfg), permutations[label], cfg)
+  return tiles, label
+
+
+def relative_patch_view(image_uint8, seed, cfg: ViewConfig) -> tuple:
+  """Relative patch location's input: the centre tile and one of its 8 neighbours.
+
+  The tiles come from the 3x3 grid of the jigsaw crop, so the gap between two tiles is
+  `cell_size - tile_size` on average and each tile is jittered by its offset in its cell.
+
+  Returns:
+    (patches float32 (2, T, T, 3) normalised: centre, neighbour; label int32 scalar in [0, 8):
+    the neighbour is cell methods.RELATIVE_POSITION_CELLS[label]).
+  """
+  perm_seed = _jigsaw_seeds(seed)[2]
+  label = tf.random.stateless_uniform([], perm_seed, minval=0, maxval=8, dtype=tf.int32)
+  neighbour = tf.gather(tf.constant(methods.RELATIVE_POSITION_CELLS, tf.int32), label)
+  cells = tf.stack([tf.constant(4, tf.int32), neighbour])
+  patches = _normalize(_grid_tiles(image_uint8, seed, cfg, cells), cfg)
+  return tf.ensure_shape(patches, [2, cfg.tile_size, cfg.tile_size, 3]), label
+
+
+def rotated_view(image_uint8, seed, cfg: ViewConfig, return_rotation: bool = False):
+  """PIRL-rotation's transformed view: an image view (own crop and colours) rotated by k * 90
+  degrees counter-clockwise, k uniform in {0, 1, 2, 3}."""
+  view_seed, rotation_seed = augment.split_seed(seed, 2)
+  k = tf.random.stateless_uniform([], rotation_seed, minval=0, maxval=methods.NUM_ROTATIONS,
+                                  dtype=tf.int32)
+  view = tf.image.rot90(image_view(image_uint8, view_seed, cfg), k)
+  view = tf.ensure_shape(view, [cfg.image_size, cfg.image_size, 3])
+  return (view, k) if return_rotation else view
+
+
+def make_views(image_bytes, index, seed, epoch, cfg: ViewConfig, method: str = "pirl",
+               permutations=None) -> dict[str, tf.Tensor]:
+  """The views `method` trains on, of one encoded image, for `tf.data.Dataset.map`.
 
   The image is decoded once; each view takes its own crop of the original image with an
-  independent seed derived from `(seed, epoch, index)`.
+  independent seed derived from `(seed, epoch, index)`. The image view is the same for every
+  method that has one.
 
   Args:
     image_bytes: scalar string tensor, a JPEG.
@@ -232,14 +303,30 @@ def make_views(image_bytes, index, seed, epoch, cfg: ViewConfig,
     seed: global run seed.
     epoch: epoch number (a different epoch gives different views).
     cfg: view configuration.
-    with_tiles: False leaves out the jigsaw view (the image view is the same either way).
+    method: one of `methods.METHODS`.
+    permutations: int32 (P, 9), the jigsaw classes; needed by method 'jigsaw' only.
 
   Returns:
-    {'image': float32 (S, S, 3), 'tiles': float32 (grid**2, T, T, 3), 'index': int32 scalar}.
+    'index' int32 scalar and, by method: 'image' float32 (S, S, 3) (pirl, pirl_rotation, npid,
+    rotation); 'tiles' float32 (grid**2, T, T, 3) (pirl, jigsaw); 'rotated' float32 (S, S, 3)
+    (pirl_rotation); 'patches' float32 (2, T, T, 3) (relative_patch); 'label' int32 scalar
+    (jigsaw, relative_patch).
   """
+  if method not in methods.METHODS:
+    raise ValueError(f"Unknown method {method!r}; valid: {', '.join(methods.METHODS)}.")
   image = augment.decode(image_bytes)
-  image_seed, jigsaw_seed = augment.split_seed(augment.example_seed(seed, epoch, index), 2)
-  views = {"image": image_view(image, image_seed, cfg), "index": tf.cast(index, tf.int32)}
-  if with_tiles:
-    views["tiles"] = jigsaw_view(image, jigsaw_seed, cfg)
+  image_seed, transform_seed = augment.split_seed(augment.example_seed(seed, epoch, index), 2)
+  views = {"index": tf.cast(index, tf.int32)}
+  if method in ("pirl", "pirl_rotation", "npid", "rotation"):
+    views["image"] = image_view(image, image_seed, cfg)
+  if method == "pirl":
+    views["tiles"] = jigsaw_view(image, transform_seed, cfg)
+  elif method == "pirl_rotation":
+    views["rotated"] = rotated_view(image, transform_seed, cfg)
+  elif method == "jigsaw":
+    if permutations is None:
+      raise ValueError("method='jigsaw' needs the permutation set.")
+    views["tiles"], views["label"] = jigsaw_class_view(image, transform_seed, cfg, permutations)
+  elif method == "relative_patch":
+    views["patches"], views["label"] = relative_patch_view(image, transform_seed, cfg)
   return views

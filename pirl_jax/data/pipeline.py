@@ -1,4 +1,4 @@
-"""The pretraining input pipeline: source -> both PIRL views -> per-process batches.
+"""The pretraining input pipeline: source -> the method's views -> per-process batches.
 
 The views' randomness is keyed by (seed, epoch, index), so an example's views never depend on the
 process count or on thread scheduling. The data order depends on the source:
@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from pirl_jax.data import errors
 from pirl_jax.data import jigsaw
+from pirl_jax.data import permutations
 from pirl_jax.data import sources
 
 
@@ -42,13 +43,16 @@ class PretrainInput:
 
   def __init__(self, source, views: jigsaw.ViewConfig, *, seed: int, global_batch_size: int,
                process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
-               prefetch_batches: int = 2, with_tiles: bool = True):
+               prefetch_batches: int = 2, method: str = "pirl", jigsaw_permutations: int = 1000):
     if global_batch_size % process_count:
       raise errors.ConfigFieldError(f"global_batch_size={global_batch_size} is not divisible by "
                                     f"the process count {process_count}.")
     self.source = source
     self.views = views
-    self.with_tiles = with_tiles
+    self.method = method
+    # The jigsaw classes, as one host constant the map gathers from.
+    self._permutations = (tf.constant(permutations.permutation_set(jigsaw_permutations))
+                          if method == "jigsaw" else None)
     self.seed = seed
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
@@ -74,10 +78,10 @@ class PretrainInput:
     return order[:, start:start + self.local_batch_size].astype(np.int32)
 
   def _views_fn(self, epoch: int):
-    views, seed, with_tiles = self.views, self.seed, self.with_tiles
+    views, seed, method, perms = self.views, self.seed, self.method, self._permutations
 
     def fn(image_bytes, index):
-      return jigsaw.make_views(image_bytes, index, seed, epoch, views, with_tiles)
+      return jigsaw.make_views(image_bytes, index, seed, epoch, views, method, perms)
     return fn
 
   def epoch_dataset(self, epoch: int, first_step: int = 0) -> tf.data.Dataset:

@@ -1,4 +1,5 @@
-"""PIRL pretraining as a task of the training loop: data -> sharded state -> jitted steps.
+"""Pretraining (PIRL, or another method of `pirl_jax.methods`) as a task of the training loop:
+data -> sharded state -> jitted steps.
 
 The loop (`pirl_jax.train.loop`) does what every run needs (preflight, resume, SIGTERM,
 checkpoints, logs, evaluators); this module supplies the PIRL pieces: the source and its two
@@ -12,6 +13,7 @@ from absl import logging
 
 from pirl_jax import checkpointing
 from pirl_jax import configuration
+from pirl_jax import methods
 from pirl_jax import preflight
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources
@@ -24,9 +26,14 @@ TASK_NAME = "pretraining"
 
 
 def describe(means: dict) -> str:
-  """The PIRL part of the progress line."""
-  terms = (f" [jigsaw {means['loss_jigsaw']:.4f} image {means['loss_image']:.4f}]"
-           if "loss_jigsaw" in means else "")
+  """The method's part of the progress line."""
+  if "accuracy" in means:  # a covariant pretext: a classifier
+    return (f"loss {means['loss']:.4f} accuracy {means['accuracy']:.3f} "
+            f"lr {means['learning_rate']:.4g}")
+  terms = ""
+  for name in ("jigsaw", "rotated"):
+    if f"loss_{name}" in means:
+      terms = f" [{name} {means[f'loss_{name}']:.4f} image {means['loss_image']:.4f}]"
   return (f"loss {means['loss']:.4f}{terms} pos {means['positive_similarity']:.3f} neg "
           f"{means['negative_similarity']:.3f} lr {means['learning_rate']:.4g}")
 
@@ -77,7 +84,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       len(source.skipped))
     run.check_dataset(_dataset_fingerprint(source))
 
-    model = state_lib.create_model(config.model, run.mesh.size)
+    model = state_lib.create_model(config.model, run.mesh.size, config.jigsaw_permutations)
     tx, lr_schedule = state_lib.create_optimizer(
         config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps)
     abstract_state, _ = state_lib.abstract_train_state(config, model, tx, num_examples, run.mesh)
@@ -89,7 +96,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         global_batch_size=config.global_batch_size, process_index=run.process_index,
         process_count=run.process_count, num_parallel_calls=config.data.num_parallel_calls,
         prefetch_batches=config.data.prefetch_batches,
-        with_tiles=config.method == "pirl")
+        method=config.method, jigsaw_permutations=config.jigsaw_permutations)
     state, shardings = state_lib.create_train_state(config, model, tx, num_examples, run.mesh,
                                                     config.seed)
     train_step = step_lib.jit_train_step(
@@ -103,7 +110,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch,
         describe=describe, evaluators=evaluators, eval_every_steps=config.eval_every_steps,
         resize=("bank",),
-        check_restorable=_check_bank_rows(num_examples, run.checkpointer.directory))
+        check_restorable=(_check_bank_rows(num_examples, run.checkpointer.directory)
+                          if methods.uses_bank(config.method) else None))
     return run.train(task)
 
 

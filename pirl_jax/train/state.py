@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from pirl_jax import memory_bank
+from pirl_jax import methods
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.models import pirl as pirl_model
 from pirl_jax.models import resnet
@@ -32,19 +33,22 @@ def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def create_model(model_cfg, num_devices: int = 1) -> pirl_model.PIRLNet:
+def create_model(model_cfg, num_devices: int = 1,
+                 num_permutations: int = 1000) -> pirl_model.PIRLNet:
   """The PIRL network of a `model` config block.
 
   Args:
     model_cfg: the block.
     num_devices: the mesh's device count; with `model.batch_norm='per_device'` each device's
       share of the batch is normalised with its own statistics.
+    num_permutations: the jigsaw classifier's classes (`config.jigsaw_permutations`).
   """
   groups = num_devices if model_cfg.get("batch_norm", "global") == "per_device" else 1
   trunk = resnet.get_trunk(model_cfg.trunk, width_multiplier=model_cfg.width_multiplier,
                            dtype=compute_dtype(model_cfg.dtype), bn_groups=groups)
   return pirl_model.PIRLNet(trunk=trunk, embed_dim=model_cfg.embed_dim, head=model_cfg.head,
-                            head_batch_norm=model_cfg.get("head_batch_norm", False))
+                            head_batch_norm=model_cfg.get("head_batch_norm", False),
+                            num_permutations=num_permutations)
 
 
 def weight_decay_mask(params):
@@ -76,25 +80,60 @@ def state_shardings(abstract_state: TrainState, mesh):
   return shardings.replace(bank=sharding_lib.bank_sharding(mesh))
 
 
-def _init_fn(config, model, tx, num_examples: int, num_shards: int):
+def _example_inputs(config) -> dict:
+  """One zero example of each view, shaped as the pipeline makes them."""
   views = config.data.views
-  images = jnp.zeros((1, views.image_size, views.image_size, 3), jnp.float32)
-  tiles = jnp.zeros((1, views.grid ** 2, views.tile_size, views.tile_size, 3), jnp.float32)
-  num_rows = memory_bank.padded_size(num_examples, num_shards)
+  image = jnp.zeros((1, views.image_size, views.image_size, 3), jnp.float32)
+  tile = (views.tile_size, views.tile_size, 3)
+  return {"image": image, "rotated": image,
+          "tiles": jnp.zeros((1, views.grid ** 2) + tile, jnp.float32),
+          "patches": jnp.zeros((1, 2) + tile, jnp.float32)}
+
+
+def init_variables(model, rng, config):
+  """The variables of the heads `config.method` trains (and of the trunk)."""
+  x = _example_inputs(config)
+  init = lambda *args, method: model.init(rng, *args, train=False, method=method)
+  method = config.method
+  if method == "pirl":
+    return model.init(rng, x["image"], x["tiles"], train=False)
+  if method in ("npid", "pirl_rotation"):
+    variables = init(x["image"], method="embed_images")
+    if method == "npid":
+      return variables
+    rotated = init(x["rotated"], method="embed_rotated")
+    # Both inits draw the trunk from the same `rng`, so the trunks are identical: f's variables
+    # plus g's head.
+    return {c: {**rotated[c], **variables[c]} for c in variables}
+  if method == "jigsaw":
+    return init(x["tiles"], method="classify_permutation")
+  if method == "rotation":
+    return init(x["image"], method="classify_rotation")
+  if method == "relative_patch":
+    return init(x["patches"], method="classify_relative_position")
+  raise ValueError(f"Unknown method {method!r}; valid: {', '.join(methods.METHODS)}.")
+
+
+def _init_fn(config, model, tx, num_examples: int, num_shards: int):
+  # Covariant methods have no memory bank: a zero row per device keeps the state's structure
+  # (and Orbax cannot save an empty array).
+  num_rows = (memory_bank.padded_size(num_examples, num_shards)
+              if methods.uses_bank(config.method) else num_shards)
 
   def init(rng):
     params_rng, bank_rng, step_rng = jax.random.split(rng, 3)
-    if config.method == "npid":  # no jigsaw view: no jigsaw head either
-      variables = model.init(params_rng, images, train=False, method="embed_images")
-    else:
-      variables = model.init(params_rng, images, tiles, train=False)
+    variables = init_variables(model, params_rng, config)
     params = variables["params"]
+    if methods.uses_bank(config.method):
+      bank = memory_bank.init_bank(bank_rng, num_examples, config.model.embed_dim, num_rows)
+    else:
+      bank = jnp.zeros((num_rows, config.model.embed_dim), jnp.float32)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(params),
-        bank=memory_bank.init_bank(bank_rng, num_examples, config.model.embed_dim, num_rows),
+        bank=bank,
         nce_z=jnp.zeros((), jnp.float32),
         rng=step_rng,
         nonfinite_steps=jnp.zeros((), jnp.int32),

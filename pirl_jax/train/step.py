@@ -1,4 +1,4 @@
-"""The PIRL train step: a pure function of (state, batch)."""
+"""The pretraining step of every method: a pure function of (state, batch)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import optax
 
 from pirl_jax import losses
 from pirl_jax import memory_bank
+from pirl_jax import methods
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.train.state import TrainState
 
@@ -19,14 +20,130 @@ def is_finite_step(metrics):
   return jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
 
 
+def rotation_batch(images):
+  """Every image in its four rotations (0/90/180/270 degrees counter-clockwise) and the labels.
+
+  An image's four copies are adjacent rows, so a device's share of the batch stays its own
+  (per-device BatchNorm groups see whole examples).
+
+  Returns:
+    (rotated (4B, S, S, C), labels int32 (4B,)).
+  """
+  rotated = jnp.stack([jnp.rot90(images, k, axes=(1, 2)) for k in range(methods.NUM_ROTATIONS)],
+                      axis=1)
+  labels = jnp.tile(jnp.arange(methods.NUM_ROTATIONS, dtype=jnp.int32), images.shape[0])
+  return rotated.reshape((-1,) + images.shape[1:]), labels
+
+
+def classification_logits(model, variables, batch, method: str, train: bool = True):
+  """The covariant method's logits and labels. Returns (logits, labels, new batch_stats)."""
+  if method == "rotation":
+    inputs, labels = rotation_batch(batch["image"])
+    apply_method = "classify_rotation"
+  else:
+    inputs, labels = (batch["tiles"], batch["label"]) if method == "jigsaw" else (
+        batch["patches"], batch["label"])
+    apply_method = ("classify_permutation" if method == "jigsaw"
+                    else "classify_relative_position")
+  logits, new_vars = model.apply(variables, inputs, train=train, mutable=["batch_stats"],
+                                 method=apply_method)
+  return logits, labels, new_vars["batch_stats"]
+
+
+def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: int, mesh,
+                  score_chunk_size: int, running_stats_from_images: bool, method: str):
+  """The memory-bank loss of PIRL (or its rotation variant, or NPID) as a function of params."""
+  rng, transformed_rng, image_rng = jax.random.split(state.rng, 3)
+  index = batch["index"]
+  k = loss_cfg.num_negatives
+  negatives_transformed = memory_bank.sample_negatives(
+      transformed_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
+  negatives_image = memory_bank.sample_negatives(
+      image_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
+  if mesh is not None:
+    # Each device draws only its queries' negatives (B/devices x K), not all of them.
+    negatives_transformed, negatives_image = (
+        jax.lax.with_sharding_constraint(n, sharding_lib.batch_sharding(mesh))
+        for n in (negatives_transformed, negatives_image))
+  transformed = methods.transformed_view(method)
+
+  def embed(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    apply = functools.partial(model.apply, variables, train=True, mutable=["batch_stats"])
+    if transformed is None:
+      f_hat, new_vars = apply(batch["image"], method="embed_images")
+      return f_hat.astype(jnp.float32), None, new_vars["batch_stats"]
+    if running_stats_from_images or transformed == "rotated":
+      # Only evaluation uses the running statistics: let the trunk's describe images (not
+      # tiles or rotated images). g's own head BatchNorm (model.head_batch_norm) sees the
+      # transformed views only: it keeps that pass's.
+      g_hat, g_vars = apply(batch[transformed],
+                            method="embed_tiles" if transformed == "tiles" else "embed_rotated")
+      f_hat, new_vars = apply(batch["image"], method="embed_images")
+      g_stats = {name: stats for name, stats in g_vars["batch_stats"].items()
+                 if name.startswith("g_")}
+      new_stats = {**new_vars["batch_stats"], **g_stats}
+    else:
+      (f_hat, g_hat), new_vars = apply(batch["image"], batch["tiles"])
+      new_stats = new_vars["batch_stats"]
+    return f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), new_stats
+
+  def loss_fn(params):
+    f_hat, g_hat, batch_stats = embed(params)
+    logits_transformed = None if g_hat is None else memory_bank.score(
+        g_hat, state.bank, index, negatives_transformed, loss_cfg.temperature, mesh,
+        score_chunk_size)
+    logits_image = memory_bank.score(f_hat, state.bank, index, negatives_image,
+                                     loss_cfg.temperature, mesh, score_chunk_size)
+    scored = [l for l in (logits_transformed, logits_image) if l is not None]
+    if loss_cfg.kind == "nce":
+      # Z from both terms' scores, or (VISSL) from the jigsaw term's only.
+      z_from = [logits_transformed] if loss_cfg.nce_z_from == "jigsaw" else scored
+      z_batch = losses.estimate_z([jax.lax.stop_gradient(l) for l in z_from], num_examples)
+      z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
+    else:
+      z_batch = z = jnp.zeros((), jnp.float32)
+    loss = losses.pirl_loss(logits_transformed, logits_image, kind=loss_cfg.kind, z=z,
+                            num_examples=num_examples, lam=loss_cfg.jigsaw_weight,
+                            nce_eps=loss_cfg.nce_eps)
+    tau = loss_cfg.temperature
+    metrics = {
+        "loss_image": loss.image,
+        "nce_z": z,
+        "positive_similarity": sum(jnp.mean(l[:, 0]) for l in scored) * tau / len(scored),
+        "negative_similarity": sum(jnp.mean(l[:, 1:]) for l in scored) * tau / len(scored),
+    }
+    if loss.jigsaw is not None:
+      metrics["loss_jigsaw" if transformed == "tiles" else "loss_rotated"] = loss.jigsaw
+    aux = dict(batch_stats=batch_stats, f_hat=f_hat, z_batch=z_batch,
+               metrics=jax.lax.stop_gradient(metrics))
+    return loss.total, aux
+
+  return loss_fn, rng
+
+
+def _classification_loss_fn(state: TrainState, batch, *, model, method: str):
+  """The covariant pretext's softmax cross-entropy as a function of params."""
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    logits, labels, batch_stats = classification_logits(model, variables, batch, method)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+    return loss, dict(batch_stats=batch_stats, metrics={"accuracy": accuracy})
+  return loss_fn
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_momentum: float,
                num_examples: int, mesh=None, score_chunk_size: int = 1024,
                skip_nonfinite: bool = False, running_stats_from_images: bool = True,
                method: str = "pirl"):
-  """One PIRL step: both trunk passes, heads, loss, optimizer, then the bank write.
+  """One pretraining step of `method` (`pirl_jax.methods`): forward, loss, optimizer, bank write.
 
-  With `method='npid'` there is no jigsaw view: the image pass, the image term of the loss
-  (Z, for NCE, from its scores) and the bank write; the batch has no 'tiles'.
+  PIRL: both trunk passes, heads, loss, then the bank write. PIRL-rotation: the same with the
+  rotated image view in place of the tiles. NPID: no transformed view: the image pass, the image
+  term of the loss (Z, for NCE, from its scores) and the bank write. The covariant methods
+  (jigsaw, rotation, relative_patch): one pass, softmax cross-entropy on the transform's label;
+  their state has an empty bank and no step touches it.
 
   The order matters: both loss terms score against the *old* bank rows; only the image
   embedding f(v_I) is written, after the gradient step, without gradient. On a `mesh` the bank
@@ -41,94 +158,38 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   With `running_stats_from_images`, the BatchNorm running averages are updated by the image pass
   only (the tile pass still normalises with its own batch statistics): training is unchanged, and
   the statistics that evaluation uses describe images. Otherwise the tile pass updates them first,
-  then the image pass, as in the reference implementation.
+  then the image pass, as in the reference implementation. (PIRL-rotation always keeps the
+  unrotated image pass's; the covariant methods have one pass.)
 
   Returns:
     (new_state, metrics) with scalar metrics for this step.
   """
-  rng, jigsaw_rng, image_rng = jax.random.split(state.rng, 3)
-  index = batch["index"]
-  k = loss_cfg.num_negatives
-  negatives_jigsaw = memory_bank.sample_negatives(
-      jigsaw_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
-  negatives_image = memory_bank.sample_negatives(
-      image_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
-  if mesh is not None:
-    # Each device draws only its queries' negatives (B/devices x K), not all of them.
-    negatives_jigsaw, negatives_image = (
-        jax.lax.with_sharding_constraint(n, sharding_lib.batch_sharding(mesh))
-        for n in (negatives_jigsaw, negatives_image))
-
-  def embed(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    if method == "npid":
-      f_hat, new_vars = model.apply(variables, batch["image"], train=True,
-                                    mutable=["batch_stats"], method="embed_images")
-      return f_hat.astype(jnp.float32), None, new_vars["batch_stats"]
-    if running_stats_from_images:
-      # Only evaluation uses the running statistics: let the trunk's describe images, not
-      # tiles. The jigsaw head's own BatchNorm (model.head_batch_norm) sees tiles only: it keeps
-      # the tile pass's.
-      g_hat, tile_vars = model.apply(variables, batch["tiles"], train=True,
-                                     mutable=["batch_stats"], method="embed_tiles")
-      f_hat, new_vars = model.apply(variables, batch["image"], train=True,
-                                    mutable=["batch_stats"], method="embed_images")
-      tile_stats = tile_vars["batch_stats"]
-      if "g_tile_norm" in tile_stats:
-        new_vars = {"batch_stats": {**new_vars["batch_stats"],
-                                    "g_tile_norm": tile_stats["g_tile_norm"]}}
-    else:
-      (f_hat, g_hat), new_vars = model.apply(variables, batch["image"], batch["tiles"],
-                                             train=True, mutable=["batch_stats"])
-    return f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), new_vars["batch_stats"]
-
-  def loss_fn(params):
-    f_hat, g_hat, batch_stats = embed(params)
-    logits_jigsaw = None if g_hat is None else memory_bank.score(
-        g_hat, state.bank, index, negatives_jigsaw, loss_cfg.temperature, mesh, score_chunk_size)
-    logits_image = memory_bank.score(f_hat, state.bank, index, negatives_image,
-                                     loss_cfg.temperature, mesh, score_chunk_size)
-    scored = [l for l in (logits_jigsaw, logits_image) if l is not None]
-    if loss_cfg.kind == "nce":
-      # Z from both terms' scores, or (VISSL) from the jigsaw term's only.
-      z_from = [logits_jigsaw] if loss_cfg.nce_z_from == "jigsaw" else scored
-      z_batch = losses.estimate_z([jax.lax.stop_gradient(l) for l in z_from], num_examples)
-      z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
-    else:
-      z_batch = z = jnp.zeros((), jnp.float32)
-    loss = losses.pirl_loss(logits_jigsaw, logits_image, kind=loss_cfg.kind, z=z,
-                            num_examples=num_examples, lam=loss_cfg.jigsaw_weight,
-                            nce_eps=loss_cfg.nce_eps)
-    tau = loss_cfg.temperature
-    similarities = {
-        "positive_similarity": sum(jnp.mean(l[:, 0]) for l in scored) * tau / len(scored),
-        "negative_similarity": sum(jnp.mean(l[:, 1:]) for l in scored) * tau / len(scored),
-    }
-    aux = dict(batch_stats=batch_stats, f_hat=f_hat, z=z, z_batch=z_batch, loss=loss,
-               similarities=jax.lax.stop_gradient(similarities))
-    return loss.total, aux
+  bank_method = methods.uses_bank(method)
+  if bank_method:
+    loss_fn, rng = _bank_loss_fn(
+        state, batch, model=model, loss_cfg=loss_cfg, num_examples=num_examples, mesh=mesh,
+        score_chunk_size=score_chunk_size, running_stats_from_images=running_stats_from_images,
+        method=method)
+  else:
+    loss_fn, rng = _classification_loss_fn(state, batch, model=model, method=method), state.rng
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  bank = memory_bank.update(state.bank, index, aux["f_hat"], bank_momentum, mesh)
-
-  if loss_cfg.kind == "nce":
-    nce_z = jnp.where(state.nce_z > 0,
-                      losses.update_z(state.nce_z, aux["z_batch"], loss_cfg.nce_z_ema),
-                      aux["z_batch"])
-  else:
-    nce_z = state.nce_z
+  bank, nce_z = state.bank, state.nce_z
+  if bank_method:
+    bank = memory_bank.update(state.bank, batch["index"], aux["f_hat"], bank_momentum, mesh)
+    if loss_cfg.kind == "nce":
+      nce_z = jnp.where(state.nce_z > 0,
+                        losses.update_z(state.nce_z, aux["z_batch"], loss_cfg.nce_z_ema),
+                        aux["z_batch"])
 
   metrics = {
       "loss": loss,
-      **({} if aux["loss"].jigsaw is None else {"loss_jigsaw": aux["loss"].jigsaw}),
-      "loss_image": aux["loss"].image,
-      "nce_z": aux["z"],
+      **aux["metrics"],
       "learning_rate": schedule(state.step),
       "grad_norm": optax.global_norm(grads),
-      **aux["similarities"],
   }
   learned = dict(params=params, batch_stats=aux["batch_stats"], opt_state=opt_state, bank=bank,
                  nce_z=nce_z)
