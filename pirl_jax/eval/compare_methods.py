@@ -17,7 +17,8 @@ nothing else changed: the same trunk, views, steps, batch and optimizer. Each ru
 Reference rows: a random trunk of the same architecture (probes, one per seed) and training from
 scratch (fine-tuning, one per seed). Runs go to `<workdir>/<method>/seed<k>/` (and `-finetune`);
 a finished run there is reused, so an interrupted comparison picks up where it stopped. All
-pretraining runs go first, then the fine-tuning runs. Writes `<workdir>/methods.md` (the table,
+pretraining runs go first, then the fine-tuning runs, arm by arm (scratch, then `--methods` in
+order). Writes `<workdir>/methods.md` (the table,
 paired differences against PIRL, per-seed values), `methods.json` and `methods.png`.
 """
 
@@ -243,9 +244,9 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
 
   if label_fraction > 0:
     rows["scratch"] = {}
-    arms = [("scratch", "")] + [(m, None) for m in method_names]
-    for seed in seeds:
-      for name, checkpoint in arms:
+    # Arm by arm (scratch, then --methods in order), so that the first rows fill up first.
+    for name in ["scratch"] + method_names:
+      for seed in seeds:
         run_dir = root / name / (f"seed{seed}" if name == "scratch" else f"seed{seed}-finetune")
         metrics_path = run_dir / "metrics.json"
         if not metrics_path.is_file():
