@@ -1,0 +1,151 @@
+"""Runs whose workdir and checkpoints are on Cloud Storage (`gs://`), against a local emulator.
+
+The emulator (tests/gcs_emulator.py) starts once per session; these tests are skipped, saying
+why, when it cannot. The pretraining here has the config of the `tiny_pretraining` fixture
+(conftest.py), stopped by SIGTERM after step 2 and resumed through the command line, so its
+results must equal that uninterrupted local run's bit for bit.
+"""
+
+import json
+import logging
+import signal
+
+import numpy as np
+import pytest
+
+from configs import finetune_isic
+from configs import pirl as pirl_configs
+from pirl_jax import checkpointing
+from pirl_jax import preflight
+from pirl_jax import storage
+from pirl_jax.data import pipeline
+from pirl_jax.eval import finetune
+from pirl_jax.eval import trunk_init
+from pirl_jax.train import pretrain
+from cli_in_process import main_in_process  # tests/cli_in_process.py
+import tree_arrays  # tests/tree_arrays.py
+
+
+def _pretraining_overrides(tiny_pretraining):
+  """The `tiny_pretraining` fixture's overrides of the tiny preset, as config fields."""
+  keys = ("data.source", "data.path", "data.cache_dir", "num_train_steps",
+          "checkpoint_every_steps", "log_every_steps", "eval_every_steps")
+  config = tiny_pretraining.config
+  return {k: config[k.split(".")[0]][k.split(".")[1]] if "." in k else config[k] for k in keys}
+
+
+@pytest.fixture(scope="module")
+def gs_pretraining(gcs, tiny_pretraining, capsys_module):
+  """The tiny pretraining into gs://bucket/pretrain: stopped by SIGTERM after step 2 (in-process
+  call), then resumed by `python main.py --workdir=gs://...` (in-process command line)."""
+  workdir = f"gs://{gcs.bucket}/pretrain"
+  overrides = _pretraining_overrides(tiny_pretraining)
+  config = pirl_configs.get_config("tiny")
+  config.update_from_flattened_dict(overrides)
+  original = pipeline.PretrainInput.iterate
+
+  def iterate(self, start_step=0):
+    for step, batch in enumerate(original(self, start_step), start=start_step + 1):
+      if step == 2:
+        signal.raise_signal(signal.SIGTERM)  # as a preemption would, during step 2
+      yield batch
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipeline.PretrainInput, "iterate", iterate)
+    stopped = pretrain.train_and_evaluate(config, workdir)
+  with pytest.MonkeyPatch.context() as patch:
+    status, out, err = main_in_process(
+        ["--config=configs/pirl.py:tiny", f"--workdir={workdir}",
+         *(f"--config.{k}={v}" for k, v in overrides.items())], capsys_module, patch)
+  return dict(workdir=workdir, stopped=stopped, status=status, out=out, err=err)
+
+
+@pytest.fixture(scope="module")
+def capsys_module():
+  """What `main_in_process` reads the output from, for a module-scoped run (no capture here:
+  absl's log goes to the real stderr and the printed summary is checked from summary.json)."""
+  class _Capture:
+    def readouterr(self):
+      return type("Captured", (), {"out": "", "err": ""})()
+  return _Capture()
+
+
+def test_pretraining_to_gs_resumes_as_if_uninterrupted(gs_pretraining, tiny_pretraining):
+  stopped = gs_pretraining["stopped"]
+  assert stopped["preempted"] and not stopped["complete"] and stopped["step"] == 2
+  assert gs_pretraining["status"] in (0, None), gs_pretraining["err"][-3000:]
+  workdir = storage.path(gs_pretraining["workdir"])
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["complete"] and summary["step"] == 4
+  assert summary["workdir"] == gs_pretraining["workdir"]
+  assert summary["checkpoint_dir"] == gs_pretraining["workdir"] + "/checkpoints"
+  assert [e["step"] for e in summary["evaluation_history"]] == [4]  # steps 1-2 not redone
+  assert summary["evaluations"] == tiny_pretraining.summary["evaluations"]
+  assert summary["metrics"]["loss"] == tiny_pretraining.summary["metrics"]["loss"]
+  # The final state equals the uninterrupted local run's, bit for bit.
+  item, step = checkpointing.resolve_checkpoint(gs_pretraining["workdir"])
+  local_item, local_step = checkpointing.resolve_checkpoint(tiny_pretraining.workdir)
+  assert step == local_step == 4 and str(item).startswith("gs://")
+  got = tree_arrays.flat(checkpointing.load_arrays(item))
+  expected = tree_arrays.flat(checkpointing.load_arrays(local_item))
+  assert got.keys() == expected.keys()
+  for name, array in expected.items():
+    np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+def test_gs_outputs_are_readable_back(gs_pretraining, tiny_pretraining):
+  workdir = storage.path(gs_pretraining["workdir"])
+  names = {p.name for p in workdir.iterdir()}
+  assert {"config.json", "summary.json", "dataset.json", "checkpoints"} <= names, names
+  assert any(n.startswith("events.out.tfevents") for n in names), names  # TensorBoard
+  assert not any(n.startswith(".preflight") for n in names)  # the marker object was deleted
+  local = tiny_pretraining.workdir
+  assert (json.loads((workdir / "config.json").read_text()) ==
+          json.loads((local / "config.json").read_text()))
+  assert (workdir / "dataset.json").read_text() == (local / "dataset.json").read_text()
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  assert steps == sorted(p.name for p in (local / "checkpoints").iterdir()) == ["2", "4"]
+  # On object storage Orbax marks a finished step with a commit file (no rename there).
+  assert all((workdir / "checkpoints" / s / "commit_success.txt").is_file() for s in steps)
+  # Nothing was written to a local folder named after the URL.
+  assert not storage.path("gs:").exists()
+
+
+def test_fine_tuning_from_a_gs_checkpoint_into_gs(gcs, gs_pretraining, tiny_pretraining,
+                                                 small_isic_root, shared_cache_dir):
+  init = trunk_init.resolve_init(gs_pretraining["workdir"])
+  assert init.kind == "pirl" and init.step == 4  # its config.json says pretraining
+  config = finetune_isic.get_config("tiny")
+  config.update_from_flattened_dict({
+      "data.source": "isic", "data.path": str(small_isic_root),
+      "data.cache_dir": str(shared_cache_dir), "init.checkpoint": gs_pretraining["workdir"],
+      "num_train_steps": 2, "eval_every_steps": 2})
+  workdir = f"gs://{gcs.bucket}/finetune"
+  summary = finetune.train_and_evaluate(config, workdir)
+  assert summary["complete"] and summary["step"] == 2
+  out = storage.path(workdir)
+  metrics = json.loads((out / "metrics.json").read_text())
+  for split in finetune.EVAL_SPLITS:
+    assert metrics[split]["predictions_csv"] == f"{workdir}/predictions_{split}.csv"
+    rows = (out / f"predictions_{split}.csv").read_text().splitlines()
+    assert rows[0].startswith("image_id") and len(rows) == metrics[split]["num_images"] + 1
+  assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert checkpointing.resolve_checkpoint(out / "best")[1] == 2
+  # The trunk it started from is the pretrained one: the same as restored from the local run.
+  local = trunk_init.resolve_init(str(tiny_pretraining.workdir))
+  got = tree_arrays.flat(checkpointing.load_arrays(init.item_dir)["params"])
+  expected = tree_arrays.flat(checkpointing.load_arrays(local.item_dir)["params"])
+  for name, array in expected.items():
+    np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+def test_preflight_on_object_storage(gcs, caplog):
+  # A bucket that does not exist: the error names the path.
+  with pytest.raises(preflight.PreflightError,
+                     match=r"The workdir gs://no-such-bucket/run is not a writable location"):
+    preflight.check_workdir_writable("gs://no-such-bucket/run")
+  preflight.check_workdir_writable(f"gs://{gcs.bucket}/preflight")
+  assert not storage.path(f"gs://{gcs.bucket}/preflight").exists()  # the marker was deleted
+  with caplog.at_level(logging.INFO):
+    preflight.check_free_disk(f"gs://{gcs.bucket}/preflight/checkpoints", 1 << 40, 3)
+  assert "skipped the free-disk check for gs://bucket/preflight/checkpoints" in caplog.text
