@@ -20,7 +20,6 @@ Inputs are RGB in [0, 1] normalised with the ImageNet mean/std, as torchvision's
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 import numpy as np

@@ -219,6 +219,10 @@ def dataset_fingerprint(num_examples: int, names: Sequence[str],
   """
   names = [str(n) for n in names]
   if len(names) > 1:
+    # URLs (gs://bucket/...) as '/bucket/...', so that their common folder is found the same way.
+    urls = all(storage.is_url(n) for n in names)
+    if urls:
+      names = ["/" + n.split("://", 1)[1] for n in names]
     root = os.path.commonpath(names) if all(n.startswith("/") for n in names) else ""
     names = [os.path.relpath(n, root) if root else n for n in names]
   digests = [hashlib.sha1(c).hexdigest()[:12] for c in contents] if contents is not None else []

@@ -59,6 +59,19 @@ def path(p: str | os.PathLike, absolute: bool = True) -> Path:
   return local.absolute() if absolute else local
 
 
+def files_under(root: Path) -> list[Path]:
+  """Every file below the folder `root`, recursively (unsorted).
+
+  For a URL one listing request per page of objects (`rglob` and `walk` of epath do not do this
+  for gs://), instead of one request per folder and file.
+  """
+  if not is_url(root):
+    return [p for p in root.rglob("*") if p.is_file()]
+  fs, fs_path = fsspec.core.url_to_fs(os.fspath(root))
+  scheme = os.fspath(root).split("://", 1)[0]
+  return [epath.Path(f"{scheme}://{name}") for name in fs.find(fs_path)]
+
+
 class TensorBoardWriter(metric_writers.MetricWriter):
   """clu's TensorBoard `SummaryWriter` for a local folder or a URL.
 

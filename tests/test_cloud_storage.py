@@ -1,9 +1,11 @@
-"""Runs whose workdir and checkpoints are on Cloud Storage (`gs://`), against a local emulator.
+"""Runs whose data, workdir and checkpoints are on Cloud Storage (`gs://`), against a local
+emulator.
 
 The emulator (tests/gcs_emulator.py) starts once per session; these tests are skipped, saying
 why, when it cannot. The pretraining here has the config of the `tiny_pretraining` fixture
-(conftest.py), stopped by SIGTERM after step 2 and resumed through the command line, so its
-results must equal that uninterrupted local run's bit for bit.
+(conftest.py) but reads a copy of its images from the bucket, is stopped by SIGTERM after step 2
+and resumed through the command line, so its results must equal that uninterrupted local run's
+bit for bit.
 """
 
 import json
@@ -39,7 +41,12 @@ def gs_pretraining(gcs, tiny_pretraining, capsys_module):
   """The tiny pretraining into gs://bucket/pretrain: stopped by SIGTERM after step 2 (in-process
   call), then resumed by `python main.py --workdir=gs://...` (in-process command line)."""
   workdir = f"gs://{gcs.bucket}/pretrain"
-  overrides = _pretraining_overrides(tiny_pretraining)
+  data = f"gs://{gcs.bucket}/isic"
+  local_data = tiny_pretraining.config.data.path
+  for path in storage.files_under(storage.path(local_data)):
+    storage.path(f"{data}/{path.relative_to(local_data).as_posix()}").write_bytes(
+        path.read_bytes())
+  overrides = dict(_pretraining_overrides(tiny_pretraining), **{"data.path": data})
   config = pirl_configs.get_config("tiny")
   config.update_from_flattened_dict(overrides)
   original = pipeline.PretrainInput.iterate
@@ -57,7 +64,8 @@ def gs_pretraining(gcs, tiny_pretraining, capsys_module):
     status, out, err = main_in_process(
         ["--config=configs/pirl.py:tiny", f"--workdir={workdir}",
          *(f"--config.{k}={v}" for k, v in overrides.items())], capsys_module, patch)
-  return dict(workdir=workdir, stopped=stopped, status=status, out=out, err=err)
+  return dict(workdir=workdir, data=data, local_data=local_data, stopped=stopped, status=status,
+              out=out, err=err)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +108,16 @@ def test_gs_outputs_are_readable_back(gs_pretraining, tiny_pretraining):
   assert any(n.startswith("events.out.tfevents") for n in names), names  # TensorBoard
   assert not any(n.startswith(".preflight") for n in names)  # the marker object was deleted
   local = tiny_pretraining.workdir
-  assert (json.loads((workdir / "config.json").read_text()) ==
-          json.loads((local / "config.json").read_text()))
-  assert (workdir / "dataset.json").read_text() == (local / "dataset.json").read_text()
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["data"]["path"] == gs_pretraining["data"]
+  assert config == json.loads((local / "config.json").read_text().replace(
+      gs_pretraining["local_data"], gs_pretraining["data"]))
+  # The same images.
+  got = json.loads((workdir / "dataset.json").read_text())
+  expected = json.loads((local / "dataset.json").read_text())
+  assert got.keys() == expected.keys()
+  for key in expected:
+    assert got[key] == expected[key], (key, str(got[key])[:300], str(expected[key])[:300])
   steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   assert steps == sorted(p.name for p in (local / "checkpoints").iterdir()) == ["2", "4"]
   # On object storage Orbax marks a finished step with a commit file (no rename there).
@@ -112,12 +127,13 @@ def test_gs_outputs_are_readable_back(gs_pretraining, tiny_pretraining):
 
 
 def test_fine_tuning_from_a_gs_checkpoint_into_gs(gcs, gs_pretraining, tiny_pretraining,
-                                                 small_isic_root, shared_cache_dir):
+                                                 shared_cache_dir):
+  """Data, initial checkpoint and workdir all in the bucket."""
   init = trunk_init.resolve_init(gs_pretraining["workdir"])
   assert init.kind == "pirl" and init.step == 4  # its config.json says pretraining
   config = finetune_isic.get_config("tiny")
   config.update_from_flattened_dict({
-      "data.source": "isic", "data.path": str(small_isic_root),
+      "data.source": "isic", "data.path": gs_pretraining["data"],
       "data.cache_dir": str(shared_cache_dir), "init.checkpoint": gs_pretraining["workdir"],
       "num_train_steps": 2, "eval_every_steps": 2})
   workdir = f"gs://{gcs.bucket}/finetune"
@@ -127,6 +143,7 @@ def test_fine_tuning_from_a_gs_checkpoint_into_gs(gcs, gs_pretraining, tiny_pret
   metrics = json.loads((out / "metrics.json").read_text())
   for split in finetune.EVAL_SPLITS:
     assert metrics[split]["predictions_csv"] == f"{workdir}/predictions_{split}.csv"
+    assert metrics[split]["ground_truth_csv"].startswith(gs_pretraining["data"] + "/")
     rows = (out / f"predictions_{split}.csv").read_text().splitlines()
     assert rows[0].startswith("image_id") and len(rows) == metrics[split]["num_images"] + 1
   assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
