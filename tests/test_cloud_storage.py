@@ -21,6 +21,7 @@ from pirl_jax import checkpointing
 from pirl_jax import preflight
 from pirl_jax import storage
 from pirl_jax.data import pipeline
+from pirl_jax.eval import curves
 from pirl_jax.eval import finetune
 from pirl_jax.eval import trunk_init
 from pirl_jax.train import pretrain
@@ -124,6 +125,26 @@ def test_gs_outputs_are_readable_back(gs_pretraining, tiny_pretraining):
   assert all((workdir / "checkpoints" / s / "commit_success.txt").is_file() for s in steps)
   # Nothing was written to a local folder named after the URL.
   assert not storage.path("gs:").exists()
+
+
+def test_tensorboard_events_and_learning_curves_from_gs(gs_pretraining, tmp_path):
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  workdir = storage.path(gs_pretraining["workdir"])
+  steps = {}
+  for event_file in sorted(p for p in workdir.iterdir() if p.name.startswith("events.out")):
+    local = tmp_path / event_file.name
+    local.write_bytes(event_file.read_bytes())
+    for event in event_file_loader.EventFileLoader(str(local)).Load():
+      for value in event.summary.value:
+        steps.setdefault(value.tag, set()).add(event.step)
+  # Steps 1-2 from the stopped run, 3-4 from the resumed one; probes at steps 2 and 4.
+  assert steps["loss"] == {1, 2, 3, 4}, steps
+  assert steps["probe/knn_auc_mean"] == {2, 4}, steps
+  curve = curves.read_curve(gs_pretraining["workdir"])
+  assert [p["step"] for p in curve] == [4]
+  out = f"{gs_pretraining['workdir']}/curves.png"
+  curves.plot({"run": curve}, out)
+  assert storage.path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_fine_tuning_from_a_gs_checkpoint_into_gs(gcs, gs_pretraining, tiny_pretraining,
