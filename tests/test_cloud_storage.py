@@ -20,10 +20,13 @@ from configs import pirl as pirl_configs
 from pirl_jax import checkpointing
 from pirl_jax import preflight
 from pirl_jax import storage
+from pirl_jax.data import isic
 from pirl_jax.data import pipeline
+from pirl_jax.data import sources
 from pirl_jax.eval import curves
 from pirl_jax.eval import finetune
 from pirl_jax.eval import trunk_init
+from pirl_jax.models import torch_weights
 from pirl_jax.train import pretrain
 from cli_in_process import main_in_process  # tests/cli_in_process.py
 import tree_arrays  # tests/tree_arrays.py
@@ -44,9 +47,7 @@ def gs_pretraining(gcs, tiny_pretraining, capsys_module):
   workdir = f"gs://{gcs.bucket}/pretrain"
   data = f"gs://{gcs.bucket}/isic"
   local_data = tiny_pretraining.config.data.path
-  for path in storage.files_under(storage.path(local_data)):
-    storage.path(f"{data}/{path.relative_to(local_data).as_posix()}").write_bytes(
-        path.read_bytes())
+  _upload(local_data, data)
   overrides = dict(_pretraining_overrides(tiny_pretraining), **{"data.path": data})
   config = pirl_configs.get_config("tiny")
   config.update_from_flattened_dict(overrides)
@@ -187,3 +188,34 @@ def test_preflight_on_object_storage(gcs, caplog):
   with caplog.at_level(logging.INFO):
     preflight.check_free_disk(f"gs://{gcs.bucket}/preflight/checkpoints", 1 << 40, 3)
   assert "skipped the free-disk check for gs://bucket/preflight/checkpoints" in caplog.text
+
+
+def _upload(local_root, url):
+  for path in storage.files_under(storage.path(local_root)):
+    storage.path(f"{url}/{path.relative_to(local_root).as_posix()}").write_bytes(
+        path.read_bytes())
+
+
+def test_readers_and_weights_files_on_gs(gcs, tmp_path):
+  """The ISIC reader (flat, nested and zip layouts), the folder source and weights files read
+  from the bucket give what they give from a local copy."""
+  import isic_fixtures  # pylint: disable=g-import-not-at-top
+  for layout in ("flat", "nested", "zip"):
+    local = isic_fixtures.write_tree(tmp_path / layout, layout)
+    url = f"gs://{gcs.bucket}/readers/{layout}"
+    _upload(local, url)
+    for split in ("train", "test"):
+      expected, got = isic.read_split(str(local), split), isic.read_split(url, split)
+      assert got.image_ids == expected.image_ids, layout
+      np.testing.assert_array_equal(got.label, expected.label)
+      assert [load() for _, load in got.items()] == [load() for _, load in expected.items()]
+  local_items = sources.folder_items(str(tmp_path / "flat"))
+  gs_items = sources.folder_items(f"gs://{gcs.bucket}/readers/flat")
+  assert ([n.rsplit("/flat/", 1)[1] for n, _ in gs_items] ==
+          [n.rsplit("/flat/", 1)[1] for n, _ in local_items])
+  assert [load() for _, load in gs_items] == [load() for _, load in local_items]
+
+  weights = {"conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)}
+  url = f"gs://{gcs.bucket}/weights/trunk.safetensors"
+  torch_weights.write(weights, url, {"source": "test"})
+  np.testing.assert_array_equal(torch_weights.read(url)["conv1.weight"], weights["conv1.weight"])
