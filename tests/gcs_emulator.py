@@ -45,6 +45,7 @@ def _environment(url: str) -> dict[str, str]:
       "STORAGE_EMULATOR_HOST": url,
       "TENSORSTORE_GCS_HTTP_URL": url,
       "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+      "FSSPEC_GCS_TOKEN": "anon",  # gcsfs without credentials, in subprocesses too
       "GCE_METADATA_HOST": metadata,
       "GCE_METADATA_IP": metadata,
       "NO_GCE_CHECK": "True",

@@ -219,3 +219,59 @@ def test_readers_and_weights_files_on_gs(gcs, tmp_path):
   url = f"gs://{gcs.bucket}/weights/trunk.safetensors"
   torch_weights.write(weights, url, {"source": "test"})
   np.testing.assert_array_equal(torch_weights.read(url)["conv1.weight"], weights["conv1.weight"])
+
+
+def _finished_steps(workdir: str) -> list[int]:
+  folder = storage.path(workdir) / "checkpoints"
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir()
+                if p.name.isdigit() and (p / "commit_success.txt").is_file())
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_from_gs_bitwise_identical(gcs, tmp_path, small_isic_root):
+  """`main.py --workdir=gs://...` killed (SIGKILL) after a checkpoint resumes from it, past an
+  unfinished step folder (no commit file, as a save cut short leaves), to the uninterrupted
+  local run's final state."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  import test_scale  # pylint: disable=g-import-not-at-top  (tests/test_scale.py: _Run, _env)
+  total, every = 12, 3
+  env = test_scale._env(tmp_path, compilation_cache=tmp_path / "jax_cache")  # one device
+
+  def command(workdir):
+    return test_scale._flags(small_isic_root, workdir, f"--config.num_train_steps={total}",
+                             f"--config.checkpoint_every_steps={every}",
+                             "--config.log_every_steps=1")
+
+  code, _, log = test_scale._Run(command(tmp_path / "straight"), env).finish()
+  assert code == 0, log[-4000:]
+
+  workdir = f"gs://{gcs.bucket}/killed"
+  run = test_scale._Run(command(workdir), env)
+  run.wait_until(lambda: run.logged_step() > 0 and (steps := _finished_steps(workdir)) and
+                 run.logged_step() > max(steps), what="a checkpoint and a step after it")
+  run.proc.send_signal(signal.SIGKILL)
+  code, _, log = run.finish()
+  assert code == -signal.SIGKILL
+  resume_from = max(_finished_steps(workdir))
+  assert resume_from < total
+  fs = fsspec.filesystem("gcs")
+  unfinished = f"{gcs.bucket}/killed/checkpoints/{resume_from + every}"
+  if not fs.exists(unfinished):
+    fs.copy(f"{gcs.bucket}/killed/checkpoints/{resume_from}", unfinished, recursive=True)
+  for name in fs.find(unfinished):
+    if name.endswith("/commit_success.txt"):
+      fs.rm(name)
+
+  code, stdout, log = test_scale._Run(command(workdir), env).finish()
+  assert code == 0, log[-4000:]
+  assert f"Resumed from {workdir}/checkpoints at step {resume_from} " in log
+  assert f"Pretraining finished at step {total}" in stdout
+  assert _finished_steps(workdir)[-1] == total
+  straight = tree_arrays.flat(checkpointing.load_arrays(test_scale._item(tmp_path / "straight",
+                                                                         total)))
+  resumed = tree_arrays.flat(checkpointing.load_arrays(f"{workdir}/checkpoints/{total}/default"))
+  assert straight.keys() == resumed.keys()
+  for name, array in straight.items():
+    np.testing.assert_array_equal(resumed[name], array, err_msg=name)
