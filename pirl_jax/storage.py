@@ -15,8 +15,9 @@ Which client talks to Cloud Storage:
     in the cloud is what the tests run;
   * checkpoint arrays: TensorStore's `gcs` driver (through Orbax);
   * TensorBoard event files: TensorFlow writes them into a local folder and `TensorBoardWriter`
-    copies them into the workdir through epath at every flush (TensorFlow's own Cloud Storage
-    client has no endpoint setting, so it could not be tested);
+    copies them into the workdir through epath at every flush (the training loop flushes at each
+    checkpoint and at the end); TensorFlow's own Cloud Storage client has no endpoint setting,
+    so writing them there directly could not be tested;
   * `data.tfds_data_dir`: TensorFlow Datasets (tf.data reads the records with TensorFlow's client).
 Credentials are the machine's (Application Default Credentials) for all of them.
 """
@@ -62,8 +63,8 @@ def path(p: str | os.PathLike, absolute: bool = True) -> Path:
 def files_under(root: Path) -> list[Path]:
   """Every file below the folder `root`, recursively (unsorted).
 
-  For a URL one listing request per page of objects (`rglob` and `walk` of epath do not do this
-  for gs://), instead of one request per folder and file.
+  For a URL: one listing request per page of objects, not one per folder and file (epath refuses
+  a recursive `rglob` on gs://, and its `walk` drops the scheme from the folders it yields).
   """
   if not is_url(root):
     return [p for p in root.rglob("*") if p.is_file()]
