@@ -78,10 +78,13 @@ def check_workdir_writable(workdir: str | os.PathLike) -> None:
     probe.write_bytes(b"ok")
     probe.unlink()
   except errors as e:  # pylint: disable=broad-exception-caught
-    what = "not a writable location" if url else "not a writable directory"
+    if url:  # the client's exception type says more than its text (often just the request)
+      what, reason = "not a writable location", f"{type(e).__name__}: {e}"
+    else:
+      what, reason = "not a writable directory", e.strerror or e
     raise PreflightError(
-        f"The workdir {workdir} is {what} ({getattr(e, 'strerror', None) or e}); checkpoints, "
-        "logs and config.json go there. Pass another --workdir.") from e
+        f"The workdir {workdir} is {what} ({reason}); checkpoints, logs and config.json go "
+        "there. Pass another --workdir.") from e
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:

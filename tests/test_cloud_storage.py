@@ -178,11 +178,17 @@ def test_fine_tuning_from_a_gs_checkpoint_into_gs(gcs, gs_pretraining, tiny_pret
     np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
-def test_preflight_on_object_storage(gcs, caplog):
-  # A bucket that does not exist: the error names the path.
+def test_preflight_on_object_storage(gcs, caplog, capsys, monkeypatch):
+  # A bucket that does not exist: the error names the path ...
   with pytest.raises(preflight.PreflightError,
                      match=r"The workdir gs://no-such-bucket/run is not a writable location"):
     preflight.check_workdir_writable("gs://no-such-bucket/run")
+  # ... and the command says so in one line, exit status 2, before reading any data.
+  status, _, err = main_in_process(
+      ["--config=configs/pirl.py:tiny", "--workdir=gs://no-such-bucket/run",
+       "--config.data.source=folder", "--config.data.path=/nonexistent"], capsys, monkeypatch)
+  assert status == 2, err[-3000:]
+  assert "The workdir gs://no-such-bucket/run is not a writable location" in err
   preflight.check_workdir_writable(f"gs://{gcs.bucket}/preflight")
   assert not storage.path(f"gs://{gcs.bucket}/preflight").exists()  # the marker was deleted
   with caplog.at_level(logging.INFO):
