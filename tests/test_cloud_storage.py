@@ -18,6 +18,7 @@ import pytest
 from configs import finetune_isic
 from configs import pirl as pirl_configs
 from pirl_jax import checkpointing
+from pirl_jax import export
 from pirl_jax import preflight
 from pirl_jax import storage
 from pirl_jax.data import isic
@@ -194,6 +195,18 @@ def test_preflight_on_object_storage(gcs, caplog, capsys, monkeypatch):
   with caplog.at_level(logging.INFO):
     preflight.check_free_disk(f"gs://{gcs.bucket}/preflight/checkpoints", 1 << 40, 3)
   assert "skipped the free-disk check for gs://bucket/preflight/checkpoints" in caplog.text
+
+
+def test_export_from_gs_to_gs_equals_the_local_export(gcs, gs_pretraining, tiny_pretraining,
+                                                      tmp_path):
+  out = f"gs://{gcs.bucket}/export/trunk.safetensors"
+  written = export.export(gs_pretraining["workdir"], out)
+  assert written["out"] == out and written["source"] == gs_pretraining["workdir"]
+  export.export(str(tiny_pretraining.workdir), str(tmp_path / "trunk.safetensors"))
+  got, expected = torch_weights.read(out), torch_weights.read(tmp_path / "trunk.safetensors")
+  assert got.keys() == expected.keys()
+  for name, array in expected.items():
+    np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
 def _upload(local_root, url):
