@@ -31,7 +31,6 @@ memory, a faulty copy) and files of another checkpoint swapped in. It is not cry
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Callable, NamedTuple, Sequence
 
 from absl import logging
@@ -41,11 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pirl_jax import storage
 from pirl_jax import user_errors
 
 _ITEM = "default"  # the state's item folder inside each step folder
 _FINGERPRINTS = "fingerprints"  # the fingerprints' item folder next to it
 _DAMAGED_SUFFIX = ".damaged"  # '<step>.damaged': a damaged step moved aside (not a step name)
+_COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a finished step folder on object storage
 _KEY_OFFSET = 0x9E3779B9  # so that index 0 has a key other than 0
 _ALGORITHM = "sum M(b_i ^ k_i) - M(k_i) mod 2**32, M = murmur3 fmix32, k_i = M(i + 0x9E3779B9)"
 _SHOWN = 5  # differing arrays named in an error message
@@ -67,7 +68,7 @@ class DamagedStep(NamedTuple):
   """A step `Checkpointer.restore_latest` skipped: why, and where it is kept now."""
   step: int
   reason: str
-  kept_as: pathlib.Path | None
+  kept_as: storage.Path | None
 
 
 def abstract_like(state, shardings):
@@ -185,7 +186,7 @@ def _describe(error: BaseException) -> str:
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _saved_item_names(step_dir: pathlib.Path) -> set[str]:
+def _saved_item_names(step_dir: storage.Path) -> set[str]:
   """The items a step's Orbax metadata says were saved; empty when that cannot be read."""
   try:
     handlers = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
@@ -194,7 +195,7 @@ def _saved_item_names(step_dir: pathlib.Path) -> set[str]:
     return set()
 
 
-def _read_fingerprints(step_dir: pathlib.Path) -> dict[str, int] | None:
+def _read_fingerprints(step_dir: storage.Path) -> dict[str, int] | None:
   """The fingerprints saved in `step_dir`, or None for a checkpoint saved without them.
 
   Raises:
@@ -217,7 +218,7 @@ def _read_fingerprints(step_dir: pathlib.Path) -> dict[str, int] | None:
   return arrays
 
 
-def _verify(step_dir: pathlib.Path, restored, expected: dict[str, int] | None,
+def _verify(step_dir: storage.Path, restored, expected: dict[str, int] | None,
             trimmed: dict[str, tuple[int, int]] | None = None) -> None:
   """Compares the fingerprints of `restored` (named as saved) with `expected`.
 
@@ -252,7 +253,7 @@ def _verify(step_dir: pathlib.Path, restored, expected: dict[str, int] | None,
         f"saved with it: {', '.join(problems[:_SHOWN])}{more}.")
 
 
-def _agree(step_dir: pathlib.Path, error: Exception | None) -> None:
+def _agree(step_dir: storage.Path, error: Exception | None) -> None:
   """Raises on every process if reading `step_dir` failed on any of them.
 
   Each process reads its own shards, so one may fail where the others did not; they must agree
@@ -273,7 +274,7 @@ def _agree(step_dir: pathlib.Path, error: Exception | None) -> None:
     raise error
 
 
-def _free_name(path: pathlib.Path) -> pathlib.Path:
+def _free_name(path: storage.Path) -> storage.Path:
   candidate, n = path, 1
   while candidate.exists():
     candidate = path.with_name(f"{path.name}.{n}")
@@ -293,8 +294,8 @@ class Checkpointer:
   Checkpointer and call `save` and `restore` (they write and read their own shards).
   """
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory: str | storage.Path, keep: int = 3, async_save: bool = True):
+    self.directory = storage.path(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -497,44 +498,50 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_arrays(item_dir: str | pathlib.Path) -> dict:
+def load_arrays(item_dir: str | storage.Path) -> dict:
   """A whole checkpoint item as host NumPy arrays in nested dicts and lists (for inspection).
 
   Not verified against the saved fingerprints: it shows what is on disk.
   """
-  metadata = ocp.PyTreeCheckpointer().metadata(pathlib.Path(item_dir))
+  metadata = ocp.PyTreeCheckpointer().metadata(storage.path(item_dir))
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   return ocp.PyTreeCheckpointer().restore(
-      pathlib.Path(item_dir), args=ocp.args.PyTreeRestore(restore_args=args))
+      storage.path(item_dir), args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 # --- Restoring parts of a checkpoint (evaluation) ------------------------------------------------
 
-def _is_item_dir(path: pathlib.Path) -> bool:
+def _is_item_dir(path: storage.Path) -> bool:
   return (path / "_METADATA").is_file()
 
 
-def _complete_steps(directory: pathlib.Path) -> list[int]:
-  # Orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames on success, so only finished
-  # steps have a purely numeric name.
+def _is_finished(step_dir: storage.Path) -> bool:
+  # Locally Orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames on success, so only
+  # finished steps have a purely numeric name. Object storage has no rename: Orbax writes the
+  # step folder in place and marks it finished with a commit file last.
+  return step_dir.name.isdigit() and (
+      not storage.is_url(step_dir) or (step_dir / _COMMIT_FILE).is_file())
+
+
+def _complete_steps(directory: storage.Path) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir()
-                if p.name.isdigit() and _is_item_dir(p / _ITEM))
+                if _is_finished(p) and _is_item_dir(p / _ITEM))
 
 
-def _unreadable_steps(directory: pathlib.Path) -> list[int]:
+def _unreadable_steps(directory: storage.Path) -> list[int]:
   """Finished step folders without a readable item (see `_complete_steps`)."""
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir()
-                if p.name.isdigit() and p.is_dir() and not _is_item_dir(p / _ITEM))
+                if _is_finished(p) and p.is_dir() and not _is_item_dir(p / _ITEM))
 
 
-def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None,
-                       field: str = "init.checkpoint") -> tuple[pathlib.Path, int | None]:
+def resolve_checkpoint(path: str | storage.Path, step: int | None = None,
+                       field: str = "init.checkpoint") -> tuple[storage.Path, int | None]:
   """Finds the Orbax item folder behind a user-given checkpoint path.
 
   Accepts a training workdir (holding `checkpoints/`), a CheckpointManager folder (numbered step
@@ -549,7 +556,7 @@ def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None,
   Returns:
     (item folder, step or None when it cannot be told from the path).
   """
-  root = pathlib.Path(path).expanduser().absolute()
+  root = storage.path(path)
   if not root.exists():
     raise FileNotFoundError(f"config.{field}={str(path)!r}: {root} does not exist.")
   if _is_item_dir(root):
@@ -578,11 +585,11 @@ def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None,
   return manager_dir / str(step) / _ITEM, step
 
 
-def array_metadata(item_dir: str | pathlib.Path) -> dict:
+def array_metadata(item_dir: str | storage.Path) -> dict:
   """The checkpoint's tree with each array as a `jax.ShapeDtypeStruct`; no array is read."""
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    metadata = handler.metadata(pathlib.Path(item_dir))
+    metadata = handler.metadata(storage.path(item_dir))
   finally:
     handler.close()
   tree = getattr(metadata, "tree", metadata)
@@ -607,7 +614,7 @@ def subtree(tree: dict, path: Sequence[str]):
   return tree
 
 
-def check_subtrees(item_dir: str | pathlib.Path, targets: dict[tuple[str, ...], object]) -> None:
+def check_subtrees(item_dir: str | storage.Path, targets: dict[tuple[str, ...], object]) -> None:
   """Checks that the checkpoint holds every array of `targets` with the same shape; reads no array.
 
   Args:
@@ -619,10 +626,10 @@ def check_subtrees(item_dir: str | pathlib.Path, targets: dict[tuple[str, ...], 
     CheckpointMismatchError: a subtree is missing, or a parameter is missing, unexpected or has
       another shape; the message names the parameter path and both shapes.
   """
-  _check_subtrees(pathlib.Path(item_dir), targets)
+  _check_subtrees(storage.path(item_dir), targets)
 
 
-def _check_subtrees(item_dir: pathlib.Path, targets: dict[tuple[str, ...], object]) -> dict:
+def _check_subtrees(item_dir: storage.Path, targets: dict[tuple[str, ...], object]) -> dict:
   """`check_subtrees`; returns the checkpoint's `array_metadata`."""
   available = array_metadata(item_dir)
   problems = []
@@ -658,7 +665,7 @@ def _check_subtrees(item_dir: pathlib.Path, targets: dict[tuple[str, ...], objec
   return available
 
 
-def restore_subtrees(item_dir: str | pathlib.Path, targets: dict[tuple[str, ...], object],
+def restore_subtrees(item_dir: str | storage.Path, targets: dict[tuple[str, ...], object],
                      sharding=None) -> dict[tuple[str, ...], object]:
   """Restores only some subtrees of a checkpoint, checking them against the model first.
 
@@ -680,7 +687,7 @@ def restore_subtrees(item_dir: str | pathlib.Path, targets: dict[tuple[str, ...]
     CheckpointMismatchError: see `check_subtrees`, which runs first.
     DamagedCheckpointError: the arrays cannot be read or differ from their saved fingerprints.
   """
-  item_dir = pathlib.Path(item_dir)
+  item_dir = storage.path(item_dir)
   available = _check_subtrees(item_dir, targets)
   expected = _read_fingerprints(item_dir.parent)
   item, restore_args = {}, {}

@@ -256,10 +256,11 @@ def _train(argv) -> None:
   except ValueError as e:
     raise user_errors.UserError(str(e)) from e
   import jax  # pylint: disable=g-import-not-at-top
-  workdir = os.path.expanduser(FLAGS.workdir or str(pathlib.Path("runs") / config.name))
+  from pirl_jax import storage  # pylint: disable=g-import-not-at-top
+  workdir = str(storage.path(FLAGS.workdir or pathlib.Path("runs") / config.name))
   logging.info("JAX %s, process %d/%d, %d local / %d global device(s); workdir %s.",
                jax.__version__, jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), os.path.abspath(workdir))
+               jax.local_device_count(), jax.device_count(), workdir)
 
   if config.mode == "pretrain":
     from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top

@@ -20,17 +20,17 @@ Inputs are RGB in [0, 1] normalised with the ImageNet mean/std, as torchvision's
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 import numpy as np
 
+from pirl_jax import storage
 from pirl_jax.models import torch_weights
 
 
 def export(checkpoint: str, out: str, step: int | None = None) -> dict:
   """Writes the trunk of `checkpoint` to `out`; returns what was written (for the message)."""
-  out_path = pathlib.Path(out).expanduser()
+  out_path = storage.path(out)
   if not out_path.name.endswith(".safetensors"):
     raise torch_weights.WeightsError(f"--out={out}: the file name must end in .safetensors.")
   # Imported here, after the command has configured TensorFlow's logging (the data modules
@@ -44,7 +44,7 @@ def export(checkpoint: str, out: str, step: int | None = None) -> dict:
   torch_weights.write(state, out_path, metadata)
   parameters = sum(int(np.prod(v.shape)) for k, v in state.items()
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-  return dict(out=str(out_path.absolute()), tensors=len(state), parameters=parameters, **metadata)
+  return dict(out=str(out_path), tensors=len(state), parameters=parameters, **metadata)
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,11 @@
 """Checks made before anything is compiled, so that a run fails in seconds, not hours in.
 
 Each check raises `PreflightError` with a message naming the file, field or number at fault:
-  * the workdir cannot be created or written;
+  * the workdir cannot be created or written (on object storage, `gs://`: a marker object cannot
+    be written and deleted);
   * the disk holding the checkpoints has less free space than the checkpoints of this state
-    will take (estimated from the state's shapes, `jax.eval_shape`, before it exists);
+    will take (estimated from the state's shapes, `jax.eval_shape`, before it exists); skipped,
+    and logged as skipped, on object storage;
   * the workdir holds checkpoints of another experiment: its `config.json` differs from the new
     config in a field that changes the result (`check_resume`). Fields that may legitimately
     change between a run and its resumption are listed in `RESUMABLE_FIELDS`.
@@ -28,6 +30,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from pirl_jax import storage
 from pirl_jax import user_errors
 
 # Fields that may differ between a run and its resumption without making it another experiment:
@@ -61,17 +64,27 @@ class PreflightError(user_errors.UserError, RuntimeError):
 
 
 def check_workdir_writable(workdir: str | os.PathLike) -> None:
-  """Creates `workdir` if needed and checks that a file can be written and removed in it."""
-  workdir = pathlib.Path(workdir)
+  """Creates `workdir` if needed and checks that a file can be written and removed in it.
+
+  On object storage (`gs://`) the file is a marker object, written and deleted.
+  """
+  url = storage.is_url(workdir)
+  workdir = storage.path(workdir) if url else pathlib.Path(workdir)
   probe = workdir / f".preflight-{jax.process_index()}-{os.getpid()}"
+  # Object-storage clients raise their own errors (HTTP, credentials), not only OSError.
+  errors = Exception if url else OSError
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe.write_bytes(b"ok")
     probe.unlink()
-  except OSError as e:
+  except errors as e:  # pylint: disable=broad-exception-caught
+    if url:  # the client's exception type says more than its text (often just the request)
+      what, reason = "not a writable location", f"{type(e).__name__}: {e}"
+    else:
+      what, reason = "not a writable directory", e.strerror or e
     raise PreflightError(
-        f"The workdir {workdir} is not a writable directory ({e.strerror or e}); checkpoints, "
-        "logs and config.json go there. Pass another --workdir.") from e
+        f"The workdir {workdir} is {what} ({reason}); checkpoints, logs and config.json go "
+        "there. Pass another --workdir.") from e
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:
@@ -102,6 +115,11 @@ def check_free_disk(checkpoint_dir: str | os.PathLike, bytes_per_checkpoint: int
   message: what bounds the count, and what the user can change.
   """
   needed = int(num_checkpoints * bytes_per_checkpoint * 1.05) + 16 * _MIB
+  if storage.is_url(checkpoint_dir):
+    logging.info("Preflight: skipped the free-disk check for %s (object storage has no free-"
+                 "space figure; about %.1f MiB will be written there).", checkpoint_dir,
+                 needed / _MIB)
+    return
   free = free_disk_bytes(checkpoint_dir)
   if free < needed:
     raise PreflightError(
@@ -158,7 +176,7 @@ def check_resume(config, workdir: str | os.PathLike, latest_step: int | None) ->
   """
   if latest_step is None:
     return
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir) if storage.is_url(workdir) else pathlib.Path(workdir)
   if config.resume == "never":
     raise PreflightError(
         f"config.resume='never' but {workdir / 'checkpoints'} holds checkpoints (latest step "
@@ -204,6 +222,10 @@ def dataset_fingerprint(num_examples: int, names: Sequence[str],
   """
   names = [str(n) for n in names]
   if len(names) > 1:
+    # URLs (gs://bucket/...) as '/bucket/...', so that their common folder is found the same way.
+    urls = all(storage.is_url(n) for n in names)
+    if urls:
+      names = ["/" + n.split("://", 1)[1] for n in names]
     root = os.path.commonpath(names) if all(n.startswith("/") for n in names) else ""
     names = [os.path.relpath(n, root) if root else n for n in names]
   digests = [hashlib.sha1(c).hexdigest()[:12] for c in contents] if contents is not None else []

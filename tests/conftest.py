@@ -48,3 +48,16 @@ def tiny_pretraining(tmp_path_factory, small_isic_root, shared_cache_dir):
   workdir = tmp_path_factory.mktemp("tiny_pretraining") / "run"
   summary = pretrain.train_and_evaluate(config, str(workdir))
   return types.SimpleNamespace(config=config, workdir=workdir, summary=summary)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A local Cloud Storage emulator with one bucket, the clients pointed at it
+  (tests/gcs_emulator.py); the tests that use it are skipped, saying why, when it cannot start."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  try:
+    emulator = gcs_emulator.start()
+  except RuntimeError as e:
+    pytest.skip(f"no Cloud Storage emulator: {e}")
+  yield emulator
+  emulator.stop()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pathlib
 import sys
 
@@ -41,6 +40,7 @@ from PIL import Image
 
 from pirl_jax import checkpointing
 from pirl_jax import inference
+from pirl_jax import storage
 from pirl_jax import user_errors
 from pirl_jax.eval import probe
 from pirl_jax.eval import trunk_init
@@ -297,7 +297,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     ax.set_ylabel("images")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  storage.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -320,8 +320,8 @@ def main(argv=None) -> int:
                           cache_dir=f.cache_dir)
     if jax.process_index() != 0:
       return
-    out = pathlib.Path(os.path.expanduser(f.out) if f.out else
-                       pathlib.Path(f.checkpoint[0]).expanduser().absolute() / "invariance")
+    out = (storage.path(f.out, absolute=False) if f.out else
+           storage.path(f.checkpoint[0]) / "invariance")
     out.mkdir(parents=True, exist_ok=True)
     (out / "invariance.json").write_text(json.dumps(result, indent=2))
     table = markdown_table(result)

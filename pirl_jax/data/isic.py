@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import os
 import re
 import zipfile
@@ -28,6 +29,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from absl import logging
 
+from pirl_jax import storage
 from pirl_jax.user_errors import UserError
 
 # split -> (image folder / zip stem, ground-truth CSV).
@@ -74,16 +76,22 @@ class ImageRef(NamedTuple):
     return self.path if self.member is None else f"{self.path}:{self.member}"
 
 
+def _zip_file(path: str | os.PathLike) -> zipfile.ZipFile:
+  if storage.is_url(path):  # zipfile seeks in the object through a file-like reader
+    return zipfile.ZipFile(storage.path(path).open("rb"))
+  return zipfile.ZipFile(path)
+
+
 @functools.lru_cache(maxsize=16)
 def _open_zip(path: str, pid: int) -> zipfile.ZipFile:
   # Keyed by pid: a forked child must not share the parent's file offset, so it opens its own.
   del pid
-  return zipfile.ZipFile(path)
+  return _zip_file(path)
 
 
 def _read_ref(ref: ImageRef) -> bytes:
   if ref.member is None:
-    return Path(ref.path).read_bytes()
+    return storage.path(ref.path, absolute=False).read_bytes()
   return _open_zip(ref.path, os.getpid()).read(ref.member)
 
 
@@ -131,16 +139,20 @@ def _find_images(root: Path, split: str) -> tuple[Path, dict[str, ImageRef]]:
   found: dict[str, ImageRef] = {}
   if flat.is_dir():
     folder = nested if nested.is_dir() else flat
-    with os.scandir(folder) as entries:
-      entries = sorted(entries, key=lambda e: e.name)
-    for entry in entries:
-      match = IMAGE_NAME_RE.fullmatch(entry.name)
-      if match and entry.is_file():
-        found[match.group(1)] = ImageRef(str(folder / entry.name))
+    if storage.is_url(folder):
+      # One listing; the objects listed are files (a request per object to check would be slow).
+      names = sorted((p.name, True) for p in folder.iterdir())
+    else:
+      with os.scandir(folder) as entries:
+        names = sorted(((e.name, e.is_file()) for e in entries), key=lambda e: e[0])
+    for name, is_file in names:
+      match = IMAGE_NAME_RE.fullmatch(name)
+      if match and is_file:
+        found[match.group(1)] = ImageRef(str(folder / name))
     return folder, found
   if archive.is_file():
     try:
-      with zipfile.ZipFile(archive) as zf:
+      with _zip_file(archive) as zf:
         members = sorted(i.filename for i in zf.infolist() if not i.is_dir())
     except (zipfile.BadZipFile, OSError) as e:
       raise IsicFormatError(f"{archive}: not a readable zip archive ({e})") from e
@@ -175,7 +187,7 @@ def _read_csv(csv_path: Path) -> list[tuple[str, int, int, int]]:
   first_line: dict[str, int] = {}
   try:
     # utf-8-sig: spreadsheet programs often prepend a byte-order mark.
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(csv_path.read_bytes().decode("utf-8-sig"), newline="") as f:
       reader = csv.DictReader(f)
       header = reader.fieldnames
       if header is None:
@@ -236,7 +248,7 @@ def read_split(root: str | os.PathLike, split: str, *, strict: bool = False) -> 
   """
   if split not in SPLITS:
     raise ValueError(f"unknown ISIC 2017 split {split!r}; expected one of {list(SPLITS)}")
-  root = Path(root).expanduser()
+  root = storage.path(root, absolute=False)
   if not root.is_dir():
     raise IsicFormatError(f"{root}: ISIC 2017 root folder does not exist")
   csv_path = root / SPLITS[split][1]

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from pirl_jax.data import augment
+from pirl_jax import storage
 from pirl_jax.data import errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import isic
@@ -81,7 +82,7 @@ def isic_root(data_cfg) -> pathlib.Path:
   if data_cfg.source == "synthetic":
     return sources.synthetic_root(data_cfg)
   if data_cfg.source == "isic":
-    return pathlib.Path(paths.user_path(data_cfg.path))
+    return storage.path(paths.user_path(data_cfg.path), absolute=False)
   raise errors.ConfigFieldError(f"data.source={data_cfg.source!r} has no ISIC folder.")
 
 

@@ -21,10 +21,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import pathlib
 from absl import logging
 import numpy as np
 
+from pirl_jax import storage
 from pirl_jax import user_errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import labelled
@@ -91,16 +93,15 @@ def read_labels_csv(path: str | pathlib.Path, folder: str | pathlib.Path
     LabelsCsvError: naming the CSV and line of an unknown file, a missing label, an unknown
       split, a repeated file, a malformed line, or when fewer than two classes are labelled.
   """
-  path = pathlib.Path(path).expanduser()
-  folder = pathlib.Path(folder).expanduser()
+  path = storage.path(path, absolute=False)
+  folder = storage.path(folder, absolute=False)
   if not path.is_file():
     raise LabelsCsvError(f"Labels CSV {path} does not exist.")
-  available = {p.relative_to(folder).as_posix()
-               for p in folder.rglob("*") if p.is_file() and
-               p.suffix.lower() in sources.IMAGE_SUFFIXES}
+  available = {p.relative_to(folder).as_posix() for p in storage.files_under(folder)
+               if p.suffix.lower() in sources.IMAGE_SUFFIXES}
   rows, seen = [], {}
   try:
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(path.read_bytes().decode("utf-8"), newline="") as f:
       lines = list(csv.reader(f))
   except UnicodeDecodeError as e:
     raise LabelsCsvError(f"{path} is not UTF-8 text ({e}).") from e
@@ -164,7 +165,7 @@ def split_positions(labels: np.ndarray, query_fraction: float, seed: int
 def load_folder(folder: str, labels_csv: str, data_cfg, query_fraction: float = 0.5,
                 seed: int = 0) -> ProbeSets:
   """A folder of images labelled by a CSV (see the module docstring)."""
-  folder_path = pathlib.Path(folder).expanduser()
+  folder_path = storage.path(folder, absolute=False)
   if not folder_path.is_dir():
     raise LabelsCsvError(f"Image folder {folder} does not exist.")
   rows = read_labels_csv(labels_csv, folder_path)

@@ -25,6 +25,7 @@ import pathlib
 import re
 from typing import Callable, Sequence
 
+from pirl_jax import storage
 from pirl_jax.data import errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import paths
@@ -118,12 +119,12 @@ def _file_loader(path: pathlib.Path) -> Callable[[], bytes]:
 
 def folder_items(root: str) -> list[tuple[str, Callable[[], bytes]]]:
   """All jpg/png files under `root` (`~` expanded), recursively, sorted by relative path."""
-  root_path = pathlib.Path(paths.user_path(root))
+  root_path = storage.path(paths.user_path(root), absolute=False)
   if not root_path.is_dir():
     raise errors.MissingDataError(
         f"Image folder does not exist: {root_path} (config field data.path)")
-  files = sorted(p for p in root_path.rglob("*")
-                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+  files = sorted(p for p in storage.files_under(root_path)
+                 if p.suffix.lower() in IMAGE_SUFFIXES
                  and not re.search(r"_superpixels\.png$", p.name))
   return [(str(p), _file_loader(p)) for p in files]
 

@@ -19,7 +19,6 @@ numbers in `<workdir>/compare.json`.
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 from absl import flags
@@ -28,6 +27,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from pirl_jax import storage
 from pirl_jax import user_errors
 
 FLAGS = flags.FLAGS
@@ -149,7 +149,7 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
         trunk_init.abstract_trunk_variables(model, base_config.augment.image_size),
         f"the PIRL run's trunk {trunk[0]} at width {trunk[1]:g}")
     arms["supervised"] = supervised
-  root = pathlib.Path(workdir).absolute()
+  root = storage.path(workdir)
   logging.info("Comparing %s on trunk %s x%g, seeds %s, label_fraction %g, in %s.",
                ", ".join(arms), trunk[0], trunk[1], seeds, label_fraction, root)
   results: dict[str, list[dict]] = {arm: [] for arm in arms}
@@ -182,7 +182,7 @@ def _main(argv):
   workdir = FLAGS.workdir or "runs/compare"
   _, table = run_comparison(FLAGS.config, workdir, FLAGS.pirl, FLAGS.supervised, seeds,
                             FLAGS.label_fraction)
-  print("\n" + table + f"\n\n(written to {pathlib.Path(workdir).absolute() / 'compare.md'})")
+  print("\n" + table + f"\n\n(written to {storage.path(workdir) / 'compare.md'})")
 
 
 def main(argv=None) -> int:

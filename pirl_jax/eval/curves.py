@@ -14,12 +14,14 @@ import json
 import pathlib
 import sys
 
+from pirl_jax import storage
+
 PANELS = (("knn_auc_mean", "kNN mean AUC"), ("linear_auc_mean", "linear-probe mean AUC"))
 
 
 def read_curve(workdir: str | pathlib.Path) -> list[dict]:
   """[{step, knn_auc_mean, linear_auc_mean, ...}] of a pretraining workdir, in step order."""
-  path = pathlib.Path(workdir).expanduser() / "summary.json"
+  path = storage.path(workdir, absolute=False) / "summary.json"
   if not path.is_file():
     from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
     raise user_errors.UserError(f"{path} does not exist: is {workdir} a finished pretraining "
@@ -46,7 +48,7 @@ def plot(curves: dict[str, list[dict]], out: str | pathlib.Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out)
+  storage.save_figure(fig, out)
 
 
 def markdown(curves: dict[str, list[dict]]) -> str:

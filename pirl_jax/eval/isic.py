@@ -10,6 +10,7 @@ they equal what the challenge's scorer computes from that file.
 from __future__ import annotations
 
 import csv
+import io
 import pathlib
 
 from absl import logging
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import storage
 from pirl_jax.data import labelled
 from pirl_jax.eval import classifier
 from pirl_jax.eval.classifier import CLASS_NAMES
@@ -73,20 +75,22 @@ def write_predictions(path: pathlib.Path, image_ids, probs: np.ndarray):
   """Writes the submission CSV and returns (melanoma, SK) exactly as written (parsed back)."""
   mel = format_probabilities(probs[:, 0])
   sk = format_probabilities(probs[:, 1])
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    writer.writerows(zip(image_ids, mel, sk))
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator="\n")
+  writer.writerow(CSV_HEADER)
+  writer.writerows(zip(image_ids, mel, sk))
+  storage.path(path).write_text(text.getvalue())
   # Metrics are computed from the parsed text so they equal a recomputation from the file.
   return np.array([float(x) for x in mel]), np.array([float(x) for x in sk])
 
 
 def write_ground_truth(path: pathlib.Path, split: labelled.LabelledSplit) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for row in zip(split.image_ids, split.melanoma, split.seborrheic_keratosis):
-      writer.writerow([row[0], f"{float(row[1]):.1f}", f"{float(row[2]):.1f}"])
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator="\n")
+  writer.writerow(CSV_HEADER)
+  for row in zip(split.image_ids, split.melanoma, split.seborrheic_keratosis):
+    writer.writerow([row[0], f"{float(row[1]):.1f}", f"{float(row[2]):.1f}"])
+  storage.path(path).write_text(text.getvalue())
 
 
 def plot_roc(path: pathlib.Path, split: labelled.LabelledSplit, melanoma: np.ndarray,
@@ -110,7 +114,7 @@ def plot_roc(path: pathlib.Path, split: labelled.LabelledSplit, melanoma: np.nda
          title=title)
   ax.legend(loc="lower right")
   fig.tight_layout()
-  fig.savefig(path)
+  storage.save_figure(fig, path)
 
 
 class IsicEvaluator:
@@ -159,7 +163,7 @@ class IsicEvaluator:
       gt_path = workdir / f"ground_truth_{name}.csv"
       write_ground_truth(gt_path, split)
     else:
-      gt_path = pathlib.Path(split.csv_path)
+      gt_path = storage.path(split.csv_path, absolute=False)
     predictions = workdir / f"predictions_{name}.csv"
     mel, sk = write_predictions(predictions, split.image_ids, probs)
     metrics = split_metrics(split, mel, sk, probs)

@@ -23,8 +23,6 @@ logistic regression on standardised features, classes weighted by inverse freque
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import sys
 import time
 
@@ -35,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import storage
 from pirl_jax import user_errors
 from pirl_jax.data import labelled
 from pirl_jax.data import probe_data
@@ -295,8 +294,8 @@ def main(argv=None) -> int:
                        cache_dir=f.cache_dir)
     if jax.process_index() != 0:
       return
-    out = pathlib.Path(os.path.expanduser(f.output_dir) if f.output_dir else
-                       pathlib.Path(result["checkpoint"]) / "probe")
+    out = (storage.path(f.output_dir, absolute=False) if f.output_dir else
+           storage.path(result["checkpoint"], absolute=False) / "probe")
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(result, indent=2))
     text = (f"Probe of {result['checkpoint']} on {result['data']}\n\n{result['table']}\n")

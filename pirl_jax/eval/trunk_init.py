@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pirl_jax import checkpointing
+from pirl_jax import storage
 from pirl_jax.models import resnet
 from pirl_jax.models import torch_weights
 
@@ -76,7 +77,7 @@ def resolve_init(checkpoint: str, kind: str = "", step: int = -1,
   """
   if not checkpoint:
     return Init(kind="scratch")
-  given = pathlib.Path(checkpoint).expanduser().absolute()
+  given = storage.path(checkpoint)
   if kind == "weights" or (not kind and torch_weights.is_weights_file(given)):
     return _resolve_weights_file(given, field)
   item_dir, found_step = checkpointing.resolve_checkpoint(given, None if step < 0 else int(step),

@@ -21,6 +21,7 @@ with `torch.load(weights_only=True)` when torch is installed (never with plain p
 
 from __future__ import annotations
 
+import io
 import math
 import pathlib
 import re
@@ -29,6 +30,7 @@ from typing import Mapping
 from flax import traverse_util
 import numpy as np
 
+from pirl_jax import storage
 from pirl_jax import user_errors
 from pirl_jax.models import resnet
 
@@ -239,13 +241,16 @@ def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   Raises:
     WeightsError: the file is missing or unreadable, or torch is needed and absent.
   """
-  path = pathlib.Path(path).expanduser()
+  path = storage.path(path, absolute=False)
+  url = storage.is_url(path)
   if not path.is_file():
     raise WeightsError(f"Weights file {path} does not exist.")
   name = path.name.lower()
   if name.endswith(SAFETENSORS_SUFFIXES):
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
     try:
+      if url:
+        return dict(safetensors_numpy.load(path.read_bytes()))
       return dict(safetensors_numpy.load_file(str(path)))
     except Exception as e:  # safetensors raises its own SafetensorError and OSError
       raise WeightsError(f"{path} is not a readable .safetensors file: {e}") from e
@@ -257,7 +262,8 @@ def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     raise WeightsError(f"{path} is a PyTorch file and torch is not installed: install torch, or "
                        "convert it to .safetensors where torch is.") from None
   try:
-    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    loaded = torch.load(io.BytesIO(path.read_bytes()) if url else str(path), map_location="cpu",
+                        weights_only=True)
   except Exception as e:  # pickle and torch raise many kinds
     raise WeightsError(f"{path} could not be read by torch.load(weights_only=True): {e}") from e
   for wrapper in ("state_dict", "model"):
@@ -272,7 +278,10 @@ def write(state: Mapping[str, np.ndarray], path: str | pathlib.Path,
           metadata: Mapping[str, str] | None = None) -> None:
   """Writes a state dict to `path` as `.safetensors` (metadata: string -> string)."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path).expanduser()
+  path = storage.path(path, absolute=False)
   path.parent.mkdir(parents=True, exist_ok=True)
-  safetensors_numpy.save_file(dict(state), str(path),
-                              metadata={"format": "pt", **dict(metadata or {})})
+  metadata = {"format": "pt", **dict(metadata or {})}
+  if storage.is_url(path):
+    path.write_bytes(safetensors_numpy.save(dict(state), metadata=metadata))
+  else:
+    safetensors_numpy.save_file(dict(state), str(path), metadata=metadata)

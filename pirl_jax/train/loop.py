@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import signal
 import sys
 import threading
@@ -50,6 +49,7 @@ from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import storage
 
 _NEVER = np.iinfo(np.int32).max
 WATCHED = ("loss", "grad_norm")  # a step with either non-finite is an error (or skipped)
@@ -199,11 +199,11 @@ class _TermSignal:
 class Run:
   """One run in one workdir: preflight, resume, the training loop, config.json and summary.json."""
 
-  def __init__(self, config, workdir: str | pathlib.Path, task_name: str):
+  def __init__(self, config, workdir: str | storage.Path, task_name: str):
     self.config = config
     self.task_name = task_name
     self.start_time = time.time()
-    self.workdir = pathlib.Path(workdir).expanduser().absolute()
+    self.workdir = storage.path(workdir)
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.is_main = self.process_index == 0
     preflight.agree(lambda: preflight.check_workdir_writable(self.workdir))
@@ -323,7 +323,7 @@ class Run:
     config = self.config
     state = self._restore(task)
     self.save_config()
-    writer = (metric_writers.SummaryWriter(str(self.workdir)) if self.is_main
+    writer = (storage.TensorBoardWriter(self.workdir) if self.is_main
               else metric_writers.MultiWriter([]))
     first_step = task.state_step(state)
     total = task.total_steps
@@ -384,6 +384,7 @@ class Run:
           window_start += time.time() - eval_start
         if save_now:
           self.checkpointer.save(done, state, force=preempted)
+          writer.flush()  # the events so far reach the workdir with each checkpoint
         if preempted and not last:
           logging.warning("SIGTERM: stopped after step %d/%d with a checkpoint; run the same "
                           "command again to resume.", done, total)
@@ -392,7 +393,7 @@ class Run:
 
     self.checkpointer.wait_until_finished()
     results = task.finish(state) if (task.finish is not None and not preempted) else {}
-    writer.flush()
+    writer.close()
     summary = dict(
         task=self.task_name, step=done, total_steps=total, complete=done == total,
         preempted=preempted, metrics=last_metrics, evaluations=evaluations,
