@@ -25,7 +25,6 @@ paired differences against PIRL, per-seed values), `methods.json` and `methods.p
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 import time
 
@@ -36,6 +35,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from pirl_jax import methods as methods_lib
+from pirl_jax import storage
 from pirl_jax import user_errors
 
 FLAGS = flags.FLAGS
@@ -150,7 +150,7 @@ def paired_differences(rows: dict[str, dict[int, dict]], baseline: str = "pirl")
   return lines
 
 
-def plot(rows: dict[str, dict[int, dict]], path: pathlib.Path, title: str) -> None:
+def plot(rows: dict[str, dict[int, dict]], path, title: str) -> None:
   """One panel per score: mean ± std bars per method, each seed a dot."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -175,7 +175,7 @@ def plot(rows: dict[str, dict[int, dict]], path: pathlib.Path, title: str) -> No
     ax.grid(axis="y", alpha=0.3)
   fig.suptitle(title + "  (blue: invariant, orange: covariant, grey: reference)", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -216,7 +216,7 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
     configuration.validate_finetune_config(
         finetune_config(finetune_base, "", seeds[0], label_fraction, trunk))
 
-  root = pathlib.Path(workdir).absolute()
+  root = storage.path(workdir)
   rows: dict[str, dict[int, dict]] = {m: {} for m in method_names}
   total = len(method_names) * len(seeds)
   start = time.time()
@@ -287,7 +287,7 @@ def _main(argv):
   workdir = FLAGS.workdir or "runs/methods"
   _, table = run_comparison(FLAGS.pretrain_config, FLAGS.finetune_config, workdir,
                             FLAGS.methods, seeds, FLAGS.label_fraction)
-  print("\n" + table + f"\n\n(written to {pathlib.Path(workdir).absolute() / 'methods.md'})")
+  print("\n" + table + f"\n\n(written to {storage.path(workdir) / 'methods.md'})")
 
 
 def main(argv=None) -> int:
