@@ -358,9 +358,9 @@ def test_pirl_rotation_loss_matches_numpy():
 
 
 @pytest.mark.parametrize("method", [
-    "pirl_rotation", "jigsaw", "rotation",
-    # Shares the tile classifier's sharding with jigsaw: in the slow set.
-    pytest.param("relative_patch", marks=pytest.mark.slow)])
+    "jigsaw", "rotation",
+    # The bank path is PIRL's (test_train) and the tile classifier jigsaw's: in the slow set.
+    *[pytest.param(m, marks=pytest.mark.slow) for m in ("pirl_rotation", "relative_patch")]])
 def test_eight_devices_equal_one_device(method):
   config = _config(method)
   _, _, one, metrics_one = _run_steps(config, 1)
