@@ -86,3 +86,22 @@ def test_tiny_comparison_runs_and_reuses_finished_runs(tmp_path):
   assert table_again == table
   assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing ran again
   assert np.isfinite(rows_again["scratch"][0]["finetune_mean"])
+
+
+def test_a_run_stopped_by_sigterm_stops_the_comparison(tmp_path, monkeypatch):
+  """SIGTERM checkpoints the running pretraining and returns; the comparison must not go on to
+  the next method (the same command resumes it)."""
+  from pirl_jax.eval import compare  # pylint: disable=g-import-not-at-top
+  from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def stopped(config, workdir):
+    calls.append(config.method)
+    return {"preempted": True, "step": 3, "total_steps": 6}
+  monkeypatch.setattr(pretrain, "train_and_evaluate", stopped)
+  with pytest.raises(compare.Preempted, match="Pretraining pirl, seed 0, stopped by SIGTERM at "
+                                              "step 3 of 6.*run the same command again"):
+    compare_methods.run_comparison(
+        pirl_configs.get_config("tiny"), finetune_isic.get_config("tiny"), str(tmp_path / "m"),
+        ["pirl", "jigsaw"], [0, 1], 0.1)
+  assert calls == ["pirl"]

@@ -33,6 +33,19 @@ from pirl_jax import user_errors
 FLAGS = flags.FLAGS
 
 
+class Preempted(Exception):
+  """A run stopped by SIGTERM (its checkpoint written): the comparison stops there too, and the
+  same command resumes it."""
+
+
+def stop_if_preempted(summary: dict, what: str) -> None:
+  """Raises Preempted when a run's summary says SIGTERM stopped it."""
+  if summary.get("preempted"):
+    raise Preempted(f"{what} stopped by SIGTERM at step {summary['step']} of "
+                    f"{summary['total_steps']} (checkpoint written); run the same command again "
+                    "to resume the comparison.")
+
+
 def define_flags() -> None:
   """The command's flags; defined when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
@@ -161,7 +174,8 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
         logging.info("Reusing the finished run %s.", run_dir)
       else:  # a new run, or the resumption of an interrupted one
         config = arm_config(base_config, arm, checkpoint, seed, label_fraction, trunk)
-        finetune.train_and_evaluate(config, str(run_dir))
+        stop_if_preempted(finetune.train_and_evaluate(config, str(run_dir)),
+                          f"Fine-tuning {arm}, seed {seed},")
       metrics = json.loads(metrics_path.read_text())
       results[arm].append(dict(seed=seed, test=metrics["test"], validation=metrics["validation"],
                                workdir=str(run_dir)))
@@ -180,8 +194,12 @@ def _main(argv):
     raise user_errors.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   seeds = [int(s) for s in FLAGS.seeds]
   workdir = FLAGS.workdir or "runs/compare"
-  _, table = run_comparison(FLAGS.config, workdir, FLAGS.pirl, FLAGS.supervised, seeds,
-                            FLAGS.label_fraction)
+  try:
+    _, table = run_comparison(FLAGS.config, workdir, FLAGS.pirl, FLAGS.supervised, seeds,
+                              FLAGS.label_fraction)
+  except Preempted as stopped:
+    print(f"\n{stopped}")
+    return
   print("\n" + table + f"\n\n(written to {storage.path(workdir) / 'compare.md'})")
 
 

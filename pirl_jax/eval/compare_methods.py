@@ -37,6 +37,7 @@ import numpy as np
 from pirl_jax import methods as methods_lib
 from pirl_jax import storage
 from pirl_jax import user_errors
+from pirl_jax.eval import compare
 
 FLAGS = flags.FLAGS
 
@@ -226,6 +227,7 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
                  method, seed, run_dir, (time.time() - start) / 60)
     summary = pretrain.train_and_evaluate(pretrain_config(pretrain_base, method, seed),
                                           str(run_dir))
+    compare.stop_if_preempted(summary, f"Pretraining {method}, seed {seed},")
     rows[method][seed] = _pretraining_scores(summary)
 
   # The random trunk's probes, per seed, on the same data as the runs' probes.
@@ -253,8 +255,9 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
           source = "" if name == "scratch" else str(root / name / f"seed{seed}")
           logging.info("Fine-tuning %s, seed %d, label_fraction %g -> %s.", name, seed,
                        label_fraction, run_dir)
-          finetune.train_and_evaluate(
-              finetune_config(finetune_base, source, seed, label_fraction, trunk), str(run_dir))
+          compare.stop_if_preempted(finetune.train_and_evaluate(
+              finetune_config(finetune_base, source, seed, label_fraction, trunk), str(run_dir)),
+              f"Fine-tuning {name}, seed {seed},")
         rows[name].setdefault(seed, {}).update(
             _finetune_scores(json.loads(metrics_path.read_text())))
 
@@ -285,8 +288,12 @@ def _main(argv):
   except ValueError:
     raise user_errors.UserError(f"--seeds={','.join(FLAGS.seeds)}: expected integers.") from None
   workdir = FLAGS.workdir or "runs/methods"
-  _, table = run_comparison(FLAGS.pretrain_config, FLAGS.finetune_config, workdir,
-                            FLAGS.methods, seeds, FLAGS.label_fraction)
+  try:
+    _, table = run_comparison(FLAGS.pretrain_config, FLAGS.finetune_config, workdir,
+                              FLAGS.methods, seeds, FLAGS.label_fraction)
+  except compare.Preempted as stopped:
+    print(f"\n{stopped}")
+    return
   print("\n" + table + f"\n\n(written to {storage.path(workdir) / 'methods.md'})")
 
 
