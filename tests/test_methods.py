@@ -24,19 +24,11 @@ from pirl_jax.data import permutations
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
 from tests.cli_in_process import main_in_process
+from tests.test_jigsaw import _noise_image
 
 SMALL = jigsaw.ViewConfig(image_size=48, jigsaw_crop_size=75, tile_size=19)
 PLAIN = dataclasses.replace(SMALL, tile_photometric=False, image_photometric=False,
                             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-def _noise_image(seed, height=96, width=112):
-  """Smooth random image: unique local patterns, so tiles can be located exactly."""
-  rng = np.random.default_rng(seed)
-  coarse = rng.uniform(0, 255, (height // 4 + 1, width // 4 + 1, 3))
-  fine = rng.uniform(-40, 40, (height, width, 3))
-  up = np.kron(coarse, np.ones((4, 4, 1)))[:height, :width]
-  return np.clip(up + fine, 0, 255).astype(np.uint8)
 
 
 def _seed(i):
@@ -89,7 +81,7 @@ def test_min_hamming_distance_matches_a_double_loop():
 
 def test_jigsaw_class_view_shuffles_by_the_labelled_permutation():
   perms = tf.constant(permutations.max_hamming_permutations(30))
-  image = _noise_image(1)
+  image = _noise_image(1, 96, 112)
   labels = []
   for i in range(4):
     tiles, label = jigsaw.jigsaw_class_view(image, _seed(i), PLAIN, perms)
@@ -109,7 +101,7 @@ def test_jigsaw_labels_cover_the_set_uniformly():
 
 
 def test_relative_patch_is_the_centre_tile_and_the_labelled_neighbour():
-  image = _noise_image(3)
+  image = _noise_image(3, 96, 112)
   draw = tf.function(lambda s: jigsaw.relative_patch_view(image, s, PLAIN))
   labels = []
   for i in range(300):
@@ -130,7 +122,7 @@ def test_relative_patch_is_the_centre_tile_and_the_labelled_neighbour():
 def test_relative_patch_tiles_keep_their_gap_and_jitter():
   """Each tile sits at a random offset in its cell: between the two tiles there is a gap of
   0 to 2 * (cell - tile) pixels along each axis they are apart on, varying with the draw."""
-  image = _noise_image(4)
+  image = _noise_image(4, 96, 112)
   cell, t = PLAIN.cell_size, PLAIN.tile_size
 
   def position(tile, crop, cell_index):  # the tile's top-left corner in the crop
@@ -154,7 +146,7 @@ def test_relative_patch_tiles_keep_their_gap_and_jitter():
 
 
 def test_rotated_view_is_an_image_view_turned_counter_clockwise():
-  image = _noise_image(5)
+  image = _noise_image(5, 96, 112)
   ks = []
   for i in range(6):
     view, k = jigsaw.rotated_view(image, _seed(i), PLAIN, return_rotation=True)
@@ -184,7 +176,7 @@ def test_rotation_batch_turns_each_image_four_ways_counter_clockwise():
 def test_make_views_makes_each_methods_views():
   cfg = SMALL
   perms = tf.constant(permutations.max_hamming_permutations(10))
-  encoded = tf.io.encode_jpeg(_noise_image(6))
+  encoded = tf.io.encode_jpeg(_noise_image(6, 96, 112))
   expected = {
       "pirl": {"image", "tiles", "index"}, "npid": {"image", "index"},
       "pirl_rotation": {"image", "rotated", "index"}, "rotation": {"image", "index"},
