@@ -135,11 +135,13 @@ def random_resized_crop(image, seed, size: int, scale: Sequence[float],
   return tf.ensure_shape(tf.cast(out, tf.float32), [size, size, 3])
 
 
-def _grayscale(image):
-  return tf.image.rgb_to_grayscale(image)  # ITU-R 601 weights, as torchvision
+def grayscale(image) -> tf.Tensor:
+  """(H, W, 1) luma of (H, W, 3) `image`: ITU-R 601 weights (0.2989, 0.587, 0.114) (torchvision)."""
+  return tf.image.rgb_to_grayscale(image)
 
 
-def _blend(image, other, factor):
+def blend(image, other, factor) -> tf.Tensor:
+  """`other + factor * (image - other)` clipped to [0, 1]: 0 gives `other`, 1 gives `image`."""
   return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 1.0)
 
 
@@ -185,10 +187,10 @@ def _color_augment(image, seed, color_jitter, grayscale_prob, flip_prob):
     ops.append(lambda x: tf.clip_by_value(x * f_b, 0.0, 1.0))
   if contrast > 0:
     f_c = factor(contrast, c_seed)
-    ops.append(lambda x: _blend(x, tf.reduce_mean(_grayscale(x)), f_c))
+    ops.append(lambda x: blend(x, tf.reduce_mean(grayscale(x)), f_c))
   if saturation > 0:
     f_s = factor(saturation, s_seed)
-    ops.append(lambda x: _blend(x, _grayscale(x), f_s))
+    ops.append(lambda x: blend(x, grayscale(x), f_s))
   if hue > 0:
     delta = tf.random.stateless_uniform([], h_seed, minval=-hue, maxval=hue)
     ops.append(lambda x: tf.image.adjust_hue(x, delta))
@@ -200,7 +202,7 @@ def _color_augment(image, seed, color_jitter, grayscale_prob, flip_prob):
 
   if grayscale_prob > 0:
     to_gray = tf.random.stateless_uniform([], gray_seed) < grayscale_prob
-    image = tf.cond(to_gray, lambda x=image: tf.image.grayscale_to_rgb(_grayscale(x)),
+    image = tf.cond(to_gray, lambda x=image: tf.image.grayscale_to_rgb(grayscale(x)),
                     lambda x=image: x)
   if flip_prob > 0:
     flip = tf.random.stateless_uniform([], flip_seed) < flip_prob
@@ -220,8 +222,31 @@ def random_rot90(image, seed) -> tf.Tensor:
   return tf.image.rot90(image, k)
 
 
-def rotate(image, angle) -> tf.Tensor:
-  """Rotates (H, W, C) float by `angle` radians about the centre, reflecting at the borders."""
+def projective_transform(image, transform, *, fill_mode: str = "REFLECT",
+                         fill_value=0.0) -> tf.Tensor:
+  """Resamples (H, W, C) float `image` bilinearly through a projective map, same output shape.
+
+  Args:
+    image: (H, W, C) float tensor.
+    transform: 8 floats [a0, a1, a2, b0, b1, b2, c0, c1] mapping each output pixel (x, y) (pixel
+      indices, x to the right, y down) to the input point it samples,
+      ((a0 x + a1 y + a2) / k, (b0 x + b1 y + b2) / k) with k = c0 x + c1 y + 1.
+    fill_mode: how points outside the input read: "REFLECT", "WRAP", "NEAREST" or "CONSTANT".
+    fill_value: the value of points outside the input for "CONSTANT".
+  """
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=tf.convert_to_tensor(transform, tf.float32)[None],
+      output_shape=tf.shape(image)[:2], fill_value=fill_value, interpolation="BILINEAR",
+      fill_mode=fill_mode)
+  return out[0]
+
+
+def rotate(image, angle, *, fill_mode: str = "REFLECT", fill_value=0.0) -> tf.Tensor:
+  """Rotates (H, W, C) float by `angle` radians about the centre, by default reflecting at borders.
+
+  A positive angle turns the picture counter-clockwise as displayed (y down), as PIL's
+  `Image.rotate`. `fill_mode` and `fill_value` as in `projective_transform`.
+  """
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
   cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
@@ -229,10 +254,7 @@ def rotate(image, angle) -> tf.Tensor:
   # Maps each output pixel (x, y) to the input pixel it samples.
   transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
                         sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None], output_shape=shape[:2],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
-  return out[0]
+  return projective_transform(image, transform, fill_mode=fill_mode, fill_value=fill_value)
 
 
 def random_rotation(image, seed, max_degrees: float) -> tf.Tensor:
