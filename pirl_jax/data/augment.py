@@ -12,6 +12,7 @@ seed and never on thread scheduling.
   a random order), then `RandomGrayscale` and `RandomHorizontalFlip`.
 * `random_rot90`, `random_rotation` and `random_flip` are the geometric augmentations of
   fine-tuning; `normalize` subtracts the mean and divides by the standard deviation.
+* `rotate`, `projective_transform`, `grayscale` and `blend` are shared with `randaugment`.
 """
 
 from __future__ import annotations
