@@ -38,6 +38,7 @@ _FINETUNE_CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "loss.class_balance": ("weighted", "sampling", "none"),
     "resume": ("auto", "never", "force"),
+    "uda.tsa": ("none", "linear", "log", "exp"),
 }
 
 
@@ -220,6 +221,27 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
         f"config.init.kind={config.init.kind!r} needs config.init.checkpoint (a PIRL "
         "pretraining workdir, a checkpoint folder or a .safetensors/.pth weights file).")
   _check_data_path(config.data)
+  if "uda" in config:
+    _check_uda(config)
+
+
+def _check_uda(config) -> None:
+  from pirl_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+  uda = config.uda
+  ratio = uda.unlabelled_ratio
+  _run_checks(config, [
+      ("uda.weight", _finite(uda.weight) and uda.weight >= 0, "must be a number >= 0"),
+      ("uda.unlabelled_ratio", isinstance(ratio, int) and ratio >= 1,
+       "must be an integer >= 1 (unlabelled images per labelled image in a batch)"),
+      ("uda.confidence_threshold", 0.0 <= uda.confidence_threshold < 1.0,
+       "must be in [0, 1) (0 = every unlabelled image counts)"),
+      ("uda.temperature", _finite(uda.temperature) and uda.temperature > 0,
+       "must be > 0 (1 = no sharpening)"),
+  ])
+  problem = randaugment.config_problem(uda.randaugment_num_ops, uda.randaugment_magnitude,
+                                       uda.randaugment_prob, uda.cutout_fraction)
+  if problem:
+    raise ConfigError(f"config.uda: {problem}")
 
 
 def check_device_count(config, num_devices: int, fields=("global_batch_size",)) -> None:

@@ -54,7 +54,9 @@ RESUMABLE_IN_PRETRAINING = frozenset({"eval_every_steps", "probe"})
 
 # Fields added to the configs after workdirs were written, with the value the code had before
 # them: a saved config without the field ran with that value, so it is no difference.
-ADDED_FIELDS = {"method": "pirl", "jigsaw_permutations": 1000}
+ADDED_FIELDS = {"method": "pirl", "jigsaw_permutations": 1000, "uda.enabled": False}
+# Blocks whose other fields change nothing while the block's `enabled` is False.
+SWITCHED_BLOCKS = ("uda",)
 
 _MIB = 1 << 20
 
@@ -148,13 +150,22 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     resumable = resumable | RESUMABLE_IN_PRETRAINING
   saved, new = _flatten(saved), _flatten(new)
   missing = object()
+
+  def value(config, field):
+    found = config.get(field, missing)
+    return ADDED_FIELDS[field] if found is missing and field in ADDED_FIELDS else found
+
+  # A block switched off on both sides, or absent from the saved config (which then ran with it
+  # off): only its switch can differ.
+  off = {block for block in SWITCHED_BLOCKS
+         if value(saved, f"{block}.enabled") is False and (
+             value(new, f"{block}.enabled") is False or f"{block}.enabled" not in saved)}
   lines = []
   for field in sorted(set(saved) | set(new)):
-    if field in resumable or field.split(".")[0] in resumable:
+    top = field.split(".")[0]
+    if field in resumable or top in resumable or (top in off and field != f"{top}.enabled"):
       continue
-    before, after = saved.get(field, missing), new.get(field, missing)
-    if before is missing and field in ADDED_FIELDS:
-      before = ADDED_FIELDS[field]
+    before, after = value(saved, field), new.get(field, missing)
     if before != after:
       show = lambda v: "(absent)" if v is missing else json.dumps(v)
       lines.append(f"{field}: {show(before)} in the workdir, {show(after)} now")

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import math
 import pathlib
+import re
 from typing import Iterator, Sequence
 
 from absl import logging
@@ -29,6 +30,7 @@ from pirl_jax.data import errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import isic
 from pirl_jax.data import paths
+from pirl_jax.data import randaugment
 from pirl_jax.data import sources
 
 NUM_CLASSES = 3
@@ -36,6 +38,7 @@ SPLITS = ("train", "validation", "test")
 # Arbitrary salt: the subset draw must not coincide with any other stream derived from the seed.
 _SUBSET_SALT = 0x1ABE1
 _SAMPLING_SALT = 0x5A3B1E
+_UNLABELLED_SALT = 0x0DA0
 
 
 @dataclasses.dataclass
@@ -152,6 +155,90 @@ def load_split(data_cfg, split: str) -> LabelledSplit:
   return out
 
 
+def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
+                    labelled_positions: np.ndarray,
+                    held_out: Sequence[LabelledSplit]) -> LabelledSplit:
+  """UDA's unlabelled images: the training images outside the labelled subset, the layout's
+  unlabelled folder (the synthetic set's `ISIC-2017_Unlabeled_Data`, when present), and the
+  images under `unlabelled_path` (config field `uda.unlabelled_path`).
+
+  Validation and test images never enter it: an extra image whose prepared bytes equal those of
+  a validation or test image, or whose name holds the ISIC id of one, is an error that names it.
+
+  Returns:
+    The pool as a split named 'unlabelled' (labels -1), in a stable order.
+  """
+  rest = np.setdiff1d(np.arange(len(train)), np.asarray(labelled_positions, np.int64))
+  names = [f"train/{train.image_ids[i]}" for i in rest]
+  encoded = [train.encoded[i] for i in rest]
+  items, stable_names = [], []
+
+  def add_folder(folder, label: str) -> None:
+    found = sources.folder_items(str(folder))
+    items.extend(found)
+    # Relative to the folder, so that moving the data is not a change of the dataset.
+    stable_names.extend(f"{label}/{name[len(str(folder)):].lstrip('/')}" for name, _ in found)
+
+  if data_cfg.source in ("synthetic", "isic"):
+    from pirl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    folder = isic_root(data_cfg) / synthetic.UNLABELED_DIR
+    if folder.is_dir():
+      add_folder(folder, synthetic.UNLABELED_DIR)
+  if unlabelled_path:
+    folder = storage.path(paths.user_path(unlabelled_path), absolute=False)
+    if not folder.is_dir():
+      raise errors.MissingDataError(
+          f"Unlabelled image folder does not exist: {folder} (config field uda.unlabelled_path).")
+    before = len(items)
+    add_folder(folder, "unlabelled_path")
+    if len(items) == before:
+      raise errors.DataSourceError(
+          f"No jpg/png images under {folder} (config field uda.unlabelled_path).")
+  skipped = []
+  if items:
+    prepared = _prepare(items, data_cfg, data_cfg.on_bad_image,
+                        f"unlabelled:{unlabelled_path}")
+    _check_not_held_out([items[i][0] for i in prepared.kept], prepared.encoded, held_out)
+    names += [stable_names[i] for i in prepared.kept]
+    encoded += list(prepared.encoded)
+    skipped = list(prepared.skipped)
+  if not encoded:
+    raise errors.DataSourceError(
+        "UDA has no unlabelled images: every training image is in the labelled subset "
+        "(config.label_fraction=1) and there is no unlabelled folder; set "
+        "config.uda.unlabelled_path or a smaller label_fraction.")
+  n = len(encoded)
+  zeros = np.zeros(n, np.int32)
+  return LabelledSplit(split="unlabelled", image_ids=names, melanoma=zeros,
+                       seborrheic_keratosis=zeros, label=np.full(n, -1, np.int32),
+                       encoded=encoded, csv_path=None, source="unlabelled pool",
+                       skipped=skipped)
+
+
+def _check_not_held_out(names: Sequence[str], encoded: Sequence[bytes],
+                        held_out: Sequence[LabelledSplit]) -> None:
+  by_digest, by_id = {}, {}
+  for split in held_out:
+    for image_id, data in zip(split.image_ids, split.encoded):
+      by_digest[hashlib.sha1(data).digest()] = (split.split, image_id)
+      by_id[image_id] = (split.split, image_id)
+  found = []
+  for name, data in zip(names, encoded):
+    hit = by_digest.get(hashlib.sha1(data).digest())
+    if hit is None:
+      ids = re.findall(r"ISIC_\d{7}", pathlib.PurePath(name).name)
+      hit = next((by_id[i] for i in ids if i in by_id), None)
+    if hit is not None:
+      found.append(f"{name} (the {hit[0]} image {hit[1]})")
+  if found:
+    listing = "\n  ".join(found[:10])
+    more = f"\n  ... and {len(found) - 10} more" if len(found) > 10 else ""
+    raise errors.DataSourceError(
+        f"{len(found)} unlabelled image(s) are validation or test images; consistency training "
+        f"on them would leak the held-out splits into training:\n  {listing}{more}\n"
+        "Remove them from the unlabelled folder (config field uda.unlabelled_path).")
+
+
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
   """A seeded, stratified subset of example positions, sorted.
 
@@ -261,6 +348,59 @@ def augment_config(augment_cfg, image_size: int | None = None) -> AugmentConfig:
   return AugmentConfig(**values)
 
 
+@dataclasses.dataclass(frozen=True)
+class StrongAugmentConfig:
+  """UDA's strong augmentation (config block `uda`): RandAugment, then cutout.
+
+  Attributes:
+    num_ops: N, operations drawn per image (`uda.randaugment_num_ops`).
+    magnitude: M in [0, 10], or -1 for a level drawn from 1..9 per operation
+      (`uda.randaugment_magnitude`).
+    prob: the probability each drawn operation is applied (`uda.randaugment_prob`).
+    cutout_fraction: side of the cutout square as a fraction of the image side
+      (`uda.cutout_fraction`; 0 = none).
+  """
+  num_ops: int = 2
+  magnitude: float = -1.0
+  prob: float = 0.5
+  cutout_fraction: float = 0.5
+
+  @classmethod
+  def from_config(cls, uda_cfg) -> "StrongAugmentConfig":
+    return cls(num_ops=int(uda_cfg.randaugment_num_ops),
+               magnitude=float(uda_cfg.randaugment_magnitude),
+               prob=float(uda_cfg.randaugment_prob),
+               cutout_fraction=float(uda_cfg.cutout_fraction))
+
+
+def augmented_image(image_bytes, key, cfg: AugmentConfig) -> tf.Tensor:
+  """The training augmentation of one image from its stateless `key`, before normalisation.
+
+  Returns:
+    float32 (S, S, 3) in [0, 1].
+  """
+  crop_s, rot90_s, angle_s, hflip_s, vflip_s, color_s = augment.split_seed(key, 6)
+  image = augment.random_resized_crop(augment.decode(image_bytes), crop_s, cfg.image_size,
+                                      cfg.crop_scale, cfg.crop_ratio)
+  if cfg.rot90:
+    image = augment.random_rot90(image, rot90_s)
+  if cfg.rotation_degrees > 0:
+    image = augment.random_rotation(image, angle_s, cfg.rotation_degrees)
+  if cfg.hflip:
+    image = augment.random_flip(image, hflip_s, axis=1)
+  if cfg.vflip:
+    image = augment.random_flip(image, vflip_s, axis=0)
+  if any(cfg.color_jitter):
+    image = augment.color_augment(image, color_s, color_jitter=cfg.color_jitter,
+                                  grayscale_prob=0.0, flip_prob=0.0)
+  return image
+
+
+def _normalized(image, cfg: AugmentConfig) -> tf.Tensor:
+  image = augment.normalize(image, cfg.mean, cfg.std)
+  return tf.ensure_shape(image, [cfg.image_size, cfg.image_size, 3])
+
+
 def train_example(image_bytes, label, index, slot, seed, epoch,
                   cfg: AugmentConfig) -> dict[str, tf.Tensor]:
   """One augmented training example, for `tf.data.Dataset.map`.
@@ -279,23 +419,32 @@ def train_example(image_bytes, label, index, slot, seed, epoch,
   """
   key = augment.example_seed(seed, epoch, index)
   key = tf.random.experimental.stateless_fold_in(key, tf.cast(slot, tf.int64))
-  crop_s, rot90_s, angle_s, hflip_s, vflip_s, color_s = augment.split_seed(key, 6)
-  image = augment.random_resized_crop(augment.decode(image_bytes), crop_s, cfg.image_size,
-                                      cfg.crop_scale, cfg.crop_ratio)
-  if cfg.rot90:
-    image = augment.random_rot90(image, rot90_s)
-  if cfg.rotation_degrees > 0:
-    image = augment.random_rotation(image, angle_s, cfg.rotation_degrees)
-  if cfg.hflip:
-    image = augment.random_flip(image, hflip_s, axis=1)
-  if cfg.vflip:
-    image = augment.random_flip(image, vflip_s, axis=0)
-  if any(cfg.color_jitter):
-    image = augment.color_augment(image, color_s, color_jitter=cfg.color_jitter,
-                                  grayscale_prob=0.0, flip_prob=0.0)
-  image = augment.normalize(image, cfg.mean, cfg.std)
-  image = tf.ensure_shape(image, [cfg.image_size, cfg.image_size, 3])
+  image = _normalized(augmented_image(image_bytes, key, cfg), cfg)
   return {"image": image, "label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32)}
+
+
+def unlabelled_example(image_bytes, index, slot, seed, epoch, cfg: AugmentConfig,
+                       strong: StrongAugmentConfig) -> dict[str, tf.Tensor]:
+  """The clean and the strong view of one unlabelled image, for UDA.
+
+  The clean view is the training augmentation (`augmented_image`); the strong view is that same
+  image (same crop, flips, rotation and colours) after RandAugment and cutout, so that the two
+  differ only by the strong augmentation. Keyed by (seed, epoch, index, slot) under a salt of its
+  own: an unlabelled image never shares its randomness with a labelled example.
+
+  Returns:
+    {'unlabelled': float32 (S, S, 3), 'unlabelled_strong': float32 (S, S, 3)}, normalised.
+  """
+  key = augment.example_seed(seed, epoch, index)
+  key = tf.random.experimental.stateless_fold_in(key, tf.constant(_UNLABELLED_SALT, tf.int64))
+  key = tf.random.experimental.stateless_fold_in(key, tf.cast(slot, tf.int64))
+  view_key, strong_key = augment.split_seed(key, 2)
+  clean = augmented_image(image_bytes, view_key, cfg)
+  strong_image = randaugment.strong_augment(
+      clean, strong_key, num_ops=strong.num_ops, magnitude=strong.magnitude, prob=strong.prob,
+      cutout_fraction=strong.cutout_fraction, cutout_fill=cfg.mean)
+  return {"unlabelled": _normalized(clean, cfg),
+          "unlabelled_strong": _normalized(strong_image, cfg)}
 
 
 def eval_image(image_bytes, cfg: AugmentConfig) -> tf.Tensor:
@@ -368,6 +517,13 @@ class TrainInput:
                               for _ in range(rounds)])[:total]
     return order.reshape(self.steps_per_epoch, self.global_batch_size)
 
+  def _example_fn(self, epoch: int):
+    encoded, labels, cfg, seed = self._encoded, self._label_table, self.cfg, self.seed
+
+    def fn(i, s):
+      return train_example(tf.gather(encoded, i), tf.gather(labels, i), i, s, seed, epoch, cfg)
+    return fn
+
   def epoch_dataset(self, epoch: int, first_step: int = 0) -> tf.data.Dataset:
     order = self.epoch_order(epoch)
     slots = np.arange(order.size, dtype=np.int64).reshape(order.shape)
@@ -375,13 +531,9 @@ class TrainInput:
     stop = start + self.local_batch_size
     index = order[first_step:, start:stop].reshape(-1)
     slot = slots[first_step:, start:stop].reshape(-1)
-    encoded, labels, cfg, seed = self._encoded, self._label_table, self.cfg, self.seed
-
-    def fn(i, s):
-      return train_example(tf.gather(encoded, i), tf.gather(labels, i), i, s, seed, epoch, cfg)
-
     ds = tf.data.Dataset.from_tensor_slices((index, slot))
-    ds = ds.map(fn, num_parallel_calls=self.num_parallel_calls, deterministic=True)
+    ds = ds.map(self._example_fn(epoch), num_parallel_calls=self.num_parallel_calls,
+                deterministic=True)
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
     return ds.prefetch(self.prefetch_batches)
 
@@ -391,6 +543,30 @@ class TrainInput:
     while True:
       yield from self.epoch_dataset(epoch, first).as_numpy_iterator()
       epoch, first = epoch + 1, 0
+
+
+class UnlabelledInput(TrainInput):
+  """This process's share of UDA's unlabelled batches (clean and strong views), from any step.
+
+  The order follows `TrainInput`'s rule over the pool (every image once per epoch of the pool,
+  a seeded permutation), under the run seed, so it is a pure function of (seed, step) as well.
+  """
+
+  def __init__(self, pool: LabelledSplit, cfg: AugmentConfig, strong: StrongAugmentConfig, *,
+               seed: int, global_batch_size: int, process_index: int = 0,
+               process_count: int = 1, num_parallel_calls: int = -1, prefetch_batches: int = 2):
+    super().__init__(pool, np.arange(len(pool)), cfg, seed=seed,
+                     global_batch_size=global_batch_size, process_index=process_index,
+                     process_count=process_count, num_parallel_calls=num_parallel_calls,
+                     prefetch_batches=prefetch_batches)
+    self.strong = strong
+
+  def _example_fn(self, epoch: int):
+    encoded, cfg, strong, seed = self._encoded, self.cfg, self.strong, self.seed
+
+    def fn(i, s):
+      return unlabelled_example(tf.gather(encoded, i), i, s, seed, epoch, cfg, strong)
+    return fn
 
 
 class EvalInput:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from pirl_jax import sharding as sharding_lib
+from pirl_jax.eval import uda as uda_lib
 from pirl_jax.eval.trunk_init import TRUNK
 from pirl_jax.models import resnet
 from pirl_jax.train import state as state_lib
@@ -108,24 +109,49 @@ def create_state(model: Classifier, tx, image_size: int, mesh, seed: int):
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def train_step(state: FinetuneState, batch, *, model: Classifier, tx, schedule, class_weights):
-  """One SGD step on weighted softmax cross-entropy. Returns (new_state, metrics)."""
-  weights = jnp.asarray(class_weights, jnp.float32)[batch["label"]]
+def train_step(state: FinetuneState, batch, *, model: Classifier, tx, schedule, class_weights,
+               uda: uda_lib.UdaSettings | None = None, total_steps: int = 0):
+  """One SGD step. Returns (new_state, metrics).
+
+  The loss is the weighted softmax cross-entropy of the labelled batch; with `uda`, the batch also
+  holds `unlabelled` and `unlabelled_strong` images and the loss is UDA's (`uda.uda_loss`, its
+  TSA schedule over `total_steps`), all three parts in one forward pass.
+  """
+  class_weights = jnp.asarray(class_weights, jnp.float32)
+  labels = batch["label"]
+  num_labelled = batch["image"].shape[0]
+  if uda is None:
+    images = batch["image"]
+  else:
+    images = jnp.concatenate(
+        [batch["image"], batch["unlabelled"], batch["unlabelled_strong"]], axis=0)
 
   def loss_fn(params):
     logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                   batch["image"], train=True, mutable=["batch_stats"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), 1e-12), (logits, new_vars)
+                                   images, train=True, mutable=["batch_stats"])
+    labelled_logits = logits[:num_labelled]
+    if uda is None:
+      weights = class_weights[labels]
+      ce = optax.softmax_cross_entropy_with_integer_labels(labelled_logits, labels)
+      loss = jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), 1e-12)
+      parts = {}
+    else:
+      clean_logits, strong_logits = jnp.split(logits[num_labelled:], 2)
+      loss, parts = uda_lib.uda_loss(labelled_logits, labels, clean_logits, strong_logits,
+                                     class_weights=class_weights, step=state.step,
+                                     total_steps=total_steps, settings=uda)
+    return loss, (labelled_logits, new_vars, parts)
 
-  (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, new_vars, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
       "loss": loss,
-      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
       "learning_rate": schedule(state.step),
       "grad_norm": optax.global_norm(grads),
+      **parts,
   }
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=new_vars["batch_stats"], opt_state=opt_state)

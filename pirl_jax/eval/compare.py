@@ -1,6 +1,7 @@
 r"""Scratch vs PIRL (vs a supervised checkpoint) on ISIC 2017 under one recipe and the same seeds.
 
   python -m pirl_jax.eval.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
+  python -m pirl_jax.eval.compare --pirl=runs/pirl --uda    # + scratch+UDA, PIRL+UDA
   python -m pirl_jax.eval.compare --pirl=runs/pirl --supervised=runs/supervised/checkpoints \
       --config=configs/finetune_isic.py:linear --workdir=runs/compare-linear
   python -m pirl_jax.eval.compare --config=configs/finetune_isic.py:isic \
@@ -57,6 +58,9 @@ def define_flags() -> None:
                       "Optional: the same trunk trained with labels (the 'ImageNet transfer' "
                       "arm): a checkpoint, or a torchvision-layout weights file (.safetensors; "
                       ".pth with torch installed).")
+  flags.DEFINE_bool("uda", False,
+                    "Also run every arm with semi-supervised fine-tuning (UDA, the config's "
+                    "`uda` block with uda.enabled=True): arms scratch+UDA, PIRL+UDA, ...")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each arm runs once per seed.")
   flags.DEFINE_float("label_fraction", 0.1,
                      "Fraction of the training labels (stratified subset).")
@@ -65,17 +69,27 @@ def define_flags() -> None:
 
 
 ARM_TITLES = {"scratch": "scratch", "pirl": "PIRL (self-supervised)",
-              "supervised": "supervised checkpoint"}
+              "supervised": "supervised checkpoint", "scratch_uda": "scratch + UDA",
+              "pirl_uda": "PIRL + UDA", "supervised_uda": "supervised checkpoint + UDA"}
+UDA_SUFFIX = "_uda"
 METRICS = (("auc_melanoma", "test AUC melanoma"),
            ("auc_seborrheic_keratosis", "test AUC seb. keratosis"),
            ("auc_mean", "test mean AUC"))
 
 
 def arm_config(base, arm: str, checkpoint: str, seed: int, label_fraction: float, trunk: tuple):
-  """The config of one run: the shared recipe with this arm's init and this seed."""
+  """The config of one run: the shared recipe with this arm's init and this seed.
+
+  An arm named '<init>_uda' is '<init>' with semi-supervised fine-tuning (`uda.enabled`); any
+  other arm runs with it off, whatever the recipe says.
+  """
   config = ml_collections.ConfigDict(base.to_dict())
   config.seed = seed
   config.label_fraction = label_fraction
+  use_uda = arm.endswith(UDA_SUFFIX)
+  if "uda" in config:
+    config.uda.enabled = use_uda
+  arm = arm.removesuffix(UDA_SUFFIX)
   config.init.kind = arm if arm != "supervised" else ""  # a checkpoint or a weights file
   config.init.checkpoint = checkpoint
   config.init.inherit_trunk = False  # every arm uses the PIRL run's trunk, set here
@@ -116,34 +130,46 @@ def markdown_table(results: dict[str, list[dict]], label_fraction: float,
 
 
 def paired_comparison(results: dict[str, list[dict]], baseline: str = "scratch") -> list[str]:
-  """Per metric, each arm minus the baseline over the seeds they share: mean ± std and a paired
-  t-test (two-sided, scipy.stats.ttest_rel)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  if baseline not in results:
+  """Per metric, each arm minus the baseline over the seeds they share, and each '+ UDA' arm
+  minus the same arm without it: mean ± std and a paired t-test (two-sided,
+  scipy.stats.ttest_rel)."""
+  pairs = [(arm, baseline) for arm in results if arm != baseline and baseline in results]
+  pairs += [(arm, arm.removesuffix(UDA_SUFFIX)) for arm in results
+            if arm.endswith(UDA_SUFFIX) and arm.removesuffix(UDA_SUFFIX) in results
+            and arm.removesuffix(UDA_SUFFIX) != baseline]
+  lines = []
+  for arm, base_arm in pairs:
+    lines += _paired_lines(results[arm], results[base_arm], arm, base_arm)
+  if not lines:
     return []
-  base = {r["seed"]: r for r in results[baseline]}
-  lines = ["", f"Paired differences against {ARM_TITLES[baseline]} (same seeds and label "
-           "subsets):", ""]
-  for arm, runs in results.items():
-    if arm == baseline:
-      continue
-    shared = [r for r in runs if r["seed"] in base]
-    if len(shared) < 2:
-      continue
-    for key, title in METRICS:
-      diff = np.array([r["test"][key] - base[r["seed"]]["test"][key] for r in shared])
-      t, p = stats.ttest_rel([r["test"][key] for r in shared],
-                             [base[r["seed"]]["test"][key] for r in shared])
-      ahead = int(np.sum(diff > 0))
-      lines.append(f"- {ARM_TITLES[arm]} − {ARM_TITLES[baseline]}, {title}: "
-                   f"{np.mean(diff):+.3f} ± {np.std(diff, ddof=1):.3f} over {len(diff)} seeds "
-                   f"(ahead on {ahead}), paired t = {t:.2f}, p = {p:.3g}")
+  return ["", "Paired differences (same seeds and label subsets):", ""] + lines
+
+
+def _paired_lines(runs: list[dict], base_runs: list[dict], arm: str, base_arm: str) -> list[str]:
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  base = {r["seed"]: r for r in base_runs}
+  shared = [r for r in runs if r["seed"] in base]
+  if len(shared) < 2:
+    return []
+  lines = []
+  for key, title in METRICS:
+    diff = np.array([r["test"][key] - base[r["seed"]]["test"][key] for r in shared])
+    t, p = stats.ttest_rel([r["test"][key] for r in shared],
+                           [base[r["seed"]]["test"][key] for r in shared])
+    ahead = int(np.sum(diff > 0))
+    lines.append(f"- {ARM_TITLES[arm]} − {ARM_TITLES[base_arm]}, {title}: "
+                 f"{np.mean(diff):+.3f} ± {np.std(diff, ddof=1):.3f} over {len(diff)} seeds "
+                 f"(ahead on {ahead}), paired t = {t:.2f}, p = {p:.3g}")
   return lines
 
 
 def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
-                   seeds: list[int], label_fraction: float) -> tuple[dict, str]:
-  """Runs (or reuses) every arm x seed and returns (results per arm, Markdown table)."""
+                   seeds: list[int], label_fraction: float,
+                   uda: bool = False) -> tuple[dict, str]:
+  """Runs (or reuses) every arm x seed and returns (results per arm, Markdown table).
+
+  With `uda`, every initialisation is also fine-tuned with UDA (arm '<init>_uda').
+  """
   from pirl_jax.eval import finetune
   from pirl_jax.eval import trunk_init
   if not pirl:
@@ -162,6 +188,8 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
         trunk_init.abstract_trunk_variables(model, base_config.augment.image_size),
         f"the PIRL run's trunk {trunk[0]} at width {trunk[1]:g}")
     arms["supervised"] = supervised
+  if uda:
+    arms.update({f"{arm}{UDA_SUFFIX}": checkpoint for arm, checkpoint in list(arms.items())})
   root = storage.path(workdir)
   logging.info("Comparing %s on trunk %s x%g, seeds %s, label_fraction %g, in %s.",
                ", ".join(arms), trunk[0], trunk[1], seeds, label_fraction, root)
@@ -184,7 +212,8 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
   (root / "compare.md").write_text(table + "\n")
   (root / "compare.json").write_text(json.dumps(
       dict(label_fraction=label_fraction, seeds=seeds, trunk=list(trunk),
-           protocol=base_config.protocol, pirl=pirl, supervised=supervised, results=results),
+           protocol=base_config.protocol, pirl=pirl, supervised=supervised,
+           uda=base_config.uda.to_dict() if uda else None, results=results),
       indent=2))
   return results, table
 
@@ -196,7 +225,7 @@ def _main(argv):
   workdir = FLAGS.workdir or "runs/compare"
   try:
     _, table = run_comparison(FLAGS.config, workdir, FLAGS.pirl, FLAGS.supervised, seeds,
-                              FLAGS.label_fraction)
+                              FLAGS.label_fraction, uda=FLAGS.uda)
   except Preempted as stopped:
     print(f"\n{stopped}")
     return

@@ -29,6 +29,7 @@ from pirl_jax.data import labelled
 from pirl_jax.eval import classifier
 from pirl_jax.eval import isic
 from pirl_jax.eval import trunk_init
+from pirl_jax.eval import uda as uda_lib
 from pirl_jax.train import loop
 
 TASK_NAME = "fine-tuning"
@@ -98,10 +99,15 @@ class BestState:
     self.checkpointer.close()
 
 
-def _fingerprint(train: labelled.LabelledSplit, positions: np.ndarray) -> dict:
-  return preflight.dataset_fingerprint(
-      len(positions), [train.image_ids[i] for i in positions],
-      [train.encoded[i] for i in positions])
+def _fingerprint(train: labelled.LabelledSplit, positions: np.ndarray,
+                 pool: labelled.LabelledSplit | None = None) -> dict:
+  """The labelled subset (and UDA's unlabelled pool, its names prefixed 'unlabelled:')."""
+  names = [train.image_ids[i] for i in positions]
+  contents = [train.encoded[i] for i in positions]
+  if pool is not None:
+    names += [f"unlabelled:{name}" for name in pool.image_ids]
+    contents += list(pool.encoded)
+  return preflight.dataset_fingerprint(len(names), names, contents)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -148,13 +154,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     positions = labelled.stratified_subset(train.label, config.label_fraction, config.seed)
     logging.info("Training on %s of %s.", labelled.summarize(train, positions),
                  labelled.summarize(train))
-    run.check_dataset(_fingerprint(train, positions))
+    use_uda = bool(config.get("uda") and config.uda.enabled)
+    pool = None
+    if use_uda:
+      pool = labelled.unlabelled_pool(config.data, config.uda.unlabelled_path, train, positions,
+                                      [splits[s] for s in EVAL_SPLITS])
+      logging.info("UDA: %d unlabelled images (%d training images outside the labelled subset, "
+                   "%d from unlabelled folders), %d per step.", len(pool),
+                   len(train) - len(positions), len(pool) - (len(train) - len(positions)),
+                   config.global_batch_size * config.uda.unlabelled_ratio)
+    run.check_dataset(_fingerprint(train, positions, pool))
     view = labelled.augment_config(config.augment)
+    data_options = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                        num_parallel_calls=config.data.num_parallel_calls,
+                        prefetch_batches=config.data.prefetch_batches)
     train_input = labelled.TrainInput(
         train, positions, view, seed=config.seed, global_batch_size=config.global_batch_size,
-        balanced=config.loss.class_balance == "sampling", process_index=jax.process_index(),
-        process_count=jax.process_count(), num_parallel_calls=config.data.num_parallel_calls,
-        prefetch_batches=config.data.prefetch_batches)
+        balanced=config.loss.class_balance == "sampling", **data_options)
+    batches = train_input.iterate
+    if use_uda:
+      unlabelled_input = labelled.UnlabelledInput(
+          pool, view, labelled.StrongAugmentConfig.from_config(config.uda), seed=config.seed,
+          global_batch_size=config.global_batch_size * config.uda.unlabelled_ratio,
+          **data_options)
+
+      def batches(start_step: int = 0):
+        for labelled_batch, unlabelled_batch in zip(train_input.iterate(start_step),
+                                                    unlabelled_input.iterate(start_step)):
+          yield {**labelled_batch, **unlabelled_batch}
     if config.loss.class_balance == "weighted":
       weights = labelled.class_weights(train.label[positions])
     else:
@@ -199,7 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     step=init.step),
           trunk=dict(name=config.model.trunk, width_multiplier=config.model.width_multiplier),
           label_fraction=config.label_fraction, seed=config.seed,
-          num_train_images=int(len(positions)), total_steps=total)
+          num_train_images=int(len(positions)), total_steps=total,
+          uda=(dict(config.uda.to_dict(), num_unlabelled_images=len(pool)) if use_uda
+               else None))
       if jax.process_index() == 0:
         (run.workdir / "metrics.json").write_text(json.dumps(outcome, indent=2))
       return outcome
@@ -207,14 +236,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def describe(means: dict) -> str:
       chosen = (f"best val mean AUC {best.metrics['auc_mean']:.4f} @ {best.step}"
                 if best.step is not None else "no validation yet")
-      return (f"loss {means['loss']:.4f} acc {means['accuracy']:.3f} lr "
+      consistency = (f" (supervised {means['supervised_loss']:.4f}, consistency "
+                     f"{means['consistency_loss']:.4f}, confident "
+                     f"{means['confident_fraction']:.2f}, TSA kept "
+                     f"{means['tsa_kept_fraction']:.2f})" if use_uda else "")
+      return (f"loss {means['loss']:.4f}{consistency} acc {means['accuracy']:.3f} lr "
               f"{means['learning_rate']:.4g} | {chosen}")
 
     task = loop.Task(
         state=state, shardings=shardings,
-        train_step=classifier.jit_train_step(mesh, shardings, model=model, tx=tx,
-                                             schedule=schedule, class_weights=weights),
-        batches=train_input.iterate, total_steps=total, steps_per_epoch=steps_per_epoch,
+        train_step=classifier.jit_train_step(
+            mesh, shardings, model=model, tx=tx, schedule=schedule, class_weights=weights,
+            uda=uda_lib.UdaSettings.from_config(config.uda) if use_uda else None,
+            total_steps=total),
+        batches=batches, total_steps=total, steps_per_epoch=steps_per_epoch,
         describe=describe, evaluators=[evaluators["validation"]], eval_every_steps=eval_every,
         on_evaluation=best.update, finish=finish)
     try:
