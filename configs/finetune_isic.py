@@ -27,7 +27,12 @@ Presets:
             Expected: hours on a CPU; minutes on one modern GPU.
   isic_linear  Real ISIC 2017, linear probe on a frozen ResNet-50.
 
-Scratch vs PIRL (vs a supervised checkpoint) under one recipe and seeds, as a Markdown table:
+Semi-supervised fine-tuning (UDA: consistency training on the unlabelled images; docs/uda.md):
+  python main.py --config=configs/finetune_isic.py --config.label_fraction=0.1 \
+      --config.uda.enabled=True --config.init.checkpoint=runs/pirl --workdir=runs/pirl-uda
+
+Scratch vs PIRL (vs a supervised checkpoint) under one recipe and seeds, as a Markdown table
+(`--uda` adds each of them with UDA):
   python -m pirl_jax.eval.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
 """
 

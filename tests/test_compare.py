@@ -30,7 +30,7 @@ def test_compare_table():
   assert "| scratch | 0.600 ± 0.141 | 0.500 ± 0.000 | 0.550 ± 0.071 | 0,1 |" in table
   assert "| PIRL (self-supervised) | 0.800 ± 0.000 |" in table
   assert "label_fraction=0.1" in table
-  assert "Paired differences against scratch" in table  # the paired comparison follows it
+  assert "Paired differences (same seeds" in table  # the paired comparison follows it
 
 
 _LINE = re.compile(r"- PIRL \(self-supervised\) − scratch, (?P<title>[^:]+): "

@@ -3,6 +3,7 @@ devices, the unlabelled pool (never validation or test images), its input pipeli
 resuming, and the comparison's UDA arms."""
 
 import json
+import pathlib
 import shutil
 import signal
 import threading
@@ -25,6 +26,7 @@ from pirl_jax.eval import finetune
 from pirl_jax.eval import isic
 from pirl_jax.eval import uda
 
+import cli_in_process
 import tree_arrays
 
 
@@ -438,3 +440,57 @@ def test_the_table_pairs_each_uda_arm_with_the_same_initialisation_without_it():
                    "PIRL + UDA − scratch", "PIRL + UDA − PIRL (self-supervised)"]
   table = compare.markdown_table(results, 0.1, "finetune")
   assert "| scratch + UDA | 0.680 ± 0.030" in table and "| PIRL + UDA |" in table
+
+
+def test_run_comparison_with_uda_runs_each_initialisation_with_and_without_it(tmp_path,
+                                                                             monkeypatch):
+  pirl = tmp_path / "pirl_run"
+  pirl.mkdir()
+  (pirl / "config.json").write_text(json.dumps(
+      {"mode": "pretrain", "model": {"trunk": "resnet_tiny", "width_multiplier": 1.0}}))
+  saver = checkpointing.Checkpointer(pirl / "checkpoints", keep=1, async_save=False)
+  saver.save(2, {"params": {"trunk": {"kernel": np.zeros((3,), np.float32)}}})
+  saver.close()
+  calls = []
+
+  def fake_train_and_evaluate(config, workdir):
+    calls.append((pathlib.Path(workdir).parent.name, config.init.kind, config.uda.enabled,
+                  config.uda.unlabelled_ratio))
+    value = 0.6 + 0.01 * config.seed + 0.05 * config.uda.enabled
+    metrics = {k: value for k, _ in compare.METRICS}
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(workdir) / "metrics.json").write_text(json.dumps(
+        dict(test=metrics, validation=metrics)))
+    return {}
+  monkeypatch.setattr(finetune, "train_and_evaluate", fake_train_and_evaluate)
+  base = finetune_isic.get_config("tiny")
+  base.uda.unlabelled_ratio = 3
+  results, table = compare.run_comparison(base, str(tmp_path / "compare"), str(pirl), None,
+                                          [0, 1], 0.1, uda=True)
+  assert list(results) == ["scratch", "pirl", "scratch_uda", "pirl_uda"]
+  assert sorted(set(calls)) == [("pirl", "pirl", False, 3), ("pirl_uda", "pirl", True, 3),
+                                ("scratch", "scratch", False, 3),
+                                ("scratch_uda", "scratch", True, 3)]
+  assert "| PIRL + UDA | 0.655 ± 0.007" in table
+  assert "- PIRL + UDA − PIRL (self-supervised), test mean AUC: +0.050" in table
+  saved = json.loads((tmp_path / "compare" / "compare.json").read_text())
+  assert saved["uda"]["unlabelled_ratio"] == 3
+
+
+def test_the_cli_runs_uda_as_typed_and_names_a_bad_value(tmp_path, small_isic_root,
+                                                         shared_cache_dir, capsys, monkeypatch):
+  common = ["--config=configs/finetune_isic.py:tiny", "--config.data.source=isic",
+            f"--config.data.path={small_isic_root}", f"--config.data.cache_dir={shared_cache_dir}",
+            "--config.label_fraction=0.5", "--config.uda.enabled=True",
+            "--config.uda.unlabelled_ratio=2"]
+  status, out, err = cli_in_process.main_in_process(
+      common + ["--config.uda.tsa=cosine", f"--workdir={tmp_path / 'bad'}"], capsys, monkeypatch)
+  assert status == 2 and "config.uda.tsa='cosine' is not one of" in err, err[-2000:]
+  assert not (tmp_path / "bad" / "checkpoints").exists()
+  status, out, err = cli_in_process.main_in_process(
+      common + ["--config.num_train_steps=2", f"--workdir={tmp_path / 'run'}"], capsys,
+      monkeypatch)
+  assert status in (0, None), (status, err[-3000:])
+  assert "UDA: " in err and "consistency" in err and "test" in out
+  metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert metrics["uda"]["enabled"] and metrics["uda"]["unlabelled_ratio"] == 2

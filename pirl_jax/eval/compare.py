@@ -10,7 +10,8 @@ r"""Scratch vs PIRL (vs a supervised checkpoint) on ISIC 2017 under one recipe a
 
 Every arm runs `finetune.train_and_evaluate` with the same config (`--config`, default
 configs/finetune_isic.py, with any `--config.<field>=...` override), the same trunk (the PIRL run's,
-from its config.json), the same label subset and seed; only the initialisation differs. Runs go to
+from its config.json), the same label subset and seed; only the initialisation differs (and, for
+the '+ UDA' arms of `--uda`, `uda.enabled`: the config's `uda` block is their recipe). Runs go to
 `<workdir>/<arm>/seed<k>/`; a run that already finished there (metrics.json present) is reused,
 so an interrupted comparison picks up where it stopped. Prints a Markdown table of test AUCs
 (mean ± sample standard deviation over the seeds) and writes it to `<workdir>/compare.md`, with all
