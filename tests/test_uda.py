@@ -369,6 +369,7 @@ def _outputs(workdir):
               metrics=metrics, last=tree_arrays.flat(checkpointing.load_arrays(last_item)))
 
 
+@pytest.mark.slow
 def test_uda_fine_tuning_resumes_after_sigterm_with_the_same_result(
     tmp_path, small_isic_root, shared_cache_dir, monkeypatch):
   assert threading.current_thread() is threading.main_thread()
