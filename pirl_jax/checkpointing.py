@@ -657,11 +657,9 @@ def _check_subtrees(item_dir: storage.Path, targets: dict[tuple[str, ...], objec
         problems.append(f"{name}: checkpoint shape {have[path]} != model shape "
                         f"{want[path]}")
   if problems:
-    shown = "\n  ".join(problems[:10])
-    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
     raise CheckpointMismatchError(
         f"The checkpoint {item_dir} does not match the model architecture "
-        f"({len(problems)} problem(s)):\n  {shown}{more}")
+        f"({len(problems)} problem(s)):{user_errors.listing(problems)}")
   return available
 
 

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from pirl_jax.data import augment
 from pirl_jax import storage
+from pirl_jax import user_errors
 from pirl_jax.data import errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import isic
@@ -231,11 +232,9 @@ def _check_not_held_out(names: Sequence[str], encoded: Sequence[bytes],
     if hit is not None:
       found.append(f"{name} (the {hit[0]} image {hit[1]})")
   if found:
-    listing = "\n  ".join(found[:10])
-    more = f"\n  ... and {len(found) - 10} more" if len(found) > 10 else ""
     raise errors.DataSourceError(
         f"{len(found)} unlabelled image(s) are validation or test images; consistency training "
-        f"on them would leak the held-out splits into training:\n  {listing}{more}\n"
+        f"on them would leak the held-out splits into training:{user_errors.listing(found)}\n"
         "Remove them from the unlabelled folder (config field uda.unlabelled_path).")
 
 

@@ -50,6 +50,7 @@ from pirl_jax import configuration
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax import storage
+from pirl_jax import user_errors
 
 _NEVER = np.iinfo(np.int32).max
 WATCHED = ("loss", "grad_norm")  # a step with either non-finite is an error (or skipped)
@@ -264,11 +265,10 @@ class Run:
 
       def check():
         if differences:
-          listing = "\n  ".join(differences[:10])
-          more = f"\n  ... and {len(differences) - 10} more" if len(differences) > 10 else ""
           raise preflight.PreflightError(
               f"The dataset changed since {self.workdir} was checkpointed (step {self.latest}); "
-              f"its checkpoints refer to the images recorded in {path}:\n  {listing}{more}\n"
+              f"its checkpoints refer to the images recorded in {path}:"
+              f"{user_errors.listing(differences)}\n"
               "Restore the original images, or start a new run in another --workdir.")
       preflight.agree(check)
     elif self.is_main:
