@@ -48,7 +48,7 @@ class UdaSettings:
   weight: float = 1.0
   temperature: float = 0.4
   confidence_threshold: float = 0.5
-  tsa: str = "linear"
+  tsa: str = "none"
 
   @classmethod
   def from_config(cls, uda_cfg) -> "UdaSettings":
