@@ -13,6 +13,7 @@ from pirl_jax.data import jigsaw
 from pirl_jax.data import labelled
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources
+from pirl_jax import user_errors
 from pirl_jax.user_errors import UserError
 
 
@@ -95,3 +96,9 @@ def test_user_errors_are_user_errors_and_keep_their_builtin_base(tmp_path, case)
     make_error(tmp_path)
   assert isinstance(err.value, builtin)
   assert str(err.value)
+
+
+def test_listing_shows_the_first_ten_items_and_counts_the_rest():
+  assert user_errors.listing(["a", "b"]) == "\n  a\n  b"
+  shown = user_errors.listing([f"item{i}" for i in range(13)])
+  assert shown.splitlines()[1:] == [f"  item{i}" for i in range(10)] + ["  ... and 3 more"]
