@@ -159,6 +159,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   probe.image_size = 0  # 0: data.views.image_size
   probe.eval_crop_fraction = 1.0  # short side resized to image_size / this, centre crop
   probe.batch_size = 256
+  # The tile pathway's learning curve (TensorBoard tiles/*): the probes on the mean of the tiles'
+  # trunk features, and for PIRL the retrieval of the image's f from g of its tiles.
+  probe.tile_pathway = True
 
   # --- Logging and checkpoints ------------------------------------------------------------
   config.log_every_steps = 20

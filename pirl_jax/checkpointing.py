@@ -30,8 +30,9 @@ memory, a faulty copy) and files of another checkpoint swapped in. It is not cry
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from absl import logging
 import jax
@@ -330,7 +331,8 @@ class Checkpointer:
     """Every array's shape saved at `step`, by dotted path (`leaf_shapes`); reads no array."""
     return leaf_shapes(array_metadata(self.directory / str(step) / _ITEM))
 
-  def restore(self, step: int, target, resize: Sequence[str] = ()):
+  def restore(self, step: int, target, resize: Sequence[str] = (),
+              derive: Mapping[str, Callable[[dict], Any]] | None = None):
     """Restores `step` into the shapes, dtypes and shardings of `target` (abstract or real).
 
     The checkpoint may come from another device or process count: every array is resharded to
@@ -343,6 +345,9 @@ class Checkpointer:
       resize: top-level fields (e.g. 'bank') whose leading dimension may differ from the saved
         one: the saved rows are trimmed from the end, or zero rows appended. Every other array
         must have its saved shape.
+      derive: top-level fields of a dataclass `target` that a checkpoint written by an earlier
+        version may lack, each with a function computing it from the restored fields (a dict
+        by field name); the result takes `target`'s sharding as the other fields' do.
 
     Raises:
       CheckpointMismatchError: an array's saved shape differs from `target`'s, or `target` has
@@ -351,23 +356,36 @@ class Checkpointer:
         step folder and the first arrays that differ).
       FileNotFoundError: there is no step folder `step`.
     """
-    return self._restore(step, target, resize)
+    return self._restore(step, target, resize, derive=derive)
 
   def _restore(self, step: int, target, resize: Sequence[str],
-               check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None):
+               check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None,
+               derive: Mapping[str, Callable[[dict], Any]] | None = None):
     step_dir = self.directory / str(step)
-    error, restored, expected, trimmed = None, None, None, None
+    error, restored, expected, trimmed, missing = None, None, None, None, ()
     try:
-      restored, expected, trimmed = self._read(step, target, resize, check)
+      restored, expected, trimmed, missing = self._read(step, target, resize, check, derive)
     except Exception as e:  # pylint: disable=broad-exception-caught
       error = e
     _agree(step_dir, error)
     _verify(step_dir, restored, expected, trimmed)
+    if missing:
+      fields = dict(restored)
+      for name in missing:
+        logging.info("Checkpoint %s was written before the state had %s: derived from the "
+                     "other fields.", step_dir, name)
+        fields[name] = derive[name](fields)
+      restored = type(target)(**fields)
     return jax.tree.map(lambda r, t: r if r.dtype == t.dtype else r.astype(t.dtype),
                         restored, target)
 
-  def _read(self, step: int, target, resize: Sequence[str], check):
-    """Restores `step` unverified, in the saved dtypes. Returns (arrays, fingerprints, trimmed)."""
+  def _read(self, step: int, target, resize: Sequence[str], check, derive=None):
+    """Restores `step` unverified, in the saved dtypes.
+
+    Returns:
+      (arrays, fingerprints, trimmed, missing): with `missing` fields (of `derive`) absent from
+      the checkpoint, `arrays` is a dict of the other fields.
+    """
     step_dir = self.directory / str(step)
     if not step_dir.is_dir():
       raise FileNotFoundError(f"No checkpoint step {step} in {self.directory}.")
@@ -377,10 +395,13 @@ class Checkpointer:
       raise DamagedCheckpointError(
           f"Checkpoint {step_dir} is damaged: it cannot be read ({_describe(e)}).") from e
     wanted = dict(_named_leaves(target))
+    saved_fields = {name.split(".")[0] for name in saved}
+    missing = tuple(field for field in (derive or {}) if field not in saved_fields)
     problems, trimmed, resized = [], {}, False
     for name in sorted(set(saved) | set(wanted)):
       if name not in saved:
-        problems.append(f"{name}: not in the checkpoint")
+        if name.split(".")[0] not in missing:
+          problems.append(f"{name}: not in the checkpoint")
         continue
       if name not in wanted:
         problems.append(f"{name}: in the checkpoint, not in this run's state")
@@ -404,22 +425,28 @@ class Checkpointer:
 
     def as_saved(path, x):
       # Restored in the saved dtype, verified, then cast: a fingerprint is of the saved bits.
+      if _path_name(path) not in saved:  # a field to derive: dropped below
+        return x
       dtype = saved[_path_name(path)].dtype
       if x.dtype == dtype:
         return x
       return jax.ShapeDtypeStruct(x.shape, dtype, sharding=getattr(x, "sharding", None))
+    item = jax.tree_util.tree_map_with_path(as_saved, target)
+    if missing:
+      item = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)
+              if f.name not in missing}
     try:
       # strict=False lets orbax pad or trim; the check above confines that to the `resize` fields.
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          _ITEM: ocp.args.StandardRestore(jax.tree_util.tree_map_with_path(as_saved, target),
-                                          strict=not resized)}))[_ITEM]
+          _ITEM: ocp.args.StandardRestore(item, strict=not resized)}))[_ITEM]
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise DamagedCheckpointError(
           f"Checkpoint {step_dir} is damaged: it cannot be read ({_describe(e)}).") from e
-    return restored, expected, trimmed
+    return restored, expected, trimmed, missing
 
   def restore_latest(self, target, resize: Sequence[str] = (),
-                     check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None):
+                     check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None,
+                     derive: Mapping[str, Callable[[dict], Any]] | None = None):
     """Restores the newest step that reads and verifies, falling back past damaged ones.
 
     A damaged step (unreadable metadata or array files, or arrays that differ from their saved
@@ -431,7 +458,7 @@ class Checkpointer:
 
     Args:
       target: as for `restore`.
-      resize: as for `restore`.
+      resize, derive: as for `restore`.
       check: called with (step, saved shape of every array by dotted path) before a step is
         restored; an error it raises is not damage: it propagates (e.g. a
         CheckpointMismatchError for a checkpoint of another dataset).
@@ -448,7 +475,7 @@ class Checkpointer:
     failures: list[tuple[int, str]] = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state = self._restore(step, target, resize, check)
+        state = self._restore(step, target, resize, check, derive)
       except DamagedCheckpointError as e:
         logging.warning("%s Trying the step before it.", e)
         failures.append((step, str(e)))

@@ -6,7 +6,9 @@
     moved elsewhere, it reports its new place; a forced resume with more steps is not "finished";
   * SIGTERM while the CLI starts up: a message and exit status 0;
   * the jitted step's loss and memory-bank write, against a NumPy float64 reference;
-  * model.bn_running_stats: which pass updates the running statistics, training unchanged.
+  * model.bn_running_stats: which pass updates the running statistics, training unchanged;
+  * the tile pass keeps running statistics of its own (a NumPy EMA of its batch moments);
+  * a workdir written before the state kept them restores.
 
 Tests that need a finished run copy the session's `tiny_pretraining` workdir (never write into it).
 """
@@ -562,3 +564,100 @@ def test_bn_running_stats_from_the_image_pass_only():
     a, b = _flat(getattr(images, field)), _flat(getattr(both, field))
     for name in a:
       np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def _stem_moments(kernel, x):
+  """Per-channel mean and (biased) variance of the stem conv's outputs over a batch, float64."""
+  y = jax.lax.conv_general_dilated(
+      np.asarray(x, np.float32), np.asarray(kernel, np.float32), (2, 2), ((3, 3), (3, 3)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
+  return y.mean(axis=0), y.var(axis=0)
+
+
+@pytest.mark.parametrize("bn_running_stats", ["images", "tiles_and_images"])
+def test_each_pass_keeps_its_own_running_statistics(bn_running_stats):
+  """The tile pass's running statistics are an EMA of the tiles' batch moments alone, from the
+  state's tile statistics; the image pass's of the images' (after the tiles' with the reference
+  order). The state's two sets start apart, so a pass that used the other's would show."""
+  config = _step_config("infonce", bn_running_stats)
+  model, tx, schedule, mesh, start, shardings, batch = _start()
+  shifted = lambda stats: jax.tree.map(lambda x: np.asarray(x) * 0.5 + 0.25, stats)
+  before = start.replace(tile_batch_stats={"trunk": shifted(start.batch_stats["trunk"])})
+  train_step = step_lib.jit_train_step(
+      mesh, shardings, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
+      bank_momentum=config.memory_bank.momentum, num_examples=NUM_EXAMPLES,
+      running_stats_from_images=bn_running_stats == "images")
+  after, _ = train_step(jax.device_put(before, shardings), sharding_lib.global_batch(batch, mesh))
+  after = jax.device_get(after)
+
+  m = model.trunk.bn_momentum
+  kernel = before.params["trunk"]["conv_init"]["kernel"]
+  tiles = batch["tiles"].reshape((-1,) + batch["tiles"].shape[2:])
+  tile_mean, tile_var = _stem_moments(kernel, tiles)
+  image_mean, image_var = _stem_moments(kernel, batch["image"])
+  old_tiles = before.tile_batch_stats["trunk"]["bn_init"]
+  old_images = before.batch_stats["trunk"]["bn_init"]
+  new_tiles = after.tile_batch_stats["trunk"]["bn_init"]
+  new_images = after.batch_stats["trunk"]["bn_init"]
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
+  close(new_tiles["mean"], m * old_tiles["mean"] + (1 - m) * tile_mean)
+  close(new_tiles["var"], m * old_tiles["var"] + (1 - m) * tile_var)
+  shared_mean, shared_var = old_images["mean"], old_images["var"]
+  if bn_running_stats == "tiles_and_images":
+    shared_mean = m * shared_mean + (1 - m) * tile_mean
+    shared_var = m * shared_var + (1 - m) * tile_var
+  close(new_images["mean"], m * shared_mean + (1 - m) * image_mean)
+  close(new_images["var"], m * shared_var + (1 - m) * image_var)
+
+  # Every layer: the tile statistics are those of the trunk applied to the tiles alone.
+  _, tile_vars = model.trunk.apply(
+      {"params": before.params["trunk"], "batch_stats": before.tile_batch_stats["trunk"]},
+      tiles, train=True, mutable=["batch_stats"])
+  expected, got = _flat(tile_vars["batch_stats"]), _flat(after.tile_batch_stats["trunk"])
+  assert set(expected) == set(got)
+  for name in expected:
+    close(got[name], expected[name], err_msg=name)
+
+
+def test_a_workdir_written_before_tile_statistics_restores(tmp_path):
+  """A checkpoint of a state without `tile_batch_stats` (as written before the state had them)
+  restores into today's state, with the image pass's statistics as the tile statistics."""
+  import flax  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class EarlierState:  # the fields of TrainState before tile_batch_stats, in their order
+    step: object
+    params: object
+    batch_stats: object
+    opt_state: object
+    bank: object
+    nce_z: object
+    rng: object
+    nonfinite_steps: object
+
+  _, _, _, mesh, start, shardings, _ = _start()
+  earlier = EarlierState(**{name: getattr(start, name) for name in
+                            EarlierState.__dataclass_fields__})
+  writer = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  writer.save(0, jax.device_put(earlier))
+  writer.close()
+
+  target = checkpointing.abstract_like(start, shardings)
+  reader = checkpointing.Checkpointer(tmp_path / "checkpoints")
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="tile_batch_stats"):
+    reader.restore(0, target)  # without a way to derive it, a missing field is a mismatch
+  restored = reader.restore(0, target,
+                            derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version})
+  reader.close()
+  assert isinstance(restored, state_lib.TrainState)
+  restored = jax.device_get(restored)
+  for name in EarlierState.__dataclass_fields__:
+    a, b = _flat(getattr(restored, name)), _flat(getattr(start, name))
+    assert set(a) == set(b), name
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}.{key}")
+  a, b = _flat(restored.tile_batch_stats["trunk"]), _flat(start.batch_stats["trunk"])
+  assert set(a) == set(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])

@@ -85,6 +85,7 @@ def test_eight_devices_equal_one_device(loss_kind, num_examples, num_negatives, 
     np.testing.assert_allclose(m1["nce_z"], m8["nce_z"], rtol=1e-5)
   assert _max_abs_diff(one.params, eight.params) < 1e-5
   assert _max_abs_diff(one.batch_stats, eight.batch_stats) < 1e-5
+  assert _max_abs_diff(one.tile_batch_stats, eight.tile_batch_stats) < 1e-5
   np.testing.assert_allclose(one.bank, eight.bank[:num_examples], atol=1e-5)
   np.testing.assert_array_equal(eight.bank[num_examples:], 0.0)  # padding never written
   if method == "npid":  # no jigsaw head was made

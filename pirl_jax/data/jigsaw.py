@@ -240,6 +240,25 @@ def jigsaw_view(image_uint8, seed, cfg: ViewConfig, return_permutation: bool = F
   return tiles
 
 
+def eval_tiles(image_uint8, cfg: ViewConfig) -> tf.Tensor:
+  """The deterministic eval view of the tiles: the image's short side resized to the jigsaw
+  crop size, the centre crop, and the centre `tile_size` square of each grid cell, row-major.
+
+  Returns:
+    float32 (grid**2, T, T, 3), normalised as the jigsaw view.
+  """
+  size, cell, t = cfg.jigsaw_crop_size, cfg.cell_size, cfg.tile_size
+  shape = tf.cast(tf.shape(image_uint8)[:2], tf.float32)
+  new_hw = tf.maximum(tf.cast(tf.round(shape * (size / tf.reduce_min(shape))), tf.int32), size)
+  image = tf.image.resize(image_uint8, new_hw, method="bilinear", antialias=True) * (1.0 / 255.0)
+  top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+  crop = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
+  margin = (cell - t) // 2
+  tiles = [crop[r * cell + margin:r * cell + margin + t, c * cell + margin:c * cell + margin + t]
+           for r in range(cfg.grid) for c in range(cfg.grid)]
+  return tf.ensure_shape(_normalize(tf.stack(tiles), cfg), [cfg.num_tiles, t, t, 3])
+
+
 def jigsaw_class_view(image_uint8, seed, cfg: ViewConfig, permutations) -> tuple:
   """The covariant jigsaw pretext's input: the same tiles, shuffled by one of a fixed set.
 

@@ -18,7 +18,7 @@ import hashlib
 import math
 import pathlib
 import re
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -572,7 +572,9 @@ class EvalInput:
   """Every image of a split once, in order, as padded global batches with a validity mask."""
 
   def __init__(self, split: LabelledSplit, cfg: AugmentConfig, *, global_batch_size: int,
-               process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1):
+               process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
+               tiles: Callable[[tf.Tensor], tf.Tensor] | None = None):
+    """`tiles`: if given, each example also has 'tiles', this function of the decoded image."""
     if global_batch_size % process_count:
       raise errors.ConfigFieldError(f"eval_batch_size={global_batch_size} is not divisible by "
                                     f"the process count {process_count}.")
@@ -594,9 +596,13 @@ class EvalInput:
     encoded = tf.constant(split.encoded, dtype=tf.string)
     labels = split.label.astype(np.int32)
     ds = tf.data.Dataset.from_tensor_slices((index, labels[index], mask))
-    ds = ds.map(lambda i, y, m: {"image": eval_image(tf.gather(encoded, i), cfg), "label": y,
-                                 "mask": m},
-                num_parallel_calls=self.num_parallel_calls, deterministic=True)
+    def example(i, y, m):
+      image_bytes = tf.gather(encoded, i)
+      out = {"image": eval_image(image_bytes, cfg), "label": y, "mask": m}
+      if tiles is not None:
+        out["tiles"] = tiles(augment.decode(image_bytes))
+      return out
+    ds = ds.map(example, num_parallel_calls=self.num_parallel_calls, deterministic=True)
     # Built (and its map traced) once; every evaluation iterates it again.
     self._dataset = ds.batch(self.local_batch_size, drop_remainder=True).prefetch(2)
 

@@ -36,9 +36,11 @@ from pirl_jax import sharding as sharding_lib
 from pirl_jax import storage
 from pirl_jax import user_errors
 from pirl_jax.data import labelled
+from pirl_jax.data import pipeline
 from pirl_jax.data import probe_data
 from pirl_jax.eval import features
 from pirl_jax.eval import probes
+from pirl_jax.eval import tile_pathway
 from pirl_jax.eval import trunk_init
 
 PROBES = ("knn", "linear")
@@ -64,6 +66,7 @@ class ProbeEvaluator:
                                   eval_crop_fraction=probe_cfg.eval_crop_fraction)
     # The eval batch must split over the devices and the processes.
     batch = -(-probe_cfg.batch_size // mesh.size) * mesh.size
+    self.view, self.global_batch_size = view, batch
     self._inputs = {
         name: labelled.EvalInput(images, view, global_batch_size=batch,
                                  process_index=jax.process_index(),
@@ -118,8 +121,9 @@ def probe_sets(data_cfg, probe_cfg) -> probe_data.ProbeSets | None:
   return None
 
 
-def evaluators_for_pretraining(config, trunk, mesh) -> list[ProbeEvaluator]:
-  """The probe evaluator of a pretraining run (empty when disabled or without labels)."""
+def evaluators_for_pretraining(config, model, mesh) -> list:
+  """The probe evaluators of a pretraining run (empty when disabled or without labels): the
+  image probe and, with `probe.tile_pathway`, the tile pathway's (`tile_pathway`)."""
   if not config.probe.enabled:
     return []
   sets = probe_sets(config.data, config.probe)
@@ -130,8 +134,14 @@ def evaluators_for_pretraining(config, trunk, mesh) -> list[ProbeEvaluator]:
     return []
   logging.info("Probes: %s.", probe_data.describe_sets(sets))
   image_size = config.probe.image_size or config.data.views.image_size
-  return [ProbeEvaluator(sets, trunk, image_size, mesh, config.probe,
-                         num_parallel_calls=config.data.num_parallel_calls)]
+  image_probe = ProbeEvaluator(sets, model.trunk, image_size, mesh, config.probe,
+                               num_parallel_calls=config.data.num_parallel_calls)
+  if not config.probe.get("tile_pathway", False):
+    return [image_probe]
+  tiles = tile_pathway.TilePathwayEvaluator(
+      image_probe, model, pipeline.view_config(config.data.views), mesh,
+      retrieval=config.method == "pirl", num_parallel_calls=config.data.num_parallel_calls)
+  return [image_probe, tiles]
 
 
 # --- The command --------------------------------------------------------------------------------
@@ -153,6 +163,7 @@ def default_probe_config() -> ml_collections.ConfigDict:
   cfg.image_size = 0
   cfg.eval_crop_fraction = 1.0
   cfg.batch_size = 256
+  cfg.tile_pathway = True
   return cfg
 
 

@@ -84,6 +84,8 @@ class Task:
     eval_every_steps: 0 = only after the last step.
     resize: top-level state fields whose leading dimension may differ in a checkpoint written on
       another device count (the memory bank's padding rows).
+    derive: state fields a checkpoint of an earlier version may lack -> a function computing
+      each from the restored fields (`checkpointing.Checkpointer.restore`).
     check_restorable: called with a checkpoint's saved shapes before restoring it; raises when
       the checkpoint cannot belong to this run.
     on_evaluation: called with (step, state, {evaluator name: metrics}) after each evaluation
@@ -101,6 +103,7 @@ class Task:
   evaluators: Sequence[Evaluator] = ()
   eval_every_steps: int = 0
   resize: tuple[str, ...] = ()
+  derive: dict | None = None
   check_restorable: Callable[[dict], None] | None = None
   on_evaluation: Callable[[int, Any, dict], None] | None = None
   finish: Callable[[Any], dict] | None = None
@@ -309,7 +312,8 @@ class Run:
     if task.check_restorable is not None:
       check = lambda step, saved_shapes: task.check_restorable(saved_shapes)
     state, step = self.checkpointer.restore_latest(
-        checkpointing.abstract_like(task.state, task.shardings), resize=task.resize, check=check)
+        checkpointing.abstract_like(task.state, task.shardings), resize=task.resize, check=check,
+        derive=task.derive)
     if state is None:
       return task.state
     skipped = "".join(f"; skipped damaged step {d.step} ({d.reason}), kept as {d.kept_as}"

@@ -89,7 +89,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps)
     abstract_state, _ = state_lib.abstract_train_state(config, model, tx, num_examples, run.mesh)
     run.check_disk(abstract_state)
-    evaluators = probe.evaluators_for_pretraining(config, model.trunk, run.mesh)
+    evaluators = probe.evaluators_for_pretraining(config, model, run.mesh)
 
     data = pipeline.PretrainInput(
         source, pipeline.view_config(config.data.views), seed=config.seed,
@@ -109,7 +109,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state=state, shardings=shardings, train_step=train_step, batches=data.iterate,
         total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch,
         describe=describe, evaluators=evaluators, eval_every_steps=config.eval_every_steps,
-        resize=("bank",),
+        resize=("bank",), derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version},
         check_restorable=(_check_bank_rows(num_examples, run.checkpointer.directory)
                           if methods.uses_bank(config.method) else None))
     return run.train(task)

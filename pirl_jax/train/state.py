@@ -21,12 +21,22 @@ class TrainState:
   """Everything that changes during pretraining; checkpointed, sharded and donated as one."""
   step: jax.Array  # int32 scalar
   params: Any
-  batch_stats: Any
+  batch_stats: Any  # running statistics for evaluation: the image pass's (see `bn_running_stats`)
+  # {'trunk': the trunk's running statistics of the pass on the jigsaw tiles alone}, so that the
+  # trunk and g on tiles are evaluated with statistics of tiles. A method without a tile pass
+  # keeps a copy of the image pass's here.
+  tile_batch_stats: Any
   opt_state: Any
   bank: jax.Array  # (N padded to a multiple of the device count, embed_dim), rows sharded
   nce_z: jax.Array  # float32 scalar; 0 until estimated at the first NCE step
   rng: jax.Array  # raw uint32 PRNG key for the negatives
   nonfinite_steps: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
+
+
+def tile_stats_of_earlier_version(fields: dict) -> dict:
+  """`tile_batch_stats` for a checkpoint written before the state kept them: the image pass's,
+  the statistics such a run evaluated tiles with."""
+  return {"trunk": jax.tree.map(jnp.copy, fields["batch_stats"]["trunk"])}
 
 
 def compute_dtype(name: str):
@@ -132,6 +142,7 @@ def _init_fn(config, model, tx, num_examples: int, num_shards: int):
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables["batch_stats"],
+        tile_batch_stats={"trunk": variables["batch_stats"]["trunk"]},
         opt_state=tx.init(params),
         bank=bank,
         nce_z=jnp.zeros((), jnp.float32),

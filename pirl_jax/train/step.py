@@ -35,6 +35,11 @@ def rotation_batch(images):
   return rotated.reshape((-1,) + images.shape[1:]), labels
 
 
+def _head_stats(batch_stats) -> dict:
+  """The heads' own BatchNorm statistics (g_tile_norm, g_rot_norm) of a pass's update."""
+  return {name: stats for name, stats in batch_stats.items() if name.startswith("g_")}
+
+
 def classification_logits(model, variables, batch, method: str, train: bool = True):
   """The covariant method's logits and labels. Returns (logits, labels, new batch_stats)."""
   if method == "rotation":
@@ -69,27 +74,44 @@ def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: in
 
   def embed(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    apply = functools.partial(model.apply, variables, train=True, mutable=["batch_stats"])
+    apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
     if transformed is None:
-      f_hat, new_vars = apply(batch["image"], method="embed_images")
-      return f_hat.astype(jnp.float32), None, new_vars["batch_stats"]
-    if running_stats_from_images or transformed == "rotated":
-      # Only evaluation uses the running statistics: let the trunk's describe images (not
-      # tiles or rotated images). g's own head BatchNorm (model.head_batch_norm) sees the
-      # transformed views only: it keeps that pass's.
-      g_hat, g_vars = apply(batch[transformed],
-                            method="embed_tiles" if transformed == "tiles" else "embed_rotated")
-      f_hat, new_vars = apply(batch["image"], method="embed_images")
-      g_stats = {name: stats for name, stats in g_vars["batch_stats"].items()
-                 if name.startswith("g_")}
-      new_stats = {**new_vars["batch_stats"], **g_stats}
-    else:
-      (f_hat, g_hat), new_vars = apply(batch["image"], batch["tiles"])
-      new_stats = new_vars["batch_stats"]
-    return f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), new_stats
+      f_hat, new_vars = apply(variables, batch["image"], method="embed_images")
+      stats = new_vars["batch_stats"]
+      return f_hat.astype(jnp.float32), None, stats, {"trunk": stats["trunk"]}
+    if transformed == "rotated":
+      # The trunk's running statistics describe the upright images; g_rot's head BatchNorm
+      # (model.head_batch_norm) sees the rotated views only: it keeps that pass's.
+      g_hat, g_vars = apply(variables, batch["rotated"], method="embed_rotated")
+      f_hat, new_vars = apply(variables, batch["image"], method="embed_images")
+      stats = {**new_vars["batch_stats"], **_head_stats(g_vars["batch_stats"])}
+      return (f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), stats,
+              {"trunk": stats["trunk"]})
+    # The tile pass starts from (and updates) the trunk's tile statistics, the image pass the
+    # image statistics. Training does not read either (each pass normalises with its own batch
+    # statistics); evaluation of the trunk and g on tiles uses the first, of images the second.
+    tile_variables = {"params": params,
+                      "batch_stats": {**state.batch_stats, **state.tile_batch_stats}}
+    g_hat, g_vars = apply(tile_variables, batch["tiles"], method="embed_tiles")
+    tile_stats = {"trunk": g_vars["batch_stats"]["trunk"]}
+    image_stats = state.batch_stats
+    if not running_stats_from_images:
+      # The reference implementation's order: the tiles' batch moments enter the running
+      # statistics first, then the images'. The tile pass above added (1 - m) * moments to m *
+      # its own statistics; the same increment applied to m * the shared statistics.
+      momentum = model.trunk.bn_momentum
+      increment = jax.tree.map(lambda new, old: new - momentum * old, tile_stats["trunk"],
+                               state.tile_batch_stats["trunk"])
+      image_stats = {**state.batch_stats, "trunk": jax.tree.map(
+          lambda shared, inc: momentum * shared + inc, state.batch_stats["trunk"], increment)}
+    f_hat, new_vars = apply({"params": params, "batch_stats": image_stats}, batch["image"],
+                            method="embed_images")
+    # g's own head BatchNorm (model.head_batch_norm) sees the tiles only: it keeps that pass's.
+    stats = {**new_vars["batch_stats"], **_head_stats(g_vars["batch_stats"])}
+    return f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), stats, tile_stats
 
   def loss_fn(params):
-    f_hat, g_hat, batch_stats = embed(params)
+    f_hat, g_hat, batch_stats, tile_batch_stats = embed(params)
     logits_transformed = None if g_hat is None else memory_bank.score(
         g_hat, state.bank, index, negatives_transformed, loss_cfg.temperature, mesh,
         score_chunk_size)
@@ -115,7 +137,8 @@ def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: in
     }
     if loss.jigsaw is not None:
       metrics["loss_jigsaw" if transformed == "tiles" else "loss_rotated"] = loss.jigsaw
-    aux = dict(batch_stats=batch_stats, f_hat=f_hat, z_batch=z_batch,
+    aux = dict(batch_stats=batch_stats, tile_batch_stats=tile_batch_stats, f_hat=f_hat,
+               z_batch=z_batch,
                metrics=jax.lax.stop_gradient(metrics))
     return loss.total, aux
 
@@ -129,7 +152,9 @@ def _classification_loss_fn(state: TrainState, batch, *, model, method: str):
     logits, labels, batch_stats = classification_logits(model, variables, batch, method)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-    return loss, dict(batch_stats=batch_stats, metrics={"accuracy": accuracy})
+    # One pass: on tiles (jigsaw, relative_patch) or on rotated images (rotation).
+    return loss, dict(batch_stats=batch_stats, tile_batch_stats={"trunk": batch_stats["trunk"]},
+                      metrics={"accuracy": accuracy})
   return loss_fn
 
 
@@ -155,11 +180,13 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   `nonfinite_steps` counts it. The optimizer's own step count is part of the kept state, so its
   learning-rate schedule runs one step behind `state.step` per skipped step.
 
-  With `running_stats_from_images`, the BatchNorm running averages are updated by the image pass
-  only (the tile pass still normalises with its own batch statistics): training is unchanged, and
-  the statistics that evaluation uses describe images. Otherwise the tile pass updates them first,
-  then the image pass, as in the reference implementation. (PIRL-rotation always keeps the
-  unrotated image pass's; the covariant methods have one pass.)
+  Running statistics (only evaluation reads them; training normalises each pass with its own
+  batch statistics): `state.tile_batch_stats` is the trunk's average of the tile pass's batch
+  moments alone, for evaluating the trunk and g on tiles. `state.batch_stats` is, with
+  `running_stats_from_images`, the image pass's alone, for probes and fine-tuning on images;
+  otherwise the tiles' moments enter it first, then the images', as in the reference
+  implementation. (PIRL-rotation keeps the unrotated image pass's; a method with one pass keeps
+  that pass's in both.)
 
   Returns:
     (new_state, metrics) with scalar metrics for this step.
@@ -191,12 +218,14 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
       "learning_rate": schedule(state.step),
       "grad_norm": optax.global_norm(grads),
   }
-  learned = dict(params=params, batch_stats=aux["batch_stats"], opt_state=opt_state, bank=bank,
+  learned = dict(params=params, batch_stats=aux["batch_stats"],
+                 tile_batch_stats=aux["tile_batch_stats"], opt_state=opt_state, bank=bank,
                  nce_z=nce_z)
   nonfinite_steps = state.nonfinite_steps
   if skip_nonfinite:
     ok = is_finite_step(metrics)
-    old = dict(params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state,
+    old = dict(params=state.params, batch_stats=state.batch_stats,
+               tile_batch_stats=state.tile_batch_stats, opt_state=state.opt_state,
                bank=state.bank, nce_z=state.nce_z)
     learned = jax.tree.map(lambda new, prev: jnp.where(ok, new, prev), learned, old)
     nonfinite_steps = nonfinite_steps + jnp.where(ok, 0, 1).astype(nonfinite_steps.dtype)
