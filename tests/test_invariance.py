@@ -19,20 +19,6 @@ def _ramp(size=64):
   return np.arange(size * size * 3, dtype=np.int64).reshape(size, size, 3)
 
 
-def test_shuffle_cells_moves_each_cell_where_the_permutation_says():
-  image = _ramp(64)  # cells of 21 px; row and column 63 lie outside the grid
-  permutation = [8, 7, 6, 5, 4, 3, 2, 1, 0]
-  out = invariance.shuffle_cells(image, permutation)
-  np.testing.assert_array_equal(out[0:21, 0:21], image[42:63, 42:63])  # cell 0 <- cell 8
-  np.testing.assert_array_equal(out[0:21, 21:42], image[42:63, 21:42])  # cell 1 <- cell 7
-  np.testing.assert_array_equal(out[21:42, 21:42], image[21:42, 21:42])  # cell 4 stays
-  np.testing.assert_array_equal(out[63], image[63])
-  np.testing.assert_array_equal(out[:, 63], image[:, 63])
-  np.testing.assert_array_equal(invariance.shuffle_cells(image, range(9)), image)
-  assert sorted(map(tuple, out[:63, :63].reshape(-1, 3))) == sorted(
-      map(tuple, image[:63, :63].reshape(-1, 3)))  # a permutation of the pixels
-
-
 def test_rotation_turns_counter_clockwise():
   image = np.zeros((4, 4, 3), np.uint8)
   image[0, 3] = 255  # top right
@@ -59,6 +45,11 @@ def test_normalised_distances_equal_a_numpy_loop():
   np.testing.assert_allclose(invariance.normalised_distances(a, b), expected, rtol=1e-8)
   np.testing.assert_allclose(invariance.normalised_distances(a, 3 * a), 0.0, atol=1e-7)
   np.testing.assert_allclose(invariance.distances(a, -a), 2.0)
+  cross = [np.linalg.norm(unit(a[i]) - unit(b[i])) / np.mean(
+      [np.linalg.norm(unit(a[k]) - unit(b[j])) for k in range(7) for j in range(7) if k != j])
+           for i in range(7)]
+  np.testing.assert_allclose(invariance.cross_normalised_distances(a, b), cross, rtol=1e-8)
+  np.testing.assert_allclose(invariance.cross_normalised_distances(a, 2 * a), 0.0, atol=1e-6)
   summary = invariance.summarize(np.asarray(expected))
   assert sum(summary["histogram"]) == 7 and summary["mean"] == pytest.approx(np.mean(expected))
 
@@ -82,12 +73,12 @@ def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pret
                         f"{tiny_pretraining.workdir / 'checkpoints' / '2'} (step 2)",
                         "random init"]
   for scores in rows.values():
-    assert set(scores) == {"trunk/jigsaw", "trunk/rotation", "embedding/jigsaw"}
+    assert set(scores) == {"trunk/tiles", "trunk/rotation", "embedding/jigsaw"}
     for summary in scores.values():
       assert sum(summary["histogram"]) == 24 and 0 <= summary["mean"] <= 2
   # Two checkpoints of one run at different steps give different scores on the same inputs.
   first, second, _ = rows.values()
-  assert first["trunk/jigsaw"]["mean"] != second["trunk/jigsaw"]["mean"]
+  assert first["trunk/tiles"]["mean"] != second["trunk/tiles"]["mean"]
   assert "| random init |" in (out / "invariance.md").read_text()
   assert (out / "invariance.png").stat().st_size > 0
   assert "| random init |" in result.stdout

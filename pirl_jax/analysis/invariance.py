@@ -8,15 +8,21 @@ trained on) and a transform t, the score is the L2 distance between the unit-nor
 of I and of t(I), divided by the mean distance between the unit-norm representations of two
 different held-out images: 0 means invariant, 1 means t(I) is as far from I as another image is.
 
-Representations and transforms:
-  * `trunk/jigsaw`, `trunk/rotation`: the trunk's pooled res5 features of the whole image, against
-    those of the image with its 3x3 grid of cells shuffled and put back together (jigsaw), or
-    rotated by 90, 180 or 270 degrees (rotation). Defined for any trunk; a randomly initialised
-    trunk of the same architecture is scored alongside as the reference.
-  * `embedding/jigsaw` (PIRL pretraining checkpoints, not NPID's): the paper's measure, the L2 distance
-    between the image head's unit-norm f(v_I) and the jigsaw head's unit-norm g(v_It) of the
-    image's nine tiles in a shuffled order, not normalised (0 to 2), as in the paper's figure:
-    f and g are different heads, so another image's f is no yardstick for g.
+Representations and transforms, each pass evaluated with its own BatchNorm running statistics
+(the trunk and g on tiles with the tile pass's, `TrainState.tile_batch_stats`; the trunk and f on
+images with the image pass's; a checkpoint written before the state kept tile statistics, or of a
+method without a tile pass, uses its image statistics for both):
+  * `trunk/tiles`: what PIRL's trunk actually sees, compared: the mean of the trunk's pooled
+    features of the image's nine tiles (the deterministic eval tiles) against the trunk's
+    features of the image, divided by the mean distance of an image's tile features to the
+    features of *another* image. Below 1: the tiles' features point at their own image. Defined
+    for any trunk (PIRL, the covariant Jigsaw model, NPID, a random trunk).
+  * `trunk/rotation`: the trunk's features of the image against those of the image rotated by
+    90, 180 or 270 degrees, relative to another image (as above).
+  * `embedding/jigsaw` (PIRL pretraining checkpoints): the paper's Fig. 7, the L2 distance between
+    the image head's unit-norm f(v_I) and the jigsaw head's unit-norm g(v_It) of the image's nine
+    tiles in a shuffled order, not normalised (0 to 2), as in the paper's figure: f and g are
+    different heads, so another image's f is no yardstick for g.
 
 Every view is deterministic (centre crops, one permutation and one rotation per image drawn from
 `--seed`), so checkpoints are scored on the same inputs. Writes `invariance.json` (every score's
@@ -58,15 +64,6 @@ def cell_slices(size: int, grid: int = GRID) -> list[tuple[slice, slice]]:
   cell = size // grid
   return [(slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
           for r in range(grid) for c in range(grid)]
-
-
-def shuffle_cells(image: np.ndarray, permutation, grid: int = GRID) -> np.ndarray:
-  """The image with cell `permutation[k]` moved to cell k (pixels beyond the grid stay put)."""
-  cells = cell_slices(image.shape[0], grid)
-  out = image.copy()
-  for k, source in enumerate(permutation):
-    out[cells[k]] = image[cells[source]]
-  return out
 
 
 def rotate(image: np.ndarray, quarter_turns: int) -> np.ndarray:
@@ -120,6 +117,21 @@ def normalised_distances(originals: np.ndarray, transformed: np.ndarray) -> np.n
   return distances(originals, transformed) / between
 
 
+def cross_normalised_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """(N,) ||u(a_i) - u(b_i)|| / mean_{i != j} ||u(a_i) - u(b_j)||, u = x / ||x||.
+
+  For two representations of the same images (e.g. the tiles' and the image's): 1 means a_i is
+  as far from b_i as from another image's b.
+  """
+  a, b = _unit(a), _unit(b)
+  if len(a) < 2:
+    raise ValueError("normalised distances need at least two images.")
+  pairwise = np.sqrt(np.maximum(2.0 - 2.0 * (a @ b.T), 0.0))
+  n = len(a)
+  between = (pairwise.sum() - np.trace(pairwise)) / (n * (n - 1))
+  return np.diag(pairwise) / between
+
+
 def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """(N,) ||u(a_i) - u(b_i)||, u = x / ||x||: from 0 (same direction) to 2 (opposite)."""
   return np.linalg.norm(_unit(a) - _unit(b), axis=1)
@@ -160,37 +172,45 @@ def make_views(images, image_size: int, jigsaw_crop_size: int, tile_size: int,
   permutations = np.stack([rng.permutation(GRID * GRID) for _ in images])
   turns = rng.integers(1, 4, len(images))
   jigsaw_squares = np.stack([centre_square(im, jigsaw_crop_size) for im in images])
-  tiles = np.stack([centre_tiles(sq, tile_size)[p] for sq, p in zip(jigsaw_squares, permutations)])
+  tiles = np.stack([centre_tiles(sq, tile_size) for sq in jigsaw_squares])
   normalize = inference.normalize_images
   return dict(
       image=normalize(squares),
-      jigsaw=normalize(np.stack([shuffle_cells(sq, p) for sq, p in zip(squares, permutations)])),
       rotation=normalize(np.stack([rotate(sq, t) for sq, t in zip(squares, turns)])),
-      tiles=normalize(tiles))
+      tiles=normalize(tiles),  # row-major: the tile bag does not depend on the order
+      shuffled_tiles=normalize(np.stack([t[p] for t, p in zip(tiles, permutations)])))
 
 
 def score_checkpoint(variables: dict, model_cfg: dict, views: dict, with_heads: bool) -> dict:
   """Scores of one set of variables: a trunk's {'params', 'batch_stats'} (with_heads=False) or
-  a whole PIRL model's (with_heads=True)."""
+  a whole PIRL model's (with_heads=True); either may carry 'tile_batch_stats' (the trunk's
+  statistics for tiles; default: its 'batch_stats')."""
   model = state_lib.create_model(ml_collections.ConfigDict(model_cfg))
+  tile_stats = variables.get("tile_batch_stats")
   if with_heads:
     trunk_vars = {c: variables[c][trunk_init.TRUNK] for c in ("params", "batch_stats")}
   else:
-    trunk_vars = variables
-  names = ("image", "jigsaw", "rotation")
-  features = np.split(inference.embed(model.trunk, trunk_vars,
-                                      np.concatenate([views[n] for n in names]), normalize=False),
-                      len(names))
-  image = features[0]
-  scores = {f"trunk/{name}": summarize(normalised_distances(image, transformed))
-            for name, transformed in zip(names[1:], features[1:])}
+    trunk_vars = {c: variables[c] for c in ("params", "batch_stats")}
+  tile_trunk_vars = dict(trunk_vars, batch_stats=tile_stats or trunk_vars["batch_stats"])
+  embed = lambda v, x: inference.embed(model.trunk, v, x, normalize=False)
+  image = embed(trunk_vars, np.concatenate([views["image"], views["rotation"]]))
+  image, rotated = np.split(image, 2)
+  tiles = views["tiles"]
+  tile_features = embed(tile_trunk_vars, tiles.reshape((-1,) + tiles.shape[2:]))
+  tile_bag = tile_features.reshape(tiles.shape[:2] + (-1,)).mean(axis=1)
+  scores = {"trunk/tiles": summarize(cross_normalised_distances(tile_bag, image)),
+            "trunk/rotation": summarize(normalised_distances(image, rotated))}
   if with_heads:
-    embed = jax.jit(lambda v, x, tiles: (model.apply(v, x, train=False, method="embed_images"),
-                                         model.apply(v, tiles, train=False,
-                                                     method="embed_tiles")))
-    pairs = [embed(variables, views["image"][i:i + 128], views["tiles"][i:i + 128])
-             for i in range(0, len(views["image"]), 128)]
-    f_hat, g_hat = (np.concatenate([np.asarray(p[k]) for p in pairs]) for k in (0, 1))
+    image_vars = {c: variables[c] for c in ("params", "batch_stats")}
+    tile_vars = dict(image_vars)
+    if tile_stats is not None:
+      tile_vars["batch_stats"] = {**variables["batch_stats"], trunk_init.TRUNK: tile_stats}
+    f_fn = jax.jit(lambda v, x: model.apply(v, x, train=False, method="embed_images"))
+    g_fn = jax.jit(lambda v, x: model.apply(v, x, train=False, method="embed_tiles"))
+    f_hat = np.concatenate([np.asarray(f_fn(image_vars, views["image"][i:i + 128]))
+                            for i in range(0, len(views["image"]), 128)])
+    g_hat = np.concatenate([np.asarray(g_fn(tile_vars, views["shuffled_tiles"][i:i + 128]))
+                            for i in range(0, len(views["image"]), 128)])
     scores["embedding/jigsaw"] = summarize(distances(f_hat, g_hat))
   return scores
 
@@ -235,16 +255,20 @@ def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0
     is_pirl = (saved.get("mode") == "pretrain" and init.item_dir is not None
                and saved.get("method", "pirl") == "pirl")
     name = f"{given} (step {init.step})" if init.step is not None else given
+    arrays = (checkpointing.load_arrays(init.item_dir)
+              if saved.get("mode") == "pretrain" and init.item_dir is not None else {})
+    tile_stats = arrays.get("tile_batch_stats", {}).get(trunk_init.TRUNK)
     if is_pirl:
-      arrays = checkpointing.load_arrays(init.item_dir)
       variables = {"params": arrays["params"], "batch_stats": arrays["batch_stats"]}
       model_cfg = dict(saved["model"])
       pirl_model_cfg = pirl_model_cfg or model_cfg
     else:
       loaded = inference.restore(given)
-      variables = loaded.variables
+      variables = dict(loaded.variables)
       model_cfg = dict(saved.get("model", {}), trunk=loaded.name,
                        width_multiplier=loaded.width_multiplier)
+    if tile_stats is not None:
+      variables["tile_batch_stats"] = tile_stats
     results[name] = score_checkpoint(variables, model_cfg, views, with_heads=is_pirl)
     logging.info("%s: %s", name, describe(results[name]))
   first_is_pretraining = resolved[0].source_config.get("mode") == "pretrain"
@@ -325,10 +349,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "invariance.json").write_text(json.dumps(result, indent=2))
     table = markdown_table(result)
-    text = (f"Invariance on {result['num_images']} held-out images. trunk/*: distance to the "
-            "transformed image over the distance to another image (0: invariant, 1: as far as "
-            "another image); embedding/jigsaw: the L2 distance of unit-norm f(v_I) and "
-            f"g(v_It) (0 to 2)\n\n{table}\n")
+    text = (f"Invariance on {result['num_images']} held-out images. trunk/tiles: distance of "
+            "the mean trunk features of an image's tiles to the trunk features of the image, "
+            "over their distance to another image's; trunk/rotation: distance to the rotated "
+            "image over the distance to another image (0: invariant, 1: as far as another "
+            "image); embedding/jigsaw: the L2 distance of unit-norm f(v_I) and g(v_It) (0 to 2)"
+            f"\n\n{table}\n")
     (out / "invariance.md").write_text(text)
     plot(result, out / "invariance.png")
     print(f"\n{text}\nWritten to {out}/invariance.{{json,md,png}}.")
