@@ -87,3 +87,16 @@ def test_pretraining_reports_the_tile_pathway(tiny_pretraining):
   assert 1 <= tiles["retrieval_median_rank"] <= tiles["retrieval_candidates"]
   assert [h["step"] for h in summary["evaluation_history"]] == [2, 4]
   assert all("tiles" in h for h in summary["evaluation_history"])
+
+
+def test_the_probe_command_reports_the_same_tile_pathway(tiny_pretraining, shared_cache_dir):
+  """The standalone probe scores a workdir's tile pathway as the loop did at its last step, and
+  a random network next to it."""
+  from pirl_jax.eval import probe  # pylint: disable=g-import-not-at-top
+  result = probe.run_probe(str(tiny_pretraining.workdir), cache_dir=str(shared_cache_dir))
+  trained, random = result["results"].values()
+  in_loop = tiny_pretraining.summary["evaluations"]["tiles"]
+  for key, value in in_loop.items():
+    assert trained[key] == pytest.approx(value, abs=1e-6), key
+  assert set(in_loop) <= set(random)
+  assert "tile bag kNN AUC mean" in result["table"] and "g->f median rank" in result["table"]

@@ -181,6 +181,32 @@ def data_config(saved: dict | None, flags_values: dict) -> ml_collections.Config
   return ml_collections.ConfigDict(base)
 
 
+def _tile_pathway(init, saved: dict, evaluator: ProbeEvaluator, mesh, random_seed: int,
+                  num_parallel_calls: int) -> list[dict]:
+  """The tile pathway's metrics (`tile_pathway`) of a pretraining checkpoint and of a random
+  network of its architecture (in the order of the probe's rows)."""
+  from pirl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pirl_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(saved)
+  model = state_lib.create_model(config.model, 1, config.get("jigsaw_permutations", 1000))
+  tiles = tile_pathway.TilePathwayEvaluator(
+      evaluator, model, pipeline.view_config(config.data.views), mesh,
+      retrieval=config.get("method", "pirl") == "pirl", num_parallel_calls=num_parallel_calls)
+  replicated = sharding_lib.replicated(mesh)
+  trained = checkpointing.load_arrays(init.item_dir)
+  random = jax.jit(lambda rng: state_lib.init_variables(model, rng, config))(
+      jax.random.PRNGKey(random_seed))
+  out = []
+  for arrays in (trained, random):
+    arrays = jax.device_put({k: arrays[k] for k in ("params", "batch_stats", "tile_batch_stats")
+                             if k in arrays}, replicated)
+    start = time.time()
+    metrics = tiles.run(tile_pathway.state_of_arrays(arrays))
+    logging.info("tile pathway: %s (%.0f s)", tiles.describe(metrics), time.time() - start)
+    out.append(metrics)
+  return out
+
+
 def markdown_table(results: dict, class_names, scored) -> str:
   header = ["trunk"]
   keys = []
@@ -190,6 +216,13 @@ def markdown_table(results: dict, class_names, scored) -> str:
     if tuple(scored) != tuple(class_names[1:]) or len(class_names) > 2:
       header += [f"{title} AUC {name}" for name in scored]
       keys += [f"{kind}_auc_{name}" for name in scored]
+  tile_columns = (("tilebag_knn_auc_mean", "tile bag kNN AUC mean"),
+                  ("tilebag_linear_auc_mean", "tile bag linear AUC mean"),
+                  ("retrieval_top1", "g->f top-1"), ("retrieval_median_rank", "g->f median rank"))
+  for key, title in tile_columns:
+    if all(key in metrics for metrics in results.values()):
+      header.append(title)
+      keys.append(key)
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, metrics in results.items():
     lines.append("| " + " | ".join([name] + [f"{metrics[k]:.4f}" for k in keys]) + " |")
@@ -269,6 +302,11 @@ def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_di
     start = time.time()
     results[name] = evaluator.scores(*evaluator.features(variables))
     logging.info("%s: %s (%.0f s)", name, evaluator.describe(results[name]), time.time() - start)
+  if cfg.get("tile_pathway", False) and saved.get("mode") == "pretrain" and init.item_dir:
+    tile_metrics = _tile_pathway(init, saved, evaluator, mesh, random_seed,
+                                 data_cfg.num_parallel_calls)
+    for name, metrics in zip(results, tile_metrics):
+      results[name].update(metrics)
   return dict(checkpoint=init.checkpoint, step=init.step, data=probe_data.describe_sets(sets),
               class_names=list(sets.class_names), scored=list(sets.scored), results=results,
               table=markdown_table(results, sets.class_names, sets.scored))

@@ -19,6 +19,8 @@ pass's (`TrainState.tile_batch_stats`), f on images with the image pass's (`batc
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,14 @@ def shuffle_orders(count: int, num_tiles: int, seed: int = PERMUTATION_SEED) -> 
   """(count, num_tiles) one fixed random order of the tiles per image."""
   rng = np.random.default_rng(seed)
   return np.stack([rng.permutation(num_tiles) for _ in range(count)]).astype(np.int32)
+
+
+def state_of_arrays(arrays: dict):
+  """The fields the evaluator reads from a pretraining checkpoint's arrays; one written before
+  the state kept tile statistics evaluates tiles with the image pass's."""
+  tile_stats = arrays.get("tile_batch_stats") or {"trunk": arrays["batch_stats"]["trunk"]}
+  return types.SimpleNamespace(params=arrays["params"], batch_stats=arrays["batch_stats"],
+                               tile_batch_stats=tile_stats)
 
 
 def tile_variables(state) -> tuple[dict, dict]:
