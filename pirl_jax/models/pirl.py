@@ -5,8 +5,9 @@
 statistics, and because both calls go through the same BatchNorm submodules inside one
 ``apply(..., mutable=['batch_stats'])``, the running statistics are updated by the tile pass and then
 by the image pass (the order of the reference implementation). The train step can instead apply the
-two methods separately and keep only the image pass's update, so that the running statistics, which
-only evaluation uses, describe images (``model.bn_running_stats='images'``).
+two methods separately and keep each pass's update apart (``TrainState.batch_stats`` from the images,
+``TrainState.tile_batch_stats`` from the tiles), so that evaluation applies each pass with the
+statistics of what it was trained on.
 
 Heads (torch-style Linear init):
   * ``'linear'``: f = Linear(F->E) on image features; g = per-tile Linear(F->E), the 9 tile embeddings
