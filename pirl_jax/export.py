@@ -49,7 +49,7 @@ def export(checkpoint: str, out: str, step: int | None = None) -> dict:
 
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  from pirl_jax import program  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("checkpoint", None, "A pretraining or fine-tuning workdir, its "
                       "checkpoints/ (or best/) folder or one step folder.")
   flags.DEFINE_string("out", None, "The .safetensors file to write.")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
           f"{written['architecture']} at width {written['width_multiplier']} from "
           f"{written['source']} (step {written['step']}) to {written['out']}.")
 
-  return cli.run_program(run, argv or sys.argv)
+  return program.run_program(run, argv or sys.argv)
 
 
 if __name__ == "__main__":

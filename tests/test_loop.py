@@ -39,8 +39,8 @@ from pirl_jax import configuration
 from pirl_jax import memory_bank
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import signals
 from pirl_jax.data import pipeline
-from pirl_jax.train import loop
 from pirl_jax.train import pretrain
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
@@ -366,23 +366,23 @@ def test_a_startup_sigterm_swallowed_by_a_finalizer_still_stops_before_the_first
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
   previous = signal.getsignal(signal.SIGTERM)
   try:
-    loop.install_startup_sigterm_handler()
+    signals.install_startup_sigterm_handler()
 
     class SignalsWhenCollected:
       def __del__(self):
         signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the finalizer
 
     SignalsWhenCollected()  # collected at once; its exception is "ignored"
-    assert loop._startup_sigterm.is_set()  # pylint: disable=protected-access
+    assert signals.startup_sigterm_received()
     assert "Traceback" not in capsys.readouterr().err
     config = tiny_pretraining.config.copy_and_resolve_references()
     workdir = tmp_path / "run"
-    with pytest.raises(loop.StartupInterrupted):
+    with pytest.raises(signals.StartupInterrupted):
       pretrain.train_and_evaluate(config, str(workdir))
     assert not (workdir / "checkpoints").is_dir() or _steps(workdir) == []
   finally:
     signal.signal(signal.SIGTERM, previous)
-    loop._startup_sigterm.clear()  # pylint: disable=protected-access
+    signals.clear()
 
 
 # --- The jitted step against a NumPy reference -------------------------------------------------------

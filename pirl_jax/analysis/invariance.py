@@ -327,7 +327,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  from pirl_jax import program  # pylint: disable=g-import-not-at-top
   flags.DEFINE_multi_string("checkpoint", None, "A pretraining (or fine-tuning) workdir, its "
                             "checkpoints/ folder or one step folder; repeat to compare.")
   flags.DEFINE_string("out", "", "Where invariance.{json,md,png} go (default "
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     plot(result, out / "invariance.png")
     print(f"\n{text}\nWritten to {out}/invariance.{{json,md,png}}.")
 
-  return cli.run_program(run, argv or sys.argv)
+  return program.run_program(run, argv or sys.argv)
 
 
 if __name__ == "__main__":

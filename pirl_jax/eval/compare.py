@@ -234,9 +234,9 @@ def _main(argv):
 
 
 def main(argv=None) -> int:
-  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  from pirl_jax import program  # pylint: disable=g-import-not-at-top
   define_flags()
-  return cli.run_program(_main, argv or sys.argv)
+  return program.run_program(_main, argv or sys.argv)
 
 
 if __name__ == "__main__":

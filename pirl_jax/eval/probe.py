@@ -314,7 +314,7 @@ def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_di
 
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  from pirl_jax import program  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("checkpoint", None, "A pretraining or fine-tuning workdir, its "
                       "checkpoints/ folder, one step folder, or a torchvision-layout weights "
                       "file (.safetensors; with --image_size and --data).")
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     (out / "probe.md").write_text(text)
     print(f"\n{text}\nWritten to {out / 'probe.json'} and {out / 'probe.md'}.")
 
-  return cli.run_program(run, argv or sys.argv)
+  return program.run_program(run, argv or sys.argv)
 
 
 if __name__ == "__main__":

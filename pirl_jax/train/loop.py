@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -49,6 +48,7 @@ from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import signals
 from pirl_jax import storage
 from pirl_jax import user_errors
 
@@ -140,40 +140,6 @@ def _accumulate(window, metrics, step):
   return {"sums": sums, "count": window["count"] + ok.astype(jnp.int32), "first_bad": first_bad}
 
 
-class StartupInterrupted(BaseException):
-  """SIGTERM arrived before the first training step (a BaseException: nothing swallows it)."""
-
-
-# Set by the start-up handler. Python ignores exceptions raised where the signal happens to land
-# in a garbage-collection or weakref callback (it prints "Exception ignored in ..."), so the
-# training loop checks this before its first step too.
-_startup_sigterm = threading.Event()
-
-
-def install_startup_sigterm_handler() -> None:
-  """Makes a SIGTERM before training starts end the program cleanly (see `StartupInterrupted`).
-
-  Under `jax.distributed` JAX's preemption service owns SIGTERM, so nothing is installed then.
-  """
-  if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
-    return
-
-  def handle(signum, frame):
-    del signum, frame
-    _startup_sigterm.set()
-    raise StartupInterrupted()
-
-  default_hook = sys.unraisablehook
-
-  def quiet_when_swallowed(unraisable):
-    # The flag carries the request on: no "Exception ignored" traceback for it.
-    if not isinstance(unraisable.exc_value, StartupInterrupted):
-      default_hook(unraisable)
-  _startup_sigterm.clear()
-  sys.unraisablehook = quiet_when_swallowed
-  signal.signal(signal.SIGTERM, handle)
-
-
 class _TermSignal:
   """Notes a SIGTERM during training so that the loop can finish its step, checkpoint and return."""
 
@@ -185,9 +151,9 @@ class _TermSignal:
     if (not jax.distributed.is_initialized() and
         threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    if _startup_sigterm.is_set():  # a start-up SIGTERM whose exception was swallowed
+    if signals.startup_sigterm_received():  # a start-up SIGTERM whose exception was swallowed
       self.__exit__(None, None, None)
-      raise StartupInterrupted()
+      raise signals.StartupInterrupted()
     return self
 
   def _handle(self, signum, frame):
