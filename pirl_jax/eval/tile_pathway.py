@@ -22,13 +22,13 @@ from __future__ import annotations
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.data import jigsaw
 from pirl_jax.data import labelled
 from pirl_jax.data import probe_data
+from pirl_jax.train import state as state_lib
 
 PERMUTATION_SEED = 0
 
@@ -67,7 +67,8 @@ def shuffle_orders(count: int, num_tiles: int, seed: int = PERMUTATION_SEED) -> 
 def state_of_arrays(arrays: dict):
   """The fields the evaluator reads from a pretraining checkpoint's arrays; one written before
   the state kept tile statistics evaluates tiles with the image pass's."""
-  tile_stats = arrays.get("tile_batch_stats") or {"trunk": arrays["batch_stats"]["trunk"]}
+  tile_stats = (arrays.get("tile_batch_stats")
+                or state_lib.tile_stats_of_earlier_version(arrays))
   return types.SimpleNamespace(params=arrays["params"], batch_stats=arrays["batch_stats"],
                                tile_batch_stats=tile_stats)
 
