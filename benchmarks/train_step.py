@@ -1,6 +1,6 @@
 """The `step`, `mfu`, `overhead` and `compile` benchmarks: the repo's full PIRL train step.
 
-The step is built as `pirl_jax.train.pretrain` builds it (create_model / create_optimizer /
+The step is built as `pirl_jax.tasks.pretrain` builds it (create_model / create_optimizer /
 create_train_state / jit_train_step on `sharding.create_mesh`) and fed random batches of the
 pipeline's shapes: "image" (B, S, S, 3) float32, "tiles" (B, 9, T, T, 3) float32 and "index" (B,)
 int32 (distinct dataset indices).

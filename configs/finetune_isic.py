@@ -33,7 +33,7 @@ Semi-supervised fine-tuning (UDA: consistency training on the unlabelled images;
 
 Scratch vs PIRL (vs a supervised checkpoint) under one recipe and seeds, as a Markdown table
 (`--uda` adds each of them with UDA):
-  python -m pirl_jax.eval.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
+  python -m pirl_jax.commands.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
 """
 
 import ml_collections

@@ -12,7 +12,7 @@ Presets:
             included); 620 steps, final loss 5.61; test-split probes kNN / linear mean AUC 0.690 /
             0.683 over seeds 0-2 (random trunk 0.546 / 0.578; docs/experiments.md).
   quality   The default preset trained 6x longer (60 epochs, probes every 310 steps): the
-            comparison preset for fine-tuning (`python -m pirl_jax.eval.compare`). Expected: ~25 min
+            comparison preset for fine-tuning (`python -m pirl_jax.commands.compare`). Expected: ~25 min
             here; probes 0.800 / 0.768; fine-tuning at label_fraction 0.1 from it: test melanoma
             AUC 0.806 vs scratch 0.652 (5 seeds, paired t = 5.34, p = 0.006).
             `python main.py --config=configs/pirl.py:quality`

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pirl_jax import checkpointing
+from pirl_jax import trunk_init
 from pirl_jax.data import augment
-from pirl_jax.eval import trunk_init
 from pirl_jax.models import resnet
 
 # Every ResNet here reduces 32 px to at least one pixel; the variables' shapes do not depend on it.

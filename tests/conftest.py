@@ -39,7 +39,7 @@ def tiny_pretraining(tmp_path_factory, small_isic_root, shared_cache_dir):
   shared by every test that only reads its outputs. Tests must not write into its workdir."""
   import types  # pylint: disable=g-import-not-at-top
   from configs import pirl as pirl_configs  # pylint: disable=g-import-not-at-top
-  from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   config = pirl_configs.get_config("tiny")
   config.update_from_flattened_dict({
       "data.source": "isic", "data.path": str(small_isic_root),

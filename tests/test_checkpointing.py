@@ -45,7 +45,7 @@ def _shardings(state, num_devices):
   rows = {"bank", "params.w"}  # sharded by rows, the rest replicated
   return jax.tree_util.tree_map_with_path(
       lambda path, _: NamedSharding(
-          mesh, P("data") if checkpointing._path_name(path) in rows else P()), state)
+          mesh, P("data") if checkpointing.fingerprint.path_name(path) in rows else P()), state)
 
 
 def _place(host_state, num_devices):
@@ -64,7 +64,7 @@ def _target(num_devices):
 
 def _bits(tree):
   """Dotted path -> the array's bytes, for bitwise comparisons (params.w holds NaN patterns)."""
-  return {name: np.asarray(x).tobytes() for name, x in checkpointing._named_leaves(
+  return {name: np.asarray(x).tobytes() for name, x in checkpointing.fingerprint.named_leaves(
       jax.device_get(tree))}
 
 
@@ -88,9 +88,9 @@ def _save(directory, steps, num_devices=8, keep=3):
 
 
 def _warnings(caplog):
-  """The warnings pirl_jax/checkpointing.py logged (not Orbax's own)."""
+  """The warnings pirl_jax/checkpointing/ logged (not Orbax's own)."""
   return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and
-          pathlib.Path(r.pathname).match("pirl_jax/checkpointing.py")]
+          pathlib.Path(r.pathname).match("pirl_jax/checkpointing/*.py")]
 
 
 # --- Damage done on disk --------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _reference_fingerprint(x: np.ndarray) -> int:
 def test_fingerprints_do_not_depend_on_sharding_or_device_count():
   host = _host_state(1)
   expected = {name: _reference_fingerprint(np.asarray(x))
-              for name, x in checkpointing._named_leaves(dict(host, bank=host["bank"]))}
+              for name, x in checkpointing.fingerprint.named_leaves(dict(host, bank=host["bank"]))}
   assert checkpointing.fingerprints(host) == expected  # host arrays
   for n in (8, 4, 1):
     # The bank has 24, 20 and 20 rows: zero rows add nothing.

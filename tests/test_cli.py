@@ -61,7 +61,7 @@ def test_pretraining_on_isic_files_prints_a_fine_tuning_command_on_the_same_file
   out = cli_run["result"].stdout
   assert (f"--config=configs/finetune_isic.py:isic --config.data.path={small_isic_root} "
           f"--config.init.checkpoint={cli_run['workdir']}") in out
-  assert "python -m pirl_jax.eval.probe" in out
+  assert "python -m pirl_jax.commands.probe" in out
 
 
 @pytest.mark.slow
@@ -164,8 +164,8 @@ def test_accelerator_extras_install_jax_for_cuda_and_tpu():
 
 def test_console_command_is_declared_and_points_at_the_cli():
   scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-  assert scripts["pirl-jax"] == "pirl_jax.cli:main"
-  from pirl_jax import cli  # pylint: disable=g-import-not-at-top
+  assert scripts["pirl-jax"] == "pirl_jax.commands.cli:main"
+  from pirl_jax.commands import cli  # pylint: disable=g-import-not-at-top
   assert callable(cli.main)
 
 
@@ -202,9 +202,9 @@ def test_installed_package_gives_the_command_and_the_tfds_builder_anywhere(tmp_p
   assert imported.stdout.strip().endswith("True")
 
 
-@pytest.mark.parametrize("module,flag", [("pirl_jax.eval.probe", "--checkpoint:"),
-                                         ("pirl_jax.eval.compare", "--pirl:"),
-                                         ("pirl_jax.export", "--out:")])
+@pytest.mark.parametrize("module,flag", [("pirl_jax.commands.probe", "--checkpoint:"),
+                                         ("pirl_jax.commands.compare", "--pirl:"),
+                                         ("pirl_jax.commands.export", "--out:")])
 def test_help_lists_the_commands_own_flags_with_status_0(module, flag):
   helped = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -219,8 +219,8 @@ def test_importing_the_commands_defines_no_flags():
     return {name for module, defined in flags.FLAGS.flags_by_module_dict().items()
             if "pirl_jax" in module or "benchmarks" in module for name in defined}
   before = project_flags()
-  for module in ("pirl_jax.eval.compare", "pirl_jax.eval.probe", "pirl_jax.eval.curves",
-                 "pirl_jax.eval.finetune", "pirl_jax.train.pretrain", "pirl_jax.export",
+  for module in ("pirl_jax.commands.compare", "pirl_jax.commands.probe", "pirl_jax.commands.curves",
+                 "pirl_jax.tasks.finetune", "pirl_jax.tasks.pretrain", "pirl_jax.commands.export",
                  "pirl_jax.inference", "benchmarks.__main__"):
     importlib.import_module(module)
   assert project_flags() == before

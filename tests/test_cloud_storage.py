@@ -18,17 +18,17 @@ import pytest
 from configs import finetune_isic
 from configs import pirl as pirl_configs
 from pirl_jax import checkpointing
-from pirl_jax import export
 from pirl_jax import preflight
 from pirl_jax import storage
+from pirl_jax import trunk_init
+from pirl_jax.commands import curves
+from pirl_jax.commands import export
 from pirl_jax.data import isic
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources
-from pirl_jax.eval import curves
-from pirl_jax.eval import finetune
-from pirl_jax.eval import trunk_init
 from pirl_jax.models import torch_weights
-from pirl_jax.train import pretrain
+from pirl_jax.tasks import finetune
+from pirl_jax.tasks import pretrain
 from cli_in_process import main_in_process  # tests/cli_in_process.py
 import tree_arrays  # tests/tree_arrays.py
 

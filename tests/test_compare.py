@@ -1,4 +1,4 @@
-"""Scratch vs PIRL comparison (pirl_jax/eval/compare.py): the table, the paired statistics,
+"""Scratch vs PIRL comparison (pirl_jax/commands/compare.py): the table, the paired statistics,
 resuming an interrupted comparison, and a weights file as the supervised arm."""
 
 import json
@@ -12,11 +12,11 @@ from scipy import stats
 
 from configs import finetune_isic
 from pirl_jax import checkpointing
-from pirl_jax import export
-from pirl_jax.eval import compare
-from pirl_jax.eval import finetune
+from pirl_jax.commands import compare
+from pirl_jax.commands import export
 from pirl_jax.models import resnet
 from pirl_jax.models import torch_weights
+from pirl_jax.tasks import finetune
 
 
 def _run(seed, mel, sk=0.5):

@@ -1,4 +1,4 @@
-"""The methods comparison (pirl_jax.eval.compare_methods): its table, plot, checks and a tiny run."""
+"""The methods comparison (pirl_jax.commands.compare_methods): its table, plot, checks and a tiny run."""
 
 import json
 
@@ -8,7 +8,7 @@ import pytest
 from configs import finetune_isic
 from configs import pirl as pirl_configs
 from pirl_jax import user_errors
-from pirl_jax.eval import compare_methods
+from pirl_jax.commands import compare_methods
 
 
 def _rows():
@@ -91,8 +91,8 @@ def test_tiny_comparison_runs_and_reuses_finished_runs(tmp_path):
 def test_a_run_stopped_by_sigterm_stops_the_comparison(tmp_path, monkeypatch):
   """SIGTERM checkpoints the running pretraining and returns; the comparison must not go on to
   the next method (the same command resumes it)."""
-  from pirl_jax.eval import compare  # pylint: disable=g-import-not-at-top
-  from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import compare  # pylint: disable=g-import-not-at-top
+  from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   calls = []
 
   def stopped(config, workdir):

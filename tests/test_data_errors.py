@@ -7,13 +7,13 @@ import pytest
 from configs import finetune_isic
 from configs import pirl as pirl_configs
 import isic_fixtures
+from pirl_jax import user_errors
 from pirl_jax.data import images
 from pirl_jax.data import isic
 from pirl_jax.data import jigsaw
 from pirl_jax.data import labelled
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources
-from pirl_jax import user_errors
 from pirl_jax.user_errors import UserError
 
 

@@ -21,11 +21,11 @@ from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import trunk_init
 from pirl_jax.data import labelled
-from pirl_jax.eval import classifier
-from pirl_jax.eval import finetune
 from pirl_jax.eval import isic
-from pirl_jax.eval import trunk_init
+from pirl_jax.tasks import classifier
+from pirl_jax.tasks import finetune
 
 import tree_arrays
 
@@ -309,9 +309,10 @@ def test_fine_tuning_trains_the_trunk_and_eight_devices_equal_one(built, class_w
 def test_batchnorm_statistics_do_not_change_during_evaluation(built, splits):
   config, mesh, state = built["config"], built["mesh"], built["restored"]
   before = jax.device_get(state)
-  evaluator = isic.IsicEvaluator(splits["validation"], labelled.augment_config(config.augment),
-                                 built["model"], mesh, built["shardings"],
-                                 eval_batch_size=config.eval_batch_size)
+  evaluator = isic.IsicEvaluator(
+      splits["validation"], labelled.augment_config(config.augment),
+      classifier.jit_eval_step(mesh, built["shardings"], built["model"]), mesh,
+      eval_batch_size=config.eval_batch_size)
   probs = evaluator.predict(state)
   metrics = evaluator.run(state)
   _assert_trees_equal(jax.device_get(state), before)

@@ -54,7 +54,8 @@ def _cycle(graph):
 def test_the_graph_sees_imports_inside_functions():
   graph = _module_graph()
   # cli imports the pretraining task only inside `_train`.
-  assert "pirl_jax.train.pretrain" in graph["pirl_jax.cli"]
+  assert "pirl_jax.tasks.pretrain" in graph["pirl_jax.commands.cli"]
+  assert _layer("pirl_jax.tasks.pretrain") > _layer("pirl_jax.train.loop")
   assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -62,16 +63,36 @@ def test_no_module_imports_itself_through_others():
   assert _cycle(_module_graph()) is None
 
 
+# Lowest first: a module may import its own layer and those below it, never one above.
+LAYERS = (
+    ("user_errors", "storage", "sharding", "signals", "methods", "distributed"),
+    ("data", "models", "losses", "memory_bank"),
+    ("checkpointing", "configuration", "preflight", "trunk_init", "inference"),
+    ("train",),
+    ("eval",),
+    ("tasks",),
+    ("commands",),
+)
+
+
+def _layer(module: str) -> int:
+  if module == "pirl_jax":
+    return 0
+  top = module.split(".")[1]
+  for rank, names in enumerate(LAYERS):
+    if top in names:
+      return rank
+  raise AssertionError(f"{module} is in no layer of LAYERS: place it")
+
+
+def test_every_module_has_a_layer():
+  for name in _module_graph():
+    _layer(name)
+  assert _layer("pirl_jax.data.jigsaw") < _layer("pirl_jax.train.loop") < _layer(
+      "pirl_jax.eval.probe") < _layer("pirl_jax.tasks.pretrain") < _layer("pirl_jax.commands.cli")
+
+
 def test_imports_point_from_the_commands_down_to_the_data_and_models():
-  graph = _module_graph()
-  entry_points = {"pirl_jax.cli", "pirl_jax.program"}
-  for name, targets in graph.items():
-    if name not in entry_points:
-      assert "pirl_jax.cli" not in targets, f"{name} imports the command line"
-  lower = [n for n in graph if n.startswith(("pirl_jax.data", "pirl_jax.models"))]
-  upper = ("pirl_jax.train", "pirl_jax.eval", "pirl_jax.analysis", "pirl_jax.cli",
-           "pirl_jax.program")
-  for name in lower + ["pirl_jax.train.loop", "pirl_jax.signals", "pirl_jax.losses",
-                       "pirl_jax.memory_bank"]:
-    wrong = sorted(t for t in graph[name] if t.startswith(upper) and t != "pirl_jax.train.loop")
-    assert not wrong, f"{name} imports {wrong}, which sit above it"
+  for name, targets in _module_graph().items():
+    upward = sorted(t for t in targets if _layer(t) > _layer(name))
+    assert not upward, f"{name} imports {upward}, which sit above it"

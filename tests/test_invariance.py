@@ -1,4 +1,4 @@
-"""The invariance analysis (pirl_jax/analysis/invariance.py): transforms, the score against a
+"""The invariance analysis (pirl_jax/commands/invariance.py): transforms, the score against a
 NumPy loop, and the command on a tiny pretraining run."""
 
 import json
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from pirl_jax.analysis import invariance
+from pirl_jax.commands import invariance
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pret
   env.pop("XLA_FLAGS", None)
   out = tmp_path / "inv"
   result = subprocess.run(
-      [sys.executable, "-m", "pirl_jax.analysis.invariance",
+      [sys.executable, "-m", "pirl_jax.commands.invariance",
        f"--checkpoint={tiny_pretraining.workdir}",
        f"--checkpoint={tiny_pretraining.workdir / 'checkpoints' / '2'}", f"--out={out}",
        "--num_images=24", f"--cache_dir={shared_cache_dir}"],

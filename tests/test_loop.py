@@ -41,7 +41,7 @@ from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax import signals
 from pirl_jax.data import pipeline
-from pirl_jax.train import pretrain
+from pirl_jax.tasks import pretrain
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
 import tree_arrays  # tests/tree_arrays.py

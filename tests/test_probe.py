@@ -177,7 +177,7 @@ def _probe_command(args, tmp_path, timeout=600):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["PIRL_JAX_CACHE"] = str(tmp_path / "cache")
-  return subprocess.run([sys.executable, "-m", "pirl_jax.eval.probe", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "pirl_jax.commands.probe", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -214,7 +214,7 @@ def test_probe_command_reports_a_bad_labels_csv_in_one_line(tiny_pretraining, la
 
 
 def test_learning_curve_plot_and_table_from_a_workdir(tiny_pretraining, tmp_path):
-  from pirl_jax.eval import curves  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import curves  # pylint: disable=g-import-not-at-top
   points = curves.read_curve(tiny_pretraining.workdir)
   assert [p["step"] for p in points] == [2, 4]
   out = tmp_path / "curves.png"

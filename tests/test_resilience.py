@@ -22,8 +22,8 @@ from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources
+from pirl_jax.tasks import pretrain
 from pirl_jax.train import loop
-from pirl_jax.train import pretrain
 from pirl_jax.train import state as state_lib
 import tree_arrays  # tests/tree_arrays.py
 

@@ -92,7 +92,7 @@ def test_pretraining_reports_the_tile_pathway(tiny_pretraining):
 def test_the_probe_command_reports_the_same_tile_pathway(tiny_pretraining, shared_cache_dir):
   """The standalone probe scores a workdir's tile pathway as the loop did at its last step, and
   a random network next to it."""
-  from pirl_jax.eval import probe  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import probe  # pylint: disable=g-import-not-at-top
   result = probe.run_probe(str(tiny_pretraining.workdir), cache_dir=str(shared_cache_dir))
   trained, random = result["results"].values()
   in_loop = tiny_pretraining.summary["evaluations"]["tiles"]

@@ -11,7 +11,7 @@ from configs import pirl as pirl_configs
 from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import sharding as sharding_lib
-from pirl_jax.train import pretrain
+from pirl_jax.tasks import pretrain
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
 

@@ -18,13 +18,13 @@ from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
+from pirl_jax.commands import compare
 from pirl_jax.data import errors
 from pirl_jax.data import labelled
-from pirl_jax.eval import classifier
-from pirl_jax.eval import compare
-from pirl_jax.eval import finetune
 from pirl_jax.eval import isic
-from pirl_jax.eval import uda
+from pirl_jax.tasks import classifier
+from pirl_jax.tasks import finetune
+from pirl_jax.tasks import uda
 
 import cli_in_process
 import tree_arrays

@@ -20,12 +20,12 @@ import cli_in_process
 import pirl_jax
 from configs import finetune_isic
 from pirl_jax import checkpointing
-from pirl_jax import export
+from pirl_jax import trunk_init
+from pirl_jax.commands import export
 from pirl_jax.data import augment
-from pirl_jax.eval import finetune
-from pirl_jax.eval import trunk_init
 from pirl_jax.models import resnet
 from pirl_jax.models import torch_weights
+from pirl_jax.tasks import finetune
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -355,7 +355,7 @@ def test_load_trunk_without_a_config_asks_for_the_architecture(tmp_path, tiny_pr
 def _export_command(args, tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the user's environment: one CPU device
-  return subprocess.run([sys.executable, "-m", "pirl_jax.export", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "pirl_jax.commands.export", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
@@ -392,7 +392,7 @@ def test_export_command_writes_the_trunk_with_its_provenance(tmp_path, tiny_pret
 @pytest.mark.slow
 def test_probe_of_an_exported_file_equals_the_probe_of_its_workdir(tmp_path, tiny_pretraining,
                                                                    shared_cache_dir):
-  from pirl_jax.eval import probe  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import probe  # pylint: disable=g-import-not-at-top
   from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
   weights = tmp_path / "trunk.safetensors"
   export.export(str(tiny_pretraining.workdir), str(weights))

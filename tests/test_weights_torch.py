@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (requirements-bench.txt)")
 from torch import nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from pirl_jax.eval import trunk_init  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pirl_jax import trunk_init  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pirl_jax.models import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pirl_jax.models import torch_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -24,9 +24,9 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from pirl_jax.data import augment
 from pirl_jax import storage
 from pirl_jax import user_errors
+from pirl_jax.data import augment
 from pirl_jax.data import errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import isic

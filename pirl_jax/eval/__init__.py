@@ -1,2 +1,2 @@
-"""Evaluation on ISIC 2017 Part 3: fine-tuning and linear probe (`finetune`), and the
-scratch / PIRL / supervised comparison (`compare`)."""
+"""Evaluators of the training loop and their metrics: frozen-trunk probes (`probe`, `probes`,
+`features`), the tile pathway's diagnostics (`tile_pathway`) and ISIC 2017 scoring (`isic`)."""

@@ -1,1 +1,2 @@
-"""Pretraining: train state, step, loop."""
+"""The training machinery both tasks share: the train state (`state`), PIRL's step (`step`) and
+the one training loop (`loop`)."""

@@ -1,10 +1,10 @@
 r"""Scratch vs PIRL (vs a supervised checkpoint) on ISIC 2017 under one recipe and the same seeds.
 
-  python -m pirl_jax.eval.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
-  python -m pirl_jax.eval.compare --pirl=runs/pirl --uda    # + scratch+UDA, PIRL+UDA
-  python -m pirl_jax.eval.compare --pirl=runs/pirl --supervised=runs/supervised/checkpoints \
+  python -m pirl_jax.commands.compare --pirl=runs/pirl --seeds=0,1,2 --label_fraction=0.1
+  python -m pirl_jax.commands.compare --pirl=runs/pirl --uda    # + scratch+UDA, PIRL+UDA
+  python -m pirl_jax.commands.compare --pirl=runs/pirl --supervised=runs/supervised/checkpoints \
       --config=configs/finetune_isic.py:linear --workdir=runs/compare-linear
-  python -m pirl_jax.eval.compare --config=configs/finetune_isic.py:isic \
+  python -m pirl_jax.commands.compare --config=configs/finetune_isic.py:isic \
       --config.data.path=/data/isic2017 --pirl=runs/pirl-isic \
       --supervised=resnet50_imagenet.safetensors   # scratch / PIRL / ImageNet, ResNet-50
 
@@ -171,8 +171,8 @@ def run_comparison(base_config, workdir: str, pirl: str, supervised: str | None,
 
   With `uda`, every initialisation is also fine-tuned with UDA (arm '<init>_uda').
   """
-  from pirl_jax.eval import finetune
-  from pirl_jax.eval import trunk_init
+  from pirl_jax.tasks import finetune
+  from pirl_jax import trunk_init
   if not pirl:
     raise user_errors.UserError("--pirl is required: the PIRL pretraining workdir to compare.")
   probe = ml_collections.ConfigDict(base_config.to_dict())
@@ -234,7 +234,7 @@ def _main(argv):
 
 
 def main(argv=None) -> int:
-  from pirl_jax import program  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
   define_flags()
   return program.run_program(_main, argv or sys.argv)
 

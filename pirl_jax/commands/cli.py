@@ -26,8 +26,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from pirl_jax import program
-from pirl_jax.program import FLAGS
+from pirl_jax.commands import program
+from pirl_jax.commands.program import FLAGS
 
 
 # --- pretraining and fine-tuning ----------------------------------------------------------------
@@ -82,12 +82,12 @@ def _train(argv) -> None:
                jax.local_device_count(), jax.device_count(), workdir)
 
   if config.mode == "pretrain":
-    from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+    from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
     summary = pretrain.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
       print(format_pretraining(config, summary))
   elif config.mode == "finetune":
-    from pirl_jax.eval import finetune  # pylint: disable=g-import-not-at-top
+    from pirl_jax.tasks import finetune  # pylint: disable=g-import-not-at-top
     summary = finetune.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
       print(finetune.format_summary(summary))
@@ -98,7 +98,7 @@ def _train(argv) -> None:
 
 def format_pretraining(config, summary: dict) -> str:
   """What the user reads at the end of a pretraining command."""
-  from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   step, total = summary["step"], summary["total_steps"]
   if summary.get("preempted"):
     return (f"\nPretraining stopped by SIGTERM at step {step} of {total}, checkpoint written to "

@@ -25,11 +25,11 @@ from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import trunk_init
 from pirl_jax.data import labelled
-from pirl_jax.eval import classifier
 from pirl_jax.eval import isic
-from pirl_jax.eval import trunk_init
-from pirl_jax.eval import uda as uda_lib
+from pirl_jax.tasks import classifier
+from pirl_jax.tasks import uda as uda_lib
 from pirl_jax.train import loop
 
 TASK_NAME = "fine-tuning"
@@ -204,8 +204,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("Restored the trunk's parameters and batch statistics from %s.",
                    init.item_dir or init.checkpoint)
 
+    eval_step = classifier.jit_eval_step(mesh, shardings, model)
     evaluators = {s: isic.IsicEvaluator(
-        splits[s], view, model, mesh, shardings, eval_batch_size=config.eval_batch_size,
+        splits[s], view, eval_step, mesh, eval_batch_size=config.eval_batch_size,
         num_parallel_calls=config.data.num_parallel_calls) for s in EVAL_SPLITS}
     best = BestState(run.workdir)
 

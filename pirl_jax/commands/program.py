@@ -1,7 +1,7 @@
 """How every command runs: logging, the TensorFlow import, flag parsing, user errors and --help.
 
 `run_program(main_fn, argv)` is the one entry for `main.py` and each module command
-(`python -m pirl_jax.eval.probe`, ...): a mistake in the command, the config or the data is one line
+(`python -m pirl_jax.commands.probe`, ...): a mistake in the command, the config or the data is one line
 naming the field or file and exit status 2; library INFO logs appear only with --verbosity=1; a
 SIGTERM before the training loop takes it over exits 0 with a message.
 """

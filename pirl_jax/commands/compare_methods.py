@@ -1,8 +1,8 @@
 r"""PIRL against the pretext tasks it improves on: every method pretrained with the same budget,
 evaluated with the same protocol.
 
-  python -m pirl_jax.eval.compare_methods --seeds=0,1,2 --workdir=runs/methods
-  python -m pirl_jax.eval.compare_methods --methods=pirl,jigsaw --seeds=0,1,2 \
+  python -m pirl_jax.commands.compare_methods --seeds=0,1,2 --workdir=runs/methods
+  python -m pirl_jax.commands.compare_methods --methods=pirl,jigsaw --seeds=0,1,2 \
       --pretrain_config=configs/pirl.py:quality --label_fraction=0.1
 
 For every method (`pirl_jax.methods`) and seed, the pretraining config (`--pretrain_config`, default
@@ -37,7 +37,7 @@ import numpy as np
 from pirl_jax import methods as methods_lib
 from pirl_jax import storage
 from pirl_jax import user_errors
-from pirl_jax.eval import compare
+from pirl_jax.commands import compare
 
 FLAGS = flags.FLAGS
 
@@ -198,9 +198,9 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
                    seeds: list[int], label_fraction: float) -> tuple[dict, str]:
   """Runs (or reuses) every method x seed and its evaluations. Returns (rows, Markdown table)."""
   from pirl_jax import configuration  # pylint: disable=g-import-not-at-top
-  from pirl_jax.eval import finetune  # pylint: disable=g-import-not-at-top
-  from pirl_jax.eval import probe  # pylint: disable=g-import-not-at-top
-  from pirl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  from pirl_jax.tasks import finetune  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import probe  # pylint: disable=g-import-not-at-top
+  from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   unknown = [m for m in method_names if m not in methods_lib.METHODS]
   if unknown or not method_names:
     raise user_errors.UserError(f"--methods={','.join(method_names)}: choose from "
@@ -298,7 +298,7 @@ def _main(argv):
 
 
 def main(argv=None) -> int:
-  from pirl_jax import program  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
   define_flags()
   return program.run_program(_main, argv or sys.argv)
 

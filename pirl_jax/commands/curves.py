@@ -1,6 +1,6 @@
 r"""Learning curves: the probes' scores against the pretraining step, for one or more runs.
 
-  python -m pirl_jax.eval.curves runs/pirl runs/pirl-quality --out=curves.png \
+  python -m pirl_jax.commands.curves runs/pirl runs/pirl-quality --out=curves.png \
       [--random=0.54,0.59]   # the random trunk's kNN and linear AUC, drawn as dashed lines
 
 Reads each workdir's summary.json (`evaluation_history`, written by the probes that run every

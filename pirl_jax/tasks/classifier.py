@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from pirl_jax import sharding as sharding_lib
-from pirl_jax.eval import uda as uda_lib
-from pirl_jax.eval.trunk_init import TRUNK
 from pirl_jax.models import resnet
+from pirl_jax.tasks import uda as uda_lib
 from pirl_jax.train import state as state_lib
+from pirl_jax.trunk_init import TRUNK
 
 CLASS_NAMES = ("melanoma", "seborrheic_keratosis", "nevus")
 

@@ -1,6 +1,6 @@
 r"""How invariant representations are to the pretext transforms (the PIRL paper's Fig. 7).
 
-  python -m pirl_jax.analysis.invariance --checkpoint=runs/pirl [--checkpoint=runs/other] \
+  python -m pirl_jax.commands.invariance --checkpoint=runs/pirl [--checkpoint=runs/other] \
       [--out=runs/pirl/invariance] [--num_images=500]
 
 For each held-out image I (the query split of the probes, on the data the first checkpoint was
@@ -47,9 +47,10 @@ from PIL import Image
 from pirl_jax import checkpointing
 from pirl_jax import inference
 from pirl_jax import storage
+from pirl_jax import trunk_init
 from pirl_jax import user_errors
+from pirl_jax.commands import probe as probe_command
 from pirl_jax.eval import probe
-from pirl_jax.eval import trunk_init
 from pirl_jax.train import state as state_lib
 
 GRID = 3
@@ -149,8 +150,8 @@ def summarize(scores: np.ndarray) -> dict:
 
 def held_out_images(saved: dict, num_images: int, cache_dir: str = "") -> list[np.ndarray]:
   """Up to `num_images` decoded held-out images (the probes' query split), uint8 RGB."""
-  data_cfg = probe.data_config(saved, {"cache_dir": cache_dir or None})
-  probe_cfg = probe.default_probe_config()
+  data_cfg = probe_command.data_config(saved, {"cache_dir": cache_dir or None})
+  probe_cfg = probe_command.default_probe_config()
   saved_probe = saved.get("probe", {})
   for key in ("index_split", "query_split", "labels", "tfds_name"):
     if saved_probe.get(key):
@@ -327,7 +328,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from pirl_jax import program  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
   flags.DEFINE_multi_string("checkpoint", None, "A pretraining (or fine-tuning) workdir, its "
                             "checkpoints/ folder or one step folder; repeat to compare.")
   flags.DEFINE_string("out", "", "Where invariance.{json,md,png} go (default "

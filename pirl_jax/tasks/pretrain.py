@@ -119,7 +119,7 @@ def next_steps(config, summary: dict) -> str:
   """What to run next on the pretrained trunk, on the data it was pretrained on."""
   workdir = summary["workdir"]
   data = config.data
-  probe_cmd = f"python -m pirl_jax.eval.probe --checkpoint={workdir}"
+  probe_cmd = f"python -m pirl_jax.commands.probe --checkpoint={workdir}"
   if data.source == "synthetic":
     return ("  fine-tune on the embedded ISIC-layout set from it:\n"
             f"    python main.py --config=configs/finetune_isic.py "

@@ -1,7 +1,7 @@
 r"""Exports a trunk to `.safetensors` in torchvision's ResNet key layout, for PyTorch users.
 
-  python -m pirl_jax.export --checkpoint=runs/pirl --out=trunk.safetensors
-  python -m pirl_jax.export --checkpoint=runs/pirl-finetune/best --out=finetuned.safetensors
+  python -m pirl_jax.commands.export --checkpoint=runs/pirl --out=trunk.safetensors
+  python -m pirl_jax.commands.export --checkpoint=runs/pirl-finetune/best --out=finetuned.safetensors
 
 The checkpoint is a pretraining or fine-tuning workdir, its `checkpoints/` (or `best/`) folder or
 one step folder; the architecture comes from the run's `config.json`. The file holds the trunk's
@@ -49,7 +49,7 @@ def export(checkpoint: str, out: str, step: int | None = None) -> dict:
 
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from pirl_jax import program  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("checkpoint", None, "A pretraining or fine-tuning workdir, its "
                       "checkpoints/ (or best/) folder or one step folder.")
   flags.DEFINE_string("out", None, "The .safetensors file to write.")

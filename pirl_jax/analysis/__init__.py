@@ -1,1 +1,0 @@
-"""Analyses of trained representations (python -m pirl_jax.analysis.<name>)."""
