@@ -189,7 +189,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
 
 def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
   """Checks every fine-tuning field that needs neither the data nor the devices."""
-  from pirl_jax.data import labelled  # pylint: disable=g-import-not-at-top
+  from pirl_jax.data import labelled_views  # pylint: disable=g-import-not-at-top
   _check_choices(config, _FINETUNE_CHOICES)
   optim = config.optim
   _run_checks(config, _common_checks(config) + _data_checks(config.data) + [
@@ -209,7 +209,7 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
   ])
   try:
-    labelled.augment_config(config.augment)
+    labelled_views.augment_config(config.augment)
   except ValueError as e:
     raise ConfigError(str(e) if str(e).startswith("config.") else f"config.{e}") from None
   if config.init.kind == "scratch" and config.init.checkpoint:

@@ -9,13 +9,13 @@ import tensorflow as tf
 
 from pirl_jax.data import augment
 from pirl_jax.data import jigsaw
-from pirl_jax.data import labelled
+from pirl_jax.data import labelled_views
 from pirl_jax.user_errors import UserError
 
 SMALL_VIEWS = jigsaw.ViewConfig(image_size=64, jigsaw_crop_size=75, tile_size=21)
 FINETUNE_CONFIGS = [
-    labelled.AugmentConfig(image_size=48, rotation_degrees=15.0),
-    labelled.AugmentConfig(image_size=40, rot90=False, color_jitter=(0.4, 0.3, 0.2, 0.1)),
+    labelled_views.AugmentConfig(image_size=48, rotation_degrees=15.0),
+    labelled_views.AugmentConfig(image_size=40, rot90=False, color_jitter=(0.4, 0.3, 0.2, 0.1)),
 ]
 JITTER = dict(color_jitter=(0.4, 0.4, 0.4, 0.2), grayscale_prob=0.2, flip_prob=0.5)
 NO_JITTER = dict(color_jitter=(0.0, 0.0, 0.0, 0.0), grayscale_prob=0.0, flip_prob=0.0)
@@ -101,12 +101,11 @@ def test_views_and_finetuning_input_match_the_values_pinned_before_the_move():
     np.testing.assert_array_equal(_tile_pixels(got["tiles"]), np.float32(tiles))
   for cfg, train, evaluated in zip(FINETUNE_CONFIGS, PINNED_TRAIN, PINNED_EVAL, strict=True):
     ds = tf.data.Dataset.from_tensor_slices(([_jpeg(0), _jpeg(1)], np.array([5, 6], np.int64)))
-    examples = list(ds.map(lambda b, i, cfg=cfg: labelled.train_example(b, 1, i, i * 4 + 1, 7, 2,
-                                                                        cfg))
-                    .as_numpy_iterator())
+    examples = list(ds.map(lambda b, i, cfg=cfg: labelled_views.train_example(
+        b, 1, i, i * 4 + 1, 7, 2, cfg)).as_numpy_iterator())
     for got, want in zip(examples, train, strict=True):
       np.testing.assert_array_equal(_image_pixels(got["image"]), np.float32(want))
-    np.testing.assert_array_equal(_image_pixels(labelled.eval_image(_jpeg(2), cfg).numpy()),
+    np.testing.assert_array_equal(_image_pixels(labelled_views.eval_image(_jpeg(2), cfg).numpy()),
                                   np.float32(evaluated))
 
 
@@ -236,6 +235,6 @@ def test_normalize_subtracts_mean_and_divides_by_std():
 ])
 def test_augment_config_names_its_own_field(overrides, field):
   with pytest.raises(ValueError, match=f"config.augment.{field}=") as err:
-    labelled.AugmentConfig(**overrides)
+    labelled_views.AugmentConfig(**overrides)
   assert isinstance(err.value, UserError)
   assert "data.views" not in str(err.value)

@@ -12,6 +12,7 @@ from pirl_jax.data import images
 from pirl_jax.data import isic
 from pirl_jax.data import jigsaw
 from pirl_jax.data import labelled
+from pirl_jax.data import labelled_views
 from pirl_jax.data import pipeline
 from pirl_jax.data import sources
 from pirl_jax.user_errors import UserError
@@ -73,7 +74,7 @@ CASES = {
         tmp_path, source="imagenet")), ValueError),
     "unknown view field": (_unknown_view_field, ValueError),
     "bad view field": (lambda tmp_path: jigsaw.ViewConfig(grid=0), ValueError),
-    "unknown augment field": (lambda tmp_path: labelled.augment_config({"hfilp": True}),
+    "unknown augment field": (lambda tmp_path: labelled_views.augment_config({"hfilp": True}),
                               ValueError),
     "bad label fraction": (lambda tmp_path: labelled.stratified_subset(np.zeros(4, int), 0.0, 0),
                            ValueError),

@@ -23,6 +23,8 @@ from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax import trunk_init
 from pirl_jax.data import labelled
+from pirl_jax.data import labelled_input
+from pirl_jax.data import labelled_views
 from pirl_jax.eval import isic
 from pirl_jax.tasks import classifier
 from pirl_jax.tasks import finetune
@@ -154,8 +156,8 @@ def test_class_weights_balance_the_classes():
 
 def test_balanced_sampling_evens_out_the_classes(splits):
   train = splits["train"]
-  cfg = labelled.AugmentConfig(image_size=32)
-  data = labelled.TrainInput(train, np.arange(len(train)), cfg, seed=0, global_batch_size=16,
+  cfg = labelled_views.AugmentConfig(image_size=32)
+  data = labelled_input.TrainInput(train, np.arange(len(train)), cfg, seed=0, global_batch_size=16,
                              balanced=True)
   drawn = np.concatenate([data.epoch_order(e).ravel() for e in range(30)])
   fractions = np.bincount(train.label[drawn], minlength=3) / len(drawn)
@@ -168,30 +170,30 @@ def test_balanced_sampling_evens_out_the_classes(splits):
 def test_train_input_is_deterministic_and_visits_the_subset(splits):
   train = splits["train"]
   positions = labelled.stratified_subset(train.label, 0.5, seed=0)
-  cfg = labelled.AugmentConfig(image_size=32, rotation_degrees=30.0)
+  cfg = labelled_views.AugmentConfig(image_size=32, rotation_degrees=30.0)
   kwargs = dict(seed=0, global_batch_size=16)
-  data = labelled.TrainInput(train, positions, cfg, **kwargs)
+  data = labelled_input.TrainInput(train, positions, cfg, **kwargs)
   order = data.epoch_order(0)
   assert order.shape == (data.steps_per_epoch, 16)
   assert set(order.ravel()) == set(positions)  # every labelled example, nothing else
 
   first = next(data.epoch_dataset(0).as_numpy_iterator())
-  again = next(labelled.TrainInput(train, positions, cfg, **kwargs).iterate(0))
+  again = next(labelled_input.TrainInput(train, positions, cfg, **kwargs).iterate(0))
   np.testing.assert_array_equal(first["image"], again["image"])
   np.testing.assert_array_equal(first["label"], train.label[first["index"]])
   assert first["image"].shape == (16, 32, 32, 3) and first["image"].dtype == np.float32
   other_epoch = next(data.epoch_dataset(1).as_numpy_iterator())
   assert not np.array_equal(first["image"], other_epoch["image"])
   # Two processes each take their half of the same global batch.
-  halves = [next(labelled.TrainInput(train, positions, cfg, process_index=p, process_count=2,
+  halves = [next(labelled_input.TrainInput(train, positions, cfg, process_index=p, process_count=2,
                                      **kwargs).iterate(0)) for p in (0, 1)]
   np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), first["image"])
 
 
 def test_eval_input_is_deterministic_and_padded(splits):
   val = splits["validation"]  # 30 images
-  cfg = labelled.AugmentConfig(image_size=32)
-  data = labelled.EvalInput(val, cfg, global_batch_size=16)
+  cfg = labelled_views.AugmentConfig(image_size=32)
+  data = labelled_input.EvalInput(val, cfg, global_batch_size=16)
   batches = list(data.batches())
   again = list(data.batches())
   assert len(batches) == 2
@@ -310,7 +312,7 @@ def test_batchnorm_statistics_do_not_change_during_evaluation(built, splits):
   config, mesh, state = built["config"], built["mesh"], built["restored"]
   before = jax.device_get(state)
   evaluator = isic.IsicEvaluator(
-      splits["validation"], labelled.augment_config(config.augment),
+      splits["validation"], labelled_views.augment_config(config.augment),
       classifier.jit_eval_step(mesh, built["shardings"], built["model"]), mesh,
       eval_batch_size=config.eval_batch_size)
   probs = evaluator.predict(state)

@@ -312,6 +312,7 @@ def _histogram_auc(medium_arrays) -> float:
   return roc_auc_score(y_test == render.MELANOMA, scores)
 
 
+@pytest.mark.slow  # renders 980 images; runs with the trained CNN it is measured against
 def test_colour_histograms_do_not_reveal_melanoma(medium_arrays):
   auc = _histogram_auc(medium_arrays)
   assert auc < 0.70, f"colour-histogram logistic regression reaches melanoma AUC {auc:.3f}"

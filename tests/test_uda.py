@@ -21,6 +21,8 @@ from pirl_jax import sharding as sharding_lib
 from pirl_jax.commands import compare
 from pirl_jax.data import errors
 from pirl_jax.data import labelled
+from pirl_jax.data import labelled_input
+from pirl_jax.data import labelled_views
 from pirl_jax.eval import isic
 from pirl_jax.tasks import classifier
 from pirl_jax.tasks import finetune
@@ -290,11 +292,11 @@ def test_unlabelled_input_gives_clean_and_strong_views_deterministically(splits)
   train = splits_["train"]
   positions = labelled.stratified_subset(train.label, 0.5, seed=0)
   pool = labelled.unlabelled_pool(config.data, "", train, positions, _held_out(splits_))
-  view = labelled.augment_config(config.augment)
-  strong = labelled.StrongAugmentConfig(num_ops=2, magnitude=9, prob=1.0, cutout_fraction=0.5)
+  view = labelled_views.augment_config(config.augment)
+  strong = labelled_views.StrongAugmentConfig(num_ops=2, magnitude=9, prob=1.0, cutout_fraction=0.5)
 
   def batches(start, seed=0, strong_cfg=strong, n=2):
-    source = labelled.UnlabelledInput(pool, view, strong_cfg, seed=seed, global_batch_size=8)
+    source = labelled_input.UnlabelledInput(pool, view, strong_cfg, seed=seed, global_batch_size=8)
     it = source.iterate(start)
     return [next(it) for _ in range(n)]
   first = batches(0, n=3)
@@ -308,7 +310,7 @@ def test_unlabelled_input_gives_clean_and_strong_views_deterministically(splits)
   # The strong view differs from the clean one, which is exactly the view without RandAugment
   # and cutout (the same crop, flips and colours).
   assert not np.allclose(first[0]["unlabelled"], first[0]["unlabelled_strong"])
-  off = labelled.StrongAugmentConfig(num_ops=0, magnitude=9, prob=1.0, cutout_fraction=0.0)
+  off = labelled_views.StrongAugmentConfig(num_ops=0, magnitude=9, prob=1.0, cutout_fraction=0.0)
   plain = batches(0, strong_cfg=off, n=1)[0]
   np.testing.assert_array_equal(plain["unlabelled"], first[0]["unlabelled"])
   np.testing.assert_allclose(plain["unlabelled_strong"], plain["unlabelled"], atol=1e-6)

@@ -1,45 +1,37 @@
-"""The labelled ISIC 2017 Part 3 data for evaluation: splits, label subsets, tf.data pipelines.
+"""The labelled ISIC 2017 Part 3 splits for evaluation: loading them, label subsets, the
+unlabelled pool, class weights.
 
 Sources (config field `data.source`): the embedded synthetic set ('synthetic'), the user's ISIC 2017
 files under `data.path` ('isic', read with `pirl_jax.data.isic`), or the `isic2017` tfds builder
 prepared in `data.tfds_data_dir` ('tfds'). Every image is decoded once, converted to RGB,
 downscaled and re-encoded as a clean JPEG held in memory (cached on disk), as for pretraining.
-
-Training examples are augmented (`augment`) with a random resized crop, flips, rotations and
-colour jitter, all drawn from stateless ops keyed by (seed, epoch, index, slot), so a run is
-reproducible on any number of processes. Evaluation resizes the short side and takes the centre
-crop, deterministically. Labels: 0 melanoma, 1 seborrheic keratosis, 2 nevus.
+Labels: 0 melanoma, 1 seborrheic keratosis, 2 nevus. Their views are `labelled_views`, their
+tf.data inputs `labelled_input`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import pathlib
 import re
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
 from pirl_jax import storage
 from pirl_jax import user_errors
-from pirl_jax.data import augment
 from pirl_jax.data import errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import isic
 from pirl_jax.data import paths
-from pirl_jax.data import randaugment
 from pirl_jax.data import sources
 
 NUM_CLASSES = 3
 SPLITS = ("train", "validation", "test")
 # Arbitrary salt: the subset draw must not coincide with any other stream derived from the seed.
 _SUBSET_SALT = 0x1ABE1
-_SAMPLING_SALT = 0x5A3B1E
-_UNLABELLED_SALT = 0x0DA0
 
 
 @dataclasses.dataclass
@@ -275,340 +267,6 @@ def class_weights(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndar
   weights = np.zeros(num_classes, np.float64)
   weights[present] = counts.sum() / (present.sum() * counts[present])
   return weights.astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-  """Train-time augmentation and the eval-time resize/crop (config block `augment`).
-
-  Attributes:
-    image_size: side S of the network input.
-    crop_scale: (min, max) area fraction of the random resized crop.
-    crop_ratio: (min, max) aspect ratio of the crop.
-    hflip: random horizontal flips.
-    vflip: random vertical flips.
-    rot90: random rotations by multiples of 90 degrees.
-    rotation_degrees: an extra rotation uniform in [-r, r] (reflect padding); 0 disables it.
-    color_jitter: (brightness, contrast, saturation, hue) as torchvision's ColorJitter.
-    eval_crop_fraction: eval resizes the short side to S / fraction and takes the centre S x S.
-    mean: per-channel mean subtracted (the pretraining normalisation).
-    std: per-channel standard deviation divided by.
-  """
-  image_size: int = 224
-  crop_scale: tuple[float, float] = (0.25, 1.0)
-  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-  hflip: bool = True
-  vflip: bool = True
-  rot90: bool = True
-  rotation_degrees: float = 0.0
-  color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.02)
-  eval_crop_fraction: float = 0.875
-  mean: tuple[float, float, float] = augment.IMAGENET_MEAN
-  std: tuple[float, float, float] = augment.IMAGENET_STD
-
-  def __post_init__(self):
-    for name, length in (("crop_scale", 2), ("crop_ratio", 2), ("color_jitter", 4), ("mean", 3),
-                         ("std", 3)):
-      value = getattr(self, name)
-      try:
-        value = tuple(float(v) for v in value)
-      except (TypeError, ValueError):
-        value = ()
-      if len(value) != length:
-        raise errors.ConfigFieldError(
-            f"config.augment.{name}={getattr(self, name)!r}: expected {length} numbers.")
-      object.__setattr__(self, name, value)
-    checks = [
-        ("image_size", self.image_size >= 1, "must be a positive integer"),
-        ("crop_scale", 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
-         "need 0 < min <= max <= 1"),
-        ("crop_ratio", 0.0 < self.crop_ratio[0] <= self.crop_ratio[1], "need 0 < min <= max"),
-        ("rotation_degrees", 0.0 <= self.rotation_degrees <= 180.0, "must be in [0, 180]"),
-        ("eval_crop_fraction", 0.0 < self.eval_crop_fraction <= 1.0, "must be in (0, 1]"),
-        ("color_jitter", not augment.color_jitter_problem(self.color_jitter),
-         augment.color_jitter_problem(self.color_jitter)),
-        ("std", min(self.std) > 0.0, "all values must be > 0"),
-    ]
-    for name, ok, why in checks:
-      if not ok:
-        raise errors.ConfigFieldError(f"config.augment.{name}={getattr(self, name)!r}: {why}.")
-
-
-def augment_config(augment_cfg, image_size: int | None = None) -> AugmentConfig:
-  """AugmentConfig from the `augment` config block (unknown fields are an error)."""
-  fields = {f.name for f in dataclasses.fields(AugmentConfig)}
-  values = augment_cfg.to_dict() if hasattr(augment_cfg, "to_dict") else dict(augment_cfg)
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise errors.ConfigFieldError(f"Unknown field(s) augment.{', augment.'.join(unknown)}; "
-                                  f"valid: {', '.join(sorted(fields))}.")
-  if image_size is not None:
-    values["image_size"] = image_size
-  return AugmentConfig(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class StrongAugmentConfig:
-  """UDA's strong augmentation (config block `uda`): RandAugment, then cutout.
-
-  Attributes:
-    num_ops: N, operations drawn per image (`uda.randaugment_num_ops`).
-    magnitude: M in [0, 10], or -1 for a level drawn from 1..9 per operation
-      (`uda.randaugment_magnitude`).
-    prob: the probability each drawn operation is applied (`uda.randaugment_prob`).
-    cutout_fraction: side of the cutout square as a fraction of the image side
-      (`uda.cutout_fraction`; 0 = none).
-  """
-  num_ops: int = 2
-  magnitude: float = -1.0
-  prob: float = 0.5
-  cutout_fraction: float = 0.5
-
-  @classmethod
-  def from_config(cls, uda_cfg) -> "StrongAugmentConfig":
-    return cls(num_ops=int(uda_cfg.randaugment_num_ops),
-               magnitude=float(uda_cfg.randaugment_magnitude),
-               prob=float(uda_cfg.randaugment_prob),
-               cutout_fraction=float(uda_cfg.cutout_fraction))
-
-
-def augmented_image(image_bytes, key, cfg: AugmentConfig) -> tf.Tensor:
-  """The training augmentation of one image from its stateless `key`, before normalisation.
-
-  Returns:
-    float32 (S, S, 3) in [0, 1].
-  """
-  crop_s, rot90_s, angle_s, hflip_s, vflip_s, color_s = augment.split_seed(key, 6)
-  image = augment.random_resized_crop(augment.decode(image_bytes), crop_s, cfg.image_size,
-                                      cfg.crop_scale, cfg.crop_ratio)
-  if cfg.rot90:
-    image = augment.random_rot90(image, rot90_s)
-  if cfg.rotation_degrees > 0:
-    image = augment.random_rotation(image, angle_s, cfg.rotation_degrees)
-  if cfg.hflip:
-    image = augment.random_flip(image, hflip_s, axis=1)
-  if cfg.vflip:
-    image = augment.random_flip(image, vflip_s, axis=0)
-  if any(cfg.color_jitter):
-    image = augment.color_augment(image, color_s, color_jitter=cfg.color_jitter,
-                                  grayscale_prob=0.0, flip_prob=0.0)
-  return image
-
-
-def _normalized(image, cfg: AugmentConfig) -> tf.Tensor:
-  image = augment.normalize(image, cfg.mean, cfg.std)
-  return tf.ensure_shape(image, [cfg.image_size, cfg.image_size, 3])
-
-
-def train_example(image_bytes, label, index, slot, seed, epoch,
-                  cfg: AugmentConfig) -> dict[str, tf.Tensor]:
-  """One augmented training example, for `tf.data.Dataset.map`.
-
-  Args:
-    image_bytes: scalar string tensor, a JPEG.
-    label: int class.
-    index: the example's stable position in the training split.
-    slot: its position in the epoch's order (distinguishes repeats of one image in an epoch).
-    seed: the run seed.
-    epoch: the epoch.
-    cfg: augmentation settings.
-
-  Returns:
-    {'image': float32 (S, S, 3) normalised, 'label': int32, 'index': int32}.
-  """
-  key = augment.example_seed(seed, epoch, index)
-  key = tf.random.experimental.stateless_fold_in(key, tf.cast(slot, tf.int64))
-  image = _normalized(augmented_image(image_bytes, key, cfg), cfg)
-  return {"image": image, "label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32)}
-
-
-def unlabelled_example(image_bytes, index, slot, seed, epoch, cfg: AugmentConfig,
-                       strong: StrongAugmentConfig) -> dict[str, tf.Tensor]:
-  """The clean and the strong view of one unlabelled image, for UDA.
-
-  The clean view is the training augmentation (`augmented_image`); the strong view is that same
-  image (same crop, flips, rotation and colours) after RandAugment and cutout, so that the two
-  differ only by the strong augmentation. Keyed by (seed, epoch, index, slot) under a salt of its
-  own: an unlabelled image never shares its randomness with a labelled example.
-
-  Returns:
-    {'unlabelled': float32 (S, S, 3), 'unlabelled_strong': float32 (S, S, 3)}, normalised.
-  """
-  key = augment.example_seed(seed, epoch, index)
-  key = tf.random.experimental.stateless_fold_in(key, tf.constant(_UNLABELLED_SALT, tf.int64))
-  key = tf.random.experimental.stateless_fold_in(key, tf.cast(slot, tf.int64))
-  view_key, strong_key = augment.split_seed(key, 2)
-  clean = augmented_image(image_bytes, view_key, cfg)
-  strong_image = randaugment.strong_augment(
-      clean, strong_key, num_ops=strong.num_ops, magnitude=strong.magnitude, prob=strong.prob,
-      cutout_fraction=strong.cutout_fraction, cutout_fill=cfg.mean)
-  return {"unlabelled": _normalized(clean, cfg),
-          "unlabelled_strong": _normalized(strong_image, cfg)}
-
-
-def eval_image(image_bytes, cfg: AugmentConfig) -> tf.Tensor:
-  """The deterministic eval view: short side resized to S / eval_crop_fraction, centre S x S crop.
-
-  Returns:
-    float32 (S, S, 3), normalised.
-  """
-  image = augment.decode(image_bytes)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  size = cfg.image_size
-  short = tf.cast(tf.round(size / cfg.eval_crop_fraction), tf.float32)
-  scale = short / tf.reduce_min(shape)
-  new_hw = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-  image = tf.image.resize(image, new_hw, method="bilinear", antialias=True) * (1.0 / 255.0)
-  top = (new_hw[0] - size) // 2
-  left = (new_hw[1] - size) // 2
-  image = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
-  return tf.ensure_shape(augment.normalize(image, cfg.mean, cfg.std), [size, size, 3])
-
-
-def _num_parallel(value: int):
-  return tf.data.AUTOTUNE if value < 0 else value
-
-
-class TrainInput:
-  """This process's share of the augmented training batches, from any step.
-
-  The global order is a pure function of (seed, epoch): an epoch has ceil(N / B) steps and
-  visits every example once in a seeded permutation (topped up from a second permutation to fill
-  the last batch), or, with `balanced=True`, draws examples with replacement with probability
-  inversely proportional to their class frequency. Process p keeps its contiguous slice of each
-  global batch.
-  """
-
-  def __init__(self, split: LabelledSplit, positions: np.ndarray, cfg: AugmentConfig, *,
-               seed: int, global_batch_size: int, balanced: bool = False,
-               process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
-               prefetch_batches: int = 2):
-    if global_batch_size % process_count:
-      raise errors.ConfigFieldError(f"global_batch_size={global_batch_size} is not divisible by "
-                                    f"the process count {process_count}.")
-    self.positions = np.asarray(positions, np.int64)
-    if not len(self.positions):
-      raise errors.DataSourceError("The training subset is empty.")
-    self.labels = split.label
-    self.cfg = cfg
-    self.seed = seed
-    self.global_batch_size = global_batch_size
-    self.local_batch_size = global_batch_size // process_count
-    self.balanced = balanced
-    self.process_index = process_index
-    self.num_parallel_calls = _num_parallel(num_parallel_calls)
-    self.prefetch_batches = prefetch_batches
-    self.num_examples = len(self.positions)
-    self.steps_per_epoch = max(1, math.ceil(self.num_examples / global_batch_size))
-    self._encoded = tf.constant(split.encoded, dtype=tf.string)
-    self._label_table = tf.constant(split.label, dtype=tf.int32)
-
-  def epoch_order(self, epoch: int) -> np.ndarray:
-    """Training-split positions of the global batches of `epoch`, shape (steps, global_batch)."""
-    rng = np.random.default_rng([self.seed, _SAMPLING_SALT, epoch])
-    total = self.steps_per_epoch * self.global_batch_size
-    if self.balanced:
-      weights = class_weights(self.labels[self.positions])[self.labels[self.positions]]
-      order = rng.choice(self.positions, size=total, replace=True, p=weights / weights.sum())
-    else:
-      rounds = math.ceil(total / self.num_examples)
-      order = np.concatenate([self.positions[rng.permutation(self.num_examples)]
-                              for _ in range(rounds)])[:total]
-    return order.reshape(self.steps_per_epoch, self.global_batch_size)
-
-  def _example_fn(self, epoch: int):
-    encoded, labels, cfg, seed = self._encoded, self._label_table, self.cfg, self.seed
-
-    def fn(i, s):
-      return train_example(tf.gather(encoded, i), tf.gather(labels, i), i, s, seed, epoch, cfg)
-    return fn
-
-  def epoch_dataset(self, epoch: int, first_step: int = 0) -> tf.data.Dataset:
-    order = self.epoch_order(epoch)
-    slots = np.arange(order.size, dtype=np.int64).reshape(order.shape)
-    start = self.process_index * self.local_batch_size
-    stop = start + self.local_batch_size
-    index = order[first_step:, start:stop].reshape(-1)
-    slot = slots[first_step:, start:stop].reshape(-1)
-    ds = tf.data.Dataset.from_tensor_slices((index, slot))
-    ds = ds.map(self._example_fn(epoch), num_parallel_calls=self.num_parallel_calls,
-                deterministic=True)
-    ds = ds.batch(self.local_batch_size, drop_remainder=True)
-    return ds.prefetch(self.prefetch_batches)
-
-  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches for global steps start_step, start_step + 1, ... (endless)."""
-    epoch, first = divmod(start_step, self.steps_per_epoch)
-    while True:
-      yield from self.epoch_dataset(epoch, first).as_numpy_iterator()
-      epoch, first = epoch + 1, 0
-
-
-class UnlabelledInput(TrainInput):
-  """This process's share of UDA's unlabelled batches (clean and strong views), from any step.
-
-  The order follows `TrainInput`'s rule over the pool (every image once per epoch of the pool,
-  a seeded permutation), under the run seed, so it is a pure function of (seed, step) as well.
-  """
-
-  def __init__(self, pool: LabelledSplit, cfg: AugmentConfig, strong: StrongAugmentConfig, *,
-               seed: int, global_batch_size: int, process_index: int = 0,
-               process_count: int = 1, num_parallel_calls: int = -1, prefetch_batches: int = 2):
-    super().__init__(pool, np.arange(len(pool)), cfg, seed=seed,
-                     global_batch_size=global_batch_size, process_index=process_index,
-                     process_count=process_count, num_parallel_calls=num_parallel_calls,
-                     prefetch_batches=prefetch_batches)
-    self.strong = strong
-
-  def _example_fn(self, epoch: int):
-    encoded, cfg, strong, seed = self._encoded, self.cfg, self.strong, self.seed
-
-    def fn(i, s):
-      return unlabelled_example(tf.gather(encoded, i), i, s, seed, epoch, cfg, strong)
-    return fn
-
-
-class EvalInput:
-  """Every image of a split once, in order, as padded global batches with a validity mask."""
-
-  def __init__(self, split: LabelledSplit, cfg: AugmentConfig, *, global_batch_size: int,
-               process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
-               tiles: Callable[[tf.Tensor], tf.Tensor] | None = None):
-    """`tiles`: if given, each example also has 'tiles', this function of the decoded image."""
-    if global_batch_size % process_count:
-      raise errors.ConfigFieldError(f"eval_batch_size={global_batch_size} is not divisible by "
-                                    f"the process count {process_count}.")
-    self.split = split
-    self.cfg = cfg
-    self.global_batch_size = global_batch_size
-    self.local_batch_size = global_batch_size // process_count
-    self.process_index = process_index
-    self.num_parallel_calls = _num_parallel(num_parallel_calls)
-    self.num_examples = len(split)
-    self.num_batches = math.ceil(self.num_examples / global_batch_size)
-    n, b = self.num_examples, global_batch_size
-    padded = self.num_batches * b
-    index = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)]).reshape(-1, b)
-    mask = (np.arange(padded) < n).astype(np.float32).reshape(-1, b)
-    start = process_index * self.local_batch_size
-    stop = start + self.local_batch_size
-    index, mask = index[:, start:stop].reshape(-1), mask[:, start:stop].reshape(-1)
-    encoded = tf.constant(split.encoded, dtype=tf.string)
-    labels = split.label.astype(np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((index, labels[index], mask))
-    def example(i, y, m):
-      image_bytes = tf.gather(encoded, i)
-      out = {"image": eval_image(image_bytes, cfg), "label": y, "mask": m}
-      if tiles is not None:
-        out["tiles"] = tiles(augment.decode(image_bytes))
-      return out
-    ds = ds.map(example, num_parallel_calls=self.num_parallel_calls, deterministic=True)
-    # Built (and its map traced) once; every evaluation iterates it again.
-    self._dataset = ds.batch(self.local_batch_size, drop_remainder=True).prefetch(2)
-
-  def batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of each global batch: {'image', 'label', 'mask'} (mask 0 = padding)."""
-    yield from self._dataset.as_numpy_iterator()
 
 
 def summarize(split: LabelledSplit, positions: Sequence[int] | None = None) -> str:

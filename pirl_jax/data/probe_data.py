@@ -45,7 +45,7 @@ class LabelsCsvError(user_errors.UserError, ValueError):
 
 @dataclasses.dataclass
 class LabelledImages:
-  """Prepared images with integer labels (`encoded` and `label` as `labelled.EvalInput` reads)."""
+  """Prepared images with integer labels (`encoded`, `label`: what `EvalInput` reads)."""
   names: list[str]
   encoded: list[bytes]
   label: np.ndarray

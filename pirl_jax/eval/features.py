@@ -1,6 +1,6 @@
 """Pooled trunk features of a set of images, BatchNorm in inference mode, on the device mesh.
 
-The images go through the deterministic eval view (`pirl_jax.data.labelled.eval_image`), the
+The images go through the deterministic eval view (`pirl_jax.data.labelled_views.eval_image`),
 batches are sharded over the mesh's `data` axis, and the features come back to every host as one
 (N, F) NumPy array in the images' order.
 """
@@ -23,7 +23,7 @@ def feature_fn(trunk, mesh):
 
 
 def extract(fn, variables, eval_input, mesh) -> np.ndarray:
-  """Features of every image of `eval_input` (a `labelled.EvalInput`), in order: (N, F) float32."""
+  """Features of every image of `eval_input` (`labelled_input.EvalInput`), in order: (N, F) f32."""
   outputs = []
   for batch in eval_input.batches():
     images = sharding_lib.global_batch({"image": batch["image"]}, mesh)["image"]

@@ -20,6 +20,8 @@ import numpy as np
 from pirl_jax import sharding as sharding_lib
 from pirl_jax import storage
 from pirl_jax.data import labelled
+from pirl_jax.data import labelled_input
+from pirl_jax.data import labelled_views
 from pirl_jax.data.isic import LABEL_NAMES as CLASS_NAMES
 
 CSV_HEADER = ("image_id", "melanoma", "seborrheic_keratosis")
@@ -124,14 +126,14 @@ class IsicEvaluator:
   format), the ground truth it is scored against, and for the test split the ROC plot.
   """
 
-  def __init__(self, split: labelled.LabelledSplit, view: labelled.AugmentConfig, eval_step,
+  def __init__(self, split: labelled.LabelledSplit, view: labelled_views.AugmentConfig, eval_step,
                mesh, *, eval_batch_size: int, num_parallel_calls: int = -1):
     """`eval_step(state, batch) -> (B, 3) probabilities`: the classifier's jitted eval step."""
     self.name = split.split
     self.split = split
     self.mesh = mesh
     self._eval_step = eval_step
-    self.input = labelled.EvalInput(
+    self.input = labelled_input.EvalInput(
         split, view, global_batch_size=eval_batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), num_parallel_calls=num_parallel_calls)
 

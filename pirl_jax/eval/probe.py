@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 from pirl_jax import trunk_init
-from pirl_jax.data import labelled
+from pirl_jax.data import labelled_input
+from pirl_jax.data import labelled_views
 from pirl_jax.data import pipeline
 from pirl_jax.data import probe_data
 from pirl_jax.eval import features
@@ -41,13 +42,13 @@ class ProbeEvaluator:
     self.sets = sets
     self.mesh = mesh
     self.cfg = probe_cfg
-    view = labelled.AugmentConfig(image_size=image_size,
+    view = labelled_views.AugmentConfig(image_size=image_size,
                                   eval_crop_fraction=probe_cfg.eval_crop_fraction)
     # The eval batch must split over the devices and the processes.
     batch = -(-probe_cfg.batch_size // mesh.size) * mesh.size
     self.view, self.global_batch_size = view, batch
     self._inputs = {
-        name: labelled.EvalInput(images, view, global_batch_size=batch,
+        name: labelled_input.EvalInput(images, view, global_batch_size=batch,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count(),
                                  num_parallel_calls=num_parallel_calls)

@@ -26,7 +26,7 @@ import numpy as np
 
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.data import jigsaw
-from pirl_jax.data import labelled
+from pirl_jax.data import labelled_input
 from pirl_jax.data import probe_data
 from pirl_jax.train import state as state_lib
 
@@ -95,7 +95,7 @@ class TilePathwayEvaluator:
     sets: probe_data.ProbeSets = probe_evaluator.sets
     batch = probe_evaluator.global_batch_size
     self._inputs = {
-        name: labelled.EvalInput(images, probe_evaluator.view, global_batch_size=batch,
+        name: labelled_input.EvalInput(images, probe_evaluator.view, global_batch_size=batch,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count(),
                                  num_parallel_calls=num_parallel_calls,

@@ -27,6 +27,8 @@ from pirl_jax import preflight
 from pirl_jax import sharding as sharding_lib
 from pirl_jax import trunk_init
 from pirl_jax.data import labelled
+from pirl_jax.data import labelled_input
+from pirl_jax.data import labelled_views
 from pirl_jax.eval import isic
 from pirl_jax.tasks import classifier
 from pirl_jax.tasks import uda as uda_lib
@@ -164,17 +166,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    len(train) - len(positions), len(pool) - (len(train) - len(positions)),
                    config.global_batch_size * config.uda.unlabelled_ratio)
     run.check_dataset(_fingerprint(train, positions, pool))
-    view = labelled.augment_config(config.augment)
+    view = labelled_views.augment_config(config.augment)
     data_options = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                         num_parallel_calls=config.data.num_parallel_calls,
                         prefetch_batches=config.data.prefetch_batches)
-    train_input = labelled.TrainInput(
+    train_input = labelled_input.TrainInput(
         train, positions, view, seed=config.seed, global_batch_size=config.global_batch_size,
         balanced=config.loss.class_balance == "sampling", **data_options)
     batches = train_input.iterate
     if use_uda:
-      unlabelled_input = labelled.UnlabelledInput(
-          pool, view, labelled.StrongAugmentConfig.from_config(config.uda), seed=config.seed,
+      unlabelled_input = labelled_input.UnlabelledInput(
+          pool, view, labelled_views.StrongAugmentConfig.from_config(config.uda), seed=config.seed,
           global_batch_size=config.global_batch_size * config.uda.unlabelled_ratio,
           **data_options)
 
