@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch not installed (requirements-bench.txt)")
+torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-bench.txt; the test command installs it)")
 from torch import nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from pirl_jax import trunk_init  # pylint: disable=g-import-not-at-top,wrong-import-position
