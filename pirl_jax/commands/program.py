@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = flags.FLAGS
 USER_ERROR_STATUS = 2
-_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent.parent)  # pirl_jax/, not commands/
 _OWN_FILES = (_PACKAGE_DIR,)
 
 
