@@ -126,6 +126,24 @@ def _common_checks(config) -> list:
   ]
 
 
+def _probe_checks(probe) -> list:
+  return [
+      ("probe.knn_k", probe.knn_k >= 1, "must be >= 1"),
+      ("probe.knn_temperature", _finite(probe.knn_temperature) and probe.knn_temperature > 0,
+       "must be a positive number"),
+      ("probe.linear_regularization",
+       _finite(probe.linear_regularization) and probe.linear_regularization > 0,
+       "must be a positive number"),
+      ("probe.batch_size", probe.batch_size >= 1, "must be >= 1"),
+      ("probe.image_size", probe.image_size >= 0,
+       "must be a size in pixels, or 0 for data.views.image_size"),
+      ("probe.eval_crop_fraction",
+       _finite(probe.eval_crop_fraction) and 0.0 < probe.eval_crop_fraction <= 1.0,
+       "must be in (0, 1] (1: the whole image, resized)"),
+      ("probe.query_fraction", 0.0 < probe.query_fraction < 1.0, "must be in (0, 1)"),
+  ]
+
+
 def _check_data_path(data) -> None:
   from pirl_jax.data import sources  # pylint: disable=g-import-not-at-top
   sources.check_path_field(data)
@@ -141,14 +159,17 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
                       f"{', '.join(sorted(resnet.TRUNKS))}.")
   optim, loss = config.optim, config.loss
   _run_checks(config, _common_checks(config) + _data_checks(config.data) + [
-      ("model.width_multiplier", config.model.width_multiplier > 0, "must be positive"),
+      ("model.width_multiplier",
+       _finite(config.model.width_multiplier) and config.model.width_multiplier > 0
+       and round(64 * config.model.width_multiplier) >= 1,
+       "must be a finite number with 64 * it >= 1 (the stem's width in channels)"),
       ("model.embed_dim", config.model.embed_dim >= 1, "must be >= 1"),
       ("loss.temperature", _finite(loss.temperature) and loss.temperature > 0,
        "must be a positive number"),
       ("loss.jigsaw_weight", 0.0 <= loss.jigsaw_weight <= 1.0, "must be in [0, 1]"),
       ("loss.num_negatives", loss.num_negatives >= 1, "must be at least 1"),
       ("loss.nce_z_ema", 0.0 <= loss.nce_z_ema < 1.0, "must be in [0, 1)"),
-      ("loss.nce_eps", loss.nce_eps >= 0.0, "must be >= 0"),
+      ("loss.nce_eps", _finite(loss.nce_eps) and loss.nce_eps >= 0.0, "must be a number >= 0"),
       ("loss.nce_z_from",
        methods.transformed_view(config.method) is not None or loss.nce_z_from == "both",
        f"needs the transformed view's term, which config.method={config.method!r} does not "
@@ -169,17 +190,14 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
       ("optim.momentum", 0.0 <= optim.momentum < 1.0, "must be in [0, 1)"),
       ("optim.weight_decay", _finite(optim.weight_decay) and optim.weight_decay >= 0,
        "must be a number >= 0"),
-      ("optim.warmup_epochs", optim.warmup_epochs >= 0, "must be >= 0"),
+      ("optim.warmup_epochs", _finite(optim.warmup_epochs) and optim.warmup_epochs >= 0,
+       "must be a number >= 0"),
       ("optim.final_learning_rate_fraction", 0.0 <= optim.final_learning_rate_fraction <= 1.0,
        "must be in [0, 1]"),
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
       ("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1"),
       ("eval_every_steps", config.eval_every_steps >= 0, "must be >= 0 (0: at the end only)"),
-      ("probe.knn_k", config.probe.knn_k >= 1, "must be >= 1"),
-      ("probe.knn_temperature", config.probe.knn_temperature > 0, "must be positive"),
-      ("probe.linear_regularization", config.probe.linear_regularization > 0,
-       "must be positive"),
-  ])
+  ] + _probe_checks(config.probe))
   try:
     pipeline.view_config(config.data.views)
   except ValueError as e:
@@ -202,7 +220,8 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
        "must be a number >= 0"),
       ("optim.lr_decay_at", all(0.0 < f < 1.0 for f in optim.lr_decay_at),
        "must be fractions of training in (0, 1)"),
-      ("optim.lr_decay_factor", optim.lr_decay_factor > 0, "must be positive"),
+      ("optim.lr_decay_factor", _finite(optim.lr_decay_factor) and optim.lr_decay_factor > 0,
+       "must be a positive number"),
       ("min_train_steps", config.min_train_steps >= 0, "must be >= 0"),
       ("eval_every_epochs", config.eval_every_epochs > 0 or config.eval_every_steps > 0,
        "must be positive (or set eval_every_steps)"),

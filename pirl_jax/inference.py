@@ -42,7 +42,7 @@ class LoadedTrunk:
 
 
 def restore(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk: str = "",
-            width_multiplier: float = 0.0) -> LoadedTrunk:
+            width_multiplier: float = 0.0, field: str = "checkpoint") -> LoadedTrunk:
   """Restores a trunk with its provenance; `load_trunk` returns the first two fields.
 
   Args:
@@ -52,6 +52,7 @@ def restore(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk: s
     trunk: the architecture (a `models.resnet.TRUNKS` name), needed only when no `config.json`
       of the run that wrote the checkpoint is found; it overrides the config's.
     width_multiplier: with `trunk`, its width (0: the config's, else 1).
+    field: how errors name `checkpoint` (a command passes its flag, e.g. '--checkpoint').
 
   Raises:
     checkpointing.CheckpointMismatchError: no checkpoint there, no architecture known, or the
@@ -60,7 +61,7 @@ def restore(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk: s
   if not str(checkpoint):
     raise checkpointing.CheckpointMismatchError("load_trunk needs a checkpoint path.")
   init = trunk_init.resolve_init(str(checkpoint), step=-1 if step is None else int(step),
-                                 field="checkpoint")
+                                 field=field)
   model = dict((init.source_config or {}).get("model") or {})
   if trunk:
     model["trunk"] = trunk

@@ -8,6 +8,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests compile many small programs and run each a few steps: XLA's optimisation passes cost more
+# than they save here (the suite takes about half the time without them). Tests that inspect a
+# compiled program's collectives turn them back on (`optimized_compiles`).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # One persistent compilation cache for the session, shared with the CLI subprocesses: the tiny
 # preset's step is compiled once instead of in every test that trains.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -102,6 +102,21 @@ def test_unknown_preset_is_one_line(capsys, monkeypatch):
     (["--config.data.views.tile_size=20"], "data.views.tile_size=20"),
     (["--config.data.path=/somewhere"], "data.path='/somewhere' is set but data.source="),
     (["--config.data.source=folder", "--config.data.path=/no/such/folder"], "/no/such/folder"),
+    # Non-finite or degenerate numbers that used to pass and fail later (or never).
+    (["--config.model.width_multiplier=inf"], "config.model.width_multiplier=inf must be"),
+    (["--config.model.width_multiplier=1e-6"], "config.model.width_multiplier=1e-06 must be"),
+    (["--config.optim.warmup_epochs=inf"], "config.optim.warmup_epochs=inf must be"),
+    (["--config.loss.temperature=inf"], "config.loss.temperature=inf must be"),
+    (["--config.loss.nce_eps=inf"], "config.loss.nce_eps=inf must be"),
+    (["--config.probe.batch_size=0"], "config.probe.batch_size=0 must be >= 1"),
+    (["--config.probe.knn_temperature=inf"], "config.probe.knn_temperature=inf must be"),
+    (["--config.probe.image_size=-5"], "config.probe.image_size=-5 must be"),
+    (["--config.probe.eval_crop_fraction=0"], "config.probe.eval_crop_fraction=0.0 must be"),
+    # Values that do not parse as the field's type name the field.
+    (["--config.num_train_steps=abc"], "--config.num_train_steps='abc' is not an integer"),
+    (["--config.global_batch_size=1.5"], "--config.global_batch_size='1.5' is not an integer"),
+    (["--config.loss.exclude_positive=maybe"],
+     "--config.loss.exclude_positive='maybe' is not a boolean"),
 ])
 def test_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, capsys,
                                                 monkeypatch):
@@ -112,6 +127,32 @@ def test_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, ca
   last = err.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, err
   assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.optim.lr_decay_factor=inf"], "config.optim.lr_decay_factor=inf must be"),
+    (["--config.optim.learning_rate=inf"], "config.optim.learning_rate=inf must be"),
+    (["--config.init.kind=pirl"], "config.init.kind='pirl' needs config.init.checkpoint"),
+])
+def test_fine_tuning_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, capsys,
+                                                            monkeypatch):
+  status, _, err = cli_in_process.main_in_process(
+      ["--config=configs/finetune_isic.py:tiny", f"--workdir={tmp_path / 'run'}",
+       f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides], capsys, monkeypatch)
+  assert status == 2, err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, err
+  assert "Traceback" not in err
+  assert not (tmp_path / "run").exists(), "an early error must leave no workdir behind"
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys, monkeypatch):
+  status, _, err = cli_in_process.main_in_process(
+      ["--config=configs/nope.py", f"--workdir={tmp_path / 'run'}"], capsys, monkeypatch)
+  assert status == 2
+  assert err.strip() == ("error: config file 'configs/nope.py' does not exist "
+                         "(--config=configs/nope.py); e.g. --config=configs/pirl.py or "
+                         "--config=configs/pirl.py:tiny.")
 
 
 def test_too_many_negatives_is_one_line(tmp_path, small_isic_root, capsys, monkeypatch):
@@ -224,3 +265,71 @@ def test_importing_the_commands_defines_no_flags():
                  "pirl_jax.inference", "benchmarks.__main__"):
     importlib.import_module(module)
   assert project_flags() == before
+
+
+@pytest.mark.parametrize("source", ["isic", "folder"])
+def test_an_early_data_error_leaves_no_workdir_behind(source, tmp_path, capsys, monkeypatch):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  workdir = tmp_path / "runs" / "run"
+  status, _, err = cli_in_process.main_in_process(
+      ["--config=configs/pirl.py:tiny", f"--workdir={workdir}", f"--config.data.source={source}",
+       f"--config.data.path={empty}", f"--config.data.cache_dir={tmp_path / 'cache'}"],
+      capsys, monkeypatch)
+  assert status == 2 and err.strip().splitlines()[-1].startswith("error: "), err
+  assert not workdir.exists(), sorted(p.name for p in workdir.iterdir())
+  assert (tmp_path / "runs").exists()  # not created by the run: left as it was
+
+
+def test_an_early_error_keeps_what_was_in_the_workdir(tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "notes.txt").write_text("mine")
+  status, _, _ = cli_in_process.main_in_process(
+      ["--config=configs/pirl.py:tiny", f"--workdir={workdir}", "--config.data.source=folder",
+       f"--config.data.path={tmp_path / 'run'}", f"--config.data.cache_dir={tmp_path / 'c'}"],
+      capsys, monkeypatch)
+  assert status == 2
+  assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "notes.txt"]
+
+
+def test_the_commands_name_their_own_checkpoint_flag(tmp_path):
+  from pirl_jax import inference  # pylint: disable=g-import-not-at-top
+  from pirl_jax import trunk_init  # pylint: disable=g-import-not-at-top
+  from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+  missing = tmp_path / "nowhere"
+  with pytest.raises(user_errors.UserError, match=rf"^--checkpoint='{missing}': .* does not exist"):
+    trunk_init.resolve_init(str(missing), field="--checkpoint")  # probe, invariance
+  with pytest.raises(user_errors.UserError, match=rf"^--checkpoint='{missing}': "):
+    inference.restore(missing, field="--checkpoint")  # export
+  with pytest.raises(user_errors.UserError, match=rf"^checkpoint='{missing}': "):
+    inference.load_trunk(missing)  # the library names its argument, not a config field
+
+
+def test_the_probe_command_on_a_missing_checkpoint_is_one_line(tmp_path):
+  result = _run([f"--checkpoint={tmp_path / 'nowhere'}"], tmp_path,
+                module="pirl_jax.commands.probe")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip() == (f"error: --checkpoint='{tmp_path / 'nowhere'}': "
+                                   f"{tmp_path / 'nowhere'} does not exist.")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{empty}"], "{empty}/summary.json does not exist: is {empty} a finished pretraining workdir?"),
+    (["{empty}", "--random=x"], "{empty}/summary.json does not exist"),
+])
+def test_curves_on_a_missing_workdir_is_one_line(args, message, tmp_path, capsys):
+  from pirl_jax.commands import curves  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    curves.main([a.format(empty=tmp_path) for a in args] + [f"--out={tmp_path / 'c.png'}"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().startswith("error: " + message.format(empty=tmp_path))
+  assert not (tmp_path / "c.png").exists()
+
+
+def test_curves_names_a_bad_random_level(tiny_pretraining, tmp_path, capsys):
+  from pirl_jax.commands import curves  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    curves.main([str(tiny_pretraining.workdir), "--random=0.5", f"--out={tmp_path / 'c.png'}"])
+  assert exit_info.value.code == 2
+  assert "--random='0.5': expected the random trunk's kNN and linear" in capsys.readouterr().err

@@ -146,6 +146,40 @@ def test_labels_csv_with_one_class_only_is_an_error(labelled_folder, tmp_path):
     probe_data.read_labels_csv(bad, root)
 
 
+def test_labels_csv_written_by_a_spreadsheet_with_a_byte_order_mark_is_read(labelled_folder,
+                                                                            tmp_path):
+  root, csv_path = labelled_folder
+  with_bom = tmp_path / "labels_bom.csv"
+  with_bom.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes().replace(b"\n", b"\r\n"))
+  assert probe_data.read_labels_csv(with_bom, root) == probe_data.read_labels_csv(csv_path, root)
+
+
+def _probe_sets(index_labels, query_labels, class_names=("a", "b", "c")):
+  def images(labels):
+    return probe_data.LabelledImages(names=[f"{i}.png" for i in range(len(labels))],
+                                     encoded=[b""] * len(labels), label=np.asarray(labels))
+  return probe_data.ProbeSets(index=images(index_labels), query=images(query_labels),
+                              class_names=class_names, scored=("a", "b"), description="test set")
+
+
+@pytest.mark.parametrize("index,query,knn_k,message", [
+    ([0, 1, 2] * 3, [0, 1, 2], 20,
+     r"config\.probe\.knn_k=20 is larger than the probe's index, 9 labelled images"),
+    ([0] * 30, [0, 1, 2], 5, r"The probe's index images hold only 'a' \(30 images"),
+    ([0, 1, 2] * 10, [2, 2, 2], 5, r"The probe's query images hold only 'c'"),
+    ([0, 1, 2] * 10, [0, 2, 2], 5, r"queries \(3 images in the probe's data \(test set\)\) have "
+     r"no examples of 'b': its ROC AUC is undefined"),
+])
+def test_probes_that_would_be_clamped_or_nan_are_refused(index, query, knn_k, message):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+  from pirl_jax.eval import probe  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({"knn_k": knn_k})
+  with pytest.raises(user_errors.UserError, match=message):
+    probe.ProbeEvaluator(_probe_sets(index, query), trunk=None, image_size=8, mesh=None,
+                         probe_cfg=cfg)
+
+
 def test_stratified_split_keeps_every_class_on_both_sides():
   labels = np.repeat([0, 1, 2], [10, 3, 2])
   index, query = probe_data.split_positions(labels, 0.5, seed=0)
@@ -186,7 +220,7 @@ def test_probe_command_on_a_labelled_folder(tiny_pretraining, labelled_folder, t
   root, csv_path = labelled_folder
   out = tmp_path / "out"
   result = _probe_command([f"--checkpoint={tiny_pretraining.workdir}", f"--data={root}",
-                           f"--labels={csv_path}", f"--output_dir={out}"], tmp_path)
+                           f"--labels={csv_path}", f"--output_dir={out}", "--knn_k=5"], tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((out / "probe.json").read_text())
   rows = report["results"]

@@ -8,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pirl_jax import storage
+from pirl_jax import user_errors
 
 ITEM = "default"  # the state's item folder inside each step folder
 FINGERPRINTS = "fingerprints"  # the fingerprints' item folder next to it
@@ -55,6 +56,16 @@ def unreadable_steps(directory: storage.Path) -> list[int]:
                 if is_finished(p) and p.is_dir() and not is_item_dir(p / ITEM))
 
 
+class CheckpointNotFoundError(user_errors.UserError, FileNotFoundError):
+  """A user-given checkpoint path that holds no (such) checkpoint; the message names the field."""
+
+
+def _given(field: str, path) -> str:
+  """How the user wrote it: `config.init.checkpoint='x'` for a config field (dotted), else as
+  named (`--checkpoint='x'` for a command's flag, `checkpoint='x'` for a function's argument)."""
+  return f"{'config.' + field if '.' in field else field}={str(path)!r}"
+
+
 def resolve_checkpoint(path: str | storage.Path, step: int | None = None,
                        field: str = "init.checkpoint") -> tuple[storage.Path, int | None]:
   """Finds the Orbax item folder behind a user-given checkpoint path.
@@ -73,7 +84,7 @@ def resolve_checkpoint(path: str | storage.Path, step: int | None = None,
   """
   root = storage.path(path)
   if not root.exists():
-    raise FileNotFoundError(f"config.{field}={str(path)!r}: {root} does not exist.")
+    raise CheckpointNotFoundError(f"{_given(field, path)}: {root} does not exist.")
   if is_item_dir(root):
     return root, int(root.parent.name) if root.parent.name.isdigit() else None
   if is_item_dir(root / ITEM):
@@ -84,8 +95,8 @@ def resolve_checkpoint(path: str | storage.Path, step: int | None = None,
   if not steps:
     damaged = (f" (step folder(s) {', '.join(map(str, unreadable))} have no readable "
                f"{ITEM}/_METADATA: damaged)") if unreadable else ""
-    raise FileNotFoundError(
-        f"config.{field}={str(path)!r}: no complete Orbax checkpoint in {manager_dir}{damaged} "
+    raise CheckpointNotFoundError(
+        f"{_given(field, path)}: no complete Orbax checkpoint in {manager_dir}{damaged} "
         "(expected a workdir with checkpoints/<step>/, a checkpoints folder, or one step folder).")
   if step is None:
     step = steps[-1]
@@ -95,7 +106,7 @@ def resolve_checkpoint(path: str | storage.Path, step: int | None = None,
                       "readable %s/_METADATA (damaged).", step, manager_dir,
                       ", ".join(map(str, newer)), ITEM)
   elif step not in steps:
-    raise FileNotFoundError(f"config.{field}={str(path)!r}: no step {step} in {manager_dir}; "
+    raise CheckpointNotFoundError(f"{_given(field, path)}: no step {step} in {manager_dir}; "
                             f"available steps: {', '.join(map(str, steps))}.")
   return manager_dir / str(step) / ITEM, step
 

@@ -59,6 +59,18 @@ def markdown(curves: dict[str, list[dict]]) -> str:
   return "\n".join(lines)
 
 
+def _random_levels(text: str) -> tuple[float, float] | None:
+  if not text:
+    return None
+  try:
+    knn, linear = (float(v) for v in text.split(","))
+  except ValueError:
+    from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+    raise user_errors.UserError(f"--random={text!r}: expected the random trunk's kNN and linear "
+                                "mean AUC, e.g. --random=0.55,0.60.") from None
+  return knn, linear
+
+
 def main(argv=None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,11 +78,15 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="the PNG to write")
   parser.add_argument("--random", default="", help="random trunk's kNN,linear mean AUC")
   args = parser.parse_args(argv)
-  curves = {}
-  for spec in args.workdirs:
-    name, _, path = spec.rpartition("=")
-    curves[name or pathlib.Path(path).name] = read_curve(path)
-  random = tuple(float(v) for v in args.random.split(",")) if args.random else None
+  from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+  try:
+    curves = {}
+    for spec in args.workdirs:
+      name, _, path = spec.rpartition("=")
+      curves[name or pathlib.Path(path).name] = read_curve(path)
+    random = _random_levels(args.random)
+  except user_errors.UserError as e:
+    parser.exit(2, f"error: {e}\n")
   plot(curves, args.out, random)
   print(markdown(curves))
   print(f"\nWritten to {args.out}.")

@@ -36,7 +36,7 @@ def export(checkpoint: str, out: str, step: int | None = None) -> dict:
   # Imported here, after the command has configured TensorFlow's logging (the data modules
   # that inference uses import TensorFlow).
   from pirl_jax import inference  # pylint: disable=g-import-not-at-top
-  loaded = inference.restore(checkpoint, step)
+  loaded = inference.restore(checkpoint, step, field="--checkpoint")
   state = torch_weights.to_state_dict(loaded.variables)
   metadata = {"architecture": loaded.name, "width_multiplier": f"{loaded.width_multiplier:g}",
               "source": loaded.checkpoint, "step": "" if loaded.step is None else str(loaded.step),

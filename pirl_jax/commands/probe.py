@@ -123,7 +123,7 @@ def markdown_table(results: dict, class_names, scored) -> str:
 def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_dir: str = "",
               index_split: str = "", query_split: str = "", query_fraction: float = 0.5,
               image_size: int = 0, random_seed: int = 0, cache_dir: str = "",
-              probe_cfg: ml_collections.ConfigDict | None = None, mesh=None) -> dict:
+              knn_k: int = 0, probe_cfg: ml_collections.ConfigDict | None = None, mesh=None) -> dict:
   """Probes a checkpoint's trunk and a random trunk of the same architecture on one dataset.
 
   Returns:
@@ -179,8 +179,11 @@ def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_di
   abstract = trunk_init.abstract_trunk_variables(trunk, size)
   trunk_init.check_trunk(init, abstract, f"{saved['model']['trunk']} x"
                                          f"{saved['model'].get('width_multiplier', 1.0)}")
+  if knn_k:
+    cfg.knn_k = knn_k
   evaluator = probe.ProbeEvaluator(sets, trunk, size, mesh, cfg,
-                             num_parallel_calls=data_cfg.num_parallel_calls)
+                                   num_parallel_calls=data_cfg.num_parallel_calls,
+                                   knn_k_field="--knn_k")
   name = "checkpoint" if init.step is None else f"checkpoint (step {init.step})"
   trunks = {
       name: trunk_init.restore_trunk(init, abstract, sharding=sharding_lib.replicated(mesh)),
@@ -217,6 +220,7 @@ def main(argv=None) -> int:
   flags.DEFINE_float("query_fraction", 0.5, "For a CSV without a split column: the stratified "
                      "fraction of each class held out as queries.")
   flags.DEFINE_integer("image_size", 0, "Input size (0: the checkpoint run's image size).")
+  flags.DEFINE_integer("knn_k", 20, "Neighbours of the kNN probe (at most the index's size).")
   flags.DEFINE_integer("random_seed", 0, "Seed of the random trunk it is compared with.")
   flags.DEFINE_string("cache_dir", "", "Prepared-image cache (default $PIRL_JAX_CACHE or "
                       "~/.cache/pirl_jax).")
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
                        tfds_data_dir=f.tfds_data_dir, index_split=f.index_split,
                        query_split=f.query_split, query_fraction=f.query_fraction,
                        image_size=f.image_size, random_seed=f.random_seed,
-                       cache_dir=f.cache_dir)
+                       cache_dir=f.cache_dir, knn_k=f.knn_k)
     if jax.process_index() != 0:
       return
     out = (storage.path(f.output_dir, absolute=False) if f.output_dir else

@@ -107,17 +107,33 @@ def _user_error(message: str) -> None:
   sys.exit(USER_ERROR_STATUS)
 
 
-def _config_overrides(argv) -> list[str]:
-  names = []
-  for arg in argv[1:]:
-    if arg.startswith("--config.") and "=" in arg:
-      names.append(arg[len("--config."):].split("=", 1)[0])
-  return names
+_BOOLEAN_WORDS = ("true", "false", "1", "0", "yes", "no", "t", "f")
+
+
+def _value_problem(current, text: str) -> str | None:
+  """Why `text` cannot be a value of a field that now holds `current`, or None if it can."""
+  if isinstance(current, bool):
+    return None if text.lower() in _BOOLEAN_WORDS else "is not a boolean (true or false)"
+  if isinstance(current, int):
+    try:
+      int(text)
+    except ValueError:
+      return "is not an integer"
+  elif isinstance(current, float):
+    try:
+      float(text)
+    except ValueError:
+      return "is not a number"
+  return None
+
+
+def _config_spec(argv) -> str | None:
+  return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
 
 
 def _load_config_file(argv):
   """The config named by --config=FILE[:PRESET] in `argv`, or None if it does not load."""
-  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  spec = _config_spec(argv)
   if not spec:
     return None
   path, _, preset = spec.partition(":")
@@ -133,17 +149,28 @@ def _load_config_file(argv):
 
 def parse_flags(argv):
   """FLAGS(argv), with config-file mistakes reported as one line naming the field (status 2)."""
+  spec = _config_spec(argv)
+  if spec and not os.path.isfile(spec.partition(":")[0]):
+    _user_error(f"config file {spec.partition(':')[0]!r} does not exist (--config={spec}); "
+                "e.g. --config=configs/pirl.py or --config=configs/pirl.py:tiny.")
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  (any failure here is in the command)
     config = _load_config_file(argv)
     if config is not None:
       from pirl_jax import configuration  # pylint: disable=g-import-not-at-top
-      for dotted in _config_overrides(argv):
+      for arg in argv[1:]:
+        if not (arg.startswith("--config.") and "=" in arg):
+          continue
+        dotted, text = arg[len("--config."):].split("=", 1)
         try:
-          configuration.get_field(config, dotted)
+          current = configuration.get_field(config, dotted)
         except (KeyError, AttributeError):
           _user_error(configuration.unknown_field_message(config, dotted))
+        problem = _value_problem(current, text)
+        if problem:
+          _user_error(f"--config.{dotted}={text!r} {problem} (the field holds "
+                      f"{type(current).__name__}, e.g. {current!r}).")
     cause = e.__cause__ or e.__context__ or e
     message = str(cause).strip().strip("'\"").replace("\\n", "\n")
     if "Traceback (most recent call last)" in message:

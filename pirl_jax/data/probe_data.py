@@ -101,7 +101,7 @@ def read_labels_csv(path: str | pathlib.Path, folder: str | pathlib.Path
                if p.suffix.lower() in sources.IMAGE_SUFFIXES}
   rows, seen = [], {}
   try:
-    with io.StringIO(path.read_bytes().decode("utf-8"), newline="") as f:
+    with io.StringIO(path.read_bytes().decode("utf-8-sig"), newline="") as f:
       lines = list(csv.reader(f))
   except UnicodeDecodeError as e:
     raise LabelsCsvError(f"{path} is not UTF-8 text ({e}).") from e

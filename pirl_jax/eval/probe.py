@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from pirl_jax import trunk_init
+from pirl_jax import user_errors
 from pirl_jax.data import labelled_input
 from pirl_jax.data import labelled_views
 from pirl_jax.data import pipeline
@@ -32,13 +33,41 @@ def trunk_variables(state) -> dict:
           "batch_stats": state.batch_stats[trunk_init.TRUNK]}
 
 
+def _check_sets(sets: probe_data.ProbeSets, probe_cfg, knn_k_field: str) -> None:
+  """Refuses probes whose scores would be silently different from what was asked: a kNN over
+  fewer neighbours than probe.knn_k, or AUCs that are undefined (NaN) on the queries."""
+  where = f"the probe's data ({sets.description})"
+  if probe_cfg.knn_k > len(sets.index.label):
+    raise user_errors.UserError(
+        f"{knn_k_field}={probe_cfg.knn_k} is larger than the probe's index, "
+        f"{len(sets.index.label)} labelled images in {where}: set {knn_k_field} <= "
+        f"{len(sets.index.label)}.")
+  for role, images in (("index", sets.index), ("query", sets.query)):
+    present = sorted(set(np.asarray(images.label).tolist()))
+    if len(present) < 2:
+      only = sets.class_names[present[0]] if present else "no class"
+      raise user_errors.UserError(
+          f"The probe's {role} images hold only {only!r} ({len(images.label)} images in "
+          f"{where}): kNN, logistic regression and ROC AUC need at least two classes; label "
+          "more classes or choose another split.")
+  query = np.asarray(sets.query.label)
+  for name in sets.scored:
+    c = sets.class_names.index(name)
+    if (query == c).all() or not (query == c).any():
+      raise user_errors.UserError(
+          f"The probe's queries ({len(query)} images in {where}) have no "
+          f"{'negatives' if (query == c).all() else 'examples'} of {name!r}: its ROC AUC is "
+          "undefined; choose a query split that holds both.")
+
+
 class ProbeEvaluator:
   """kNN and linear-probe scores of a state's trunk on one `probe_data.ProbeSets`."""
 
   name = "probe"
 
   def __init__(self, sets: probe_data.ProbeSets, trunk, image_size: int, mesh, probe_cfg, *,
-               num_parallel_calls: int = -1):
+               num_parallel_calls: int = -1, knn_k_field: str = "config.probe.knn_k"):
+    _check_sets(sets, probe_cfg, knn_k_field)
     self.sets = sets
     self.mesh = mesh
     self.cfg = probe_cfg

@@ -176,6 +176,8 @@ class Run:
     self.workdir = storage.path(workdir)
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.is_main = self.process_index == 0
+    # Folders this run creates; removed again if it stops before writing anything into them.
+    self._created = [p for p in (self.workdir, self.workdir / "checkpoints") if not p.exists()]
     preflight.agree(lambda: preflight.check_workdir_writable(self.workdir))
     devices = configuration.select_devices(config, jax.devices(), jax.process_count())
     self.mesh = sharding_lib.create_mesh(devices)
@@ -186,18 +188,30 @@ class Run:
       preflight.agree(lambda: preflight.check_resume(config, self.workdir, self.latest))
       self.completed = self._completed_summary()
     except BaseException:
-      self.close()
+      self.close(failed=True)
       raise
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, tb):
+    self.close(failed=exc_type is not None)
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
     # Waits for in-flight saves: they are of states that passed the finiteness check.
     self.checkpointer.close()
+    if failed and self.is_main:
+      self._remove_empty_created_folders()
+
+  def _remove_empty_created_folders(self) -> None:
+    """A run that fails before writing anything leaves no empty workdir behind. Only empty
+    folders this run created are removed: nothing a user or an earlier run wrote can go."""
+    for folder in reversed(self._created):
+      try:
+        if folder.is_dir() and not any(folder.iterdir()):
+          folder.rmdir()
+      except Exception:  # pylint: disable=broad-except
+        pass  # not empty after all, or a store without folders: leave it
 
   def _completed_summary(self) -> dict | None:
     """The summary of a run of this config that already finished in the workdir, or None."""
