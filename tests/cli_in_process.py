@@ -23,3 +23,31 @@ def main_in_process(args, capsys, monkeypatch):
     cli.main(argv)
   captured = capsys.readouterr()
   return exit_info.value.code, captured.out, captured.err
+
+
+def command_in_process(main_fn, argv, capsys, monkeypatch):
+  """A module command's `main(argv)` (e.g. `pirl_jax.commands.probe.main`) as
+  `python -m ... ARGS` runs it, in this process: (exit status, stdout, stderr). The flags the
+  command defines are removed afterwards, so that the next command can define its own."""
+  before = set(flags.FLAGS)
+  flags.FLAGS.unparse_flags()
+  # Other commands' flags (main.py's required --config, ...) stay defined in this process; their
+  # validators would refuse this command's argv, which does not set them.
+  others = {name: flag.validators for name, flag in flags.FLAGS._flags().items()}  # pylint: disable=protected-access
+  for flag in flags.FLAGS._flags().values():  # pylint: disable=protected-access
+    flag.validators = []
+  monkeypatch.setattr(sys, "argv", list(argv))
+  monkeypatch.setattr(logging.get_absl_handler().python_handler, "stream", sys.stderr)
+  try:
+    try:
+      code = main_fn(list(argv))
+    except SystemExit as e:
+      code = e.code
+  finally:
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
+    for name, validators in others.items():
+      flags.FLAGS[name].validators = validators
+    flags.FLAGS.unparse_flags()
+  captured = capsys.readouterr()
+  return code or 0, captured.out, captured.err

@@ -243,14 +243,16 @@ def test_installed_package_gives_the_command_and_the_tfds_builder_anywhere(tmp_p
   assert imported.stdout.strip().endswith("True")
 
 
-@pytest.mark.parametrize("module,flag", [("pirl_jax.commands.probe", "--checkpoint:"),
-                                         ("pirl_jax.commands.compare", "--pirl:"),
-                                         ("pirl_jax.commands.export", "--out:")])
-def test_help_lists_the_commands_own_flags_with_status_0(module, flag):
-  helped = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-  assert helped.returncode == 0, helped.stderr[-3000:]
-  assert flag in helped.stdout and "--verbosity" in helped.stdout, helped.stdout
+@pytest.mark.parametrize("module,flag", [("probe", "--checkpoint:"), ("compare", "--pirl:"),
+                                         ("export", "--out:"), ("invariance", "--checkpoint:"),
+                                         ("compare_methods", "--methods:")])
+def test_help_lists_the_commands_own_flags_with_status_0(module, flag, capsys, monkeypatch):
+  import importlib  # pylint: disable=g-import-not-at-top
+  command = importlib.import_module(f"pirl_jax.commands.{module}")
+  code, out, err = cli_in_process.command_in_process(command.main, [f"{module}.py", "--help"],
+                                                     capsys, monkeypatch)
+  assert code == 0, err[-3000:]
+  assert flag in out and "--verbosity" in out, out
 
 
 def test_importing_the_commands_defines_no_flags():
@@ -306,12 +308,15 @@ def test_the_commands_name_their_own_checkpoint_flag(tmp_path):
     inference.load_trunk(missing)  # the library names its argument, not a config field
 
 
-def test_the_probe_command_on_a_missing_checkpoint_is_one_line(tmp_path):
-  result = _run([f"--checkpoint={tmp_path / 'nowhere'}"], tmp_path,
-                module="pirl_jax.commands.probe")
-  assert result.returncode == 2, result.stderr[-3000:]
-  assert result.stderr.strip() == (f"error: --checkpoint='{tmp_path / 'nowhere'}': "
-                                   f"{tmp_path / 'nowhere'} does not exist.")
+@pytest.mark.parametrize("module", ["probe", "invariance"])
+def test_a_command_on_a_missing_checkpoint_is_one_line(module, tmp_path, capsys, monkeypatch):
+  import importlib  # pylint: disable=g-import-not-at-top
+  command = importlib.import_module(f"pirl_jax.commands.{module}")
+  missing = tmp_path / "nowhere"
+  code, _, err = cli_in_process.command_in_process(
+      command.main, [f"{module}.py", f"--checkpoint={missing}"], capsys, monkeypatch)
+  assert code == 2, err[-3000:]
+  assert err.strip() == f"error: --checkpoint='{missing}': {missing} does not exist."
 
 
 @pytest.mark.parametrize("args,message", [

@@ -2,14 +2,12 @@
 NumPy loop, and the command on a tiny pretraining run."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import cli_in_process
 from pirl_jax.commands import invariance
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,17 +53,15 @@ def test_normalised_distances_equal_a_numpy_loop():
 
 
 def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pretraining,
-                                                              shared_cache_dir):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+                                                              shared_cache_dir, capsys,
+                                                              monkeypatch):
   out = tmp_path / "inv"
-  result = subprocess.run(
-      [sys.executable, "-m", "pirl_jax.commands.invariance",
-       f"--checkpoint={tiny_pretraining.workdir}",
+  code, stdout, err = cli_in_process.command_in_process(
+      invariance.main,
+      ["invariance.py", f"--checkpoint={tiny_pretraining.workdir}",
        f"--checkpoint={tiny_pretraining.workdir / 'checkpoints' / '2'}", f"--out={out}",
-       "--num_images=24", f"--cache_dir={shared_cache_dir}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+       "--num_images=24", f"--cache_dir={shared_cache_dir}"], capsys, monkeypatch)
+  assert code == 0, err[-3000:]
   written = json.loads((out / "invariance.json").read_text())
   assert written["num_images"] == 24
   rows = written["results"]
@@ -81,4 +77,4 @@ def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pret
   assert first["trunk/tiles"]["mean"] != second["trunk/tiles"]["mean"]
   assert "| random init |" in (out / "invariance.md").read_text()
   assert (out / "invariance.png").stat().st_size > 0
-  assert "| random init |" in result.stdout
+  assert "| random init |" in stdout

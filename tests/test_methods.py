@@ -394,16 +394,28 @@ def tiny_runs(tmp_path_factory):
   return tmp_path_factory.mktemp("methods")
 
 
+def _data_flags(small_isic_root, shared_cache_dir):
+  return ["--config.data.source=isic", f"--config.data.path={small_isic_root}",
+          f"--config.data.cache_dir={shared_cache_dir}"]
+
+
+def _pretrain_through_main(method, workdir, data_flags, capsys, monkeypatch):
+  return main_in_process(
+      ["--config=configs/pirl.py:tiny", f"--config.method={method}",
+       "--config.num_train_steps=2", "--config.jigsaw_permutations=30",
+       f"--workdir={workdir}", *data_flags], capsys, monkeypatch)
+
+
 @pytest.mark.parametrize("method", [
     "jigsaw",  # the CI set runs one method through main.py; each method's step is tested above
     *[pytest.param(m, marks=pytest.mark.slow) for m in ("pirl_rotation", "rotation",
                                                          "relative_patch")]])
-def test_each_method_pretrains_through_main(method, tiny_runs, capsys, monkeypatch):
+def test_each_method_pretrains_through_main(method, tiny_runs, small_isic_root, shared_cache_dir,
+                                            capsys, monkeypatch):
   workdir = tiny_runs / method
-  code, out, err = main_in_process(
-      ["--config=configs/pirl.py:tiny", f"--config.method={method}",
-       "--config.num_train_steps=2", "--config.jigsaw_permutations=30",
-       f"--workdir={workdir}"], capsys, monkeypatch)
+  code, out, err = _pretrain_through_main(method, workdir,
+                                          _data_flags(small_isic_root, shared_cache_dir),
+                                          capsys, monkeypatch)
   assert code in (0, None), err[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["complete"] and summary["step"] == 2
@@ -416,13 +428,16 @@ def test_each_method_pretrains_through_main(method, tiny_runs, capsys, monkeypat
   assert json.loads((workdir / "config.json").read_text())["method"] == method
 
 
-def test_fine_tuning_starts_from_a_covariant_run(tiny_runs, capsys, monkeypatch):
+def test_fine_tuning_starts_from_a_covariant_run(tiny_runs, small_isic_root, shared_cache_dir,
+                                                 capsys, monkeypatch):
+  data_flags = _data_flags(small_isic_root, shared_cache_dir)
   pretrained = tiny_runs / "jigsaw"
-  if not (pretrained / "summary.json").is_file():
-    pytest.skip("needs test_each_method_pretrains_through_main[jigsaw] first")
+  if not (pretrained / "summary.json").is_file():  # run alone: pretrain it here (never skip)
+    code, _, err = _pretrain_through_main("jigsaw", pretrained, data_flags, capsys, monkeypatch)
+    assert code in (0, None), err[-3000:]
   workdir = tiny_runs / "jigsaw-finetune"
   code, _, err = main_in_process(
       ["--config=configs/finetune_isic.py:tiny", f"--config.init.checkpoint={pretrained}",
-       f"--workdir={workdir}"], capsys, monkeypatch)
+       f"--workdir={workdir}", *data_flags], capsys, monkeypatch)
   assert code in (0, None), err[-3000:]
   assert "auc_mean" in json.loads((workdir / "metrics.json").read_text())["test"]

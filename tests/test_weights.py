@@ -7,8 +7,6 @@ The parity tests against a real PyTorch ResNet are in test_weights_torch.py (the
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 from flax import traverse_util
 import jax
@@ -198,6 +196,11 @@ def test_wrapper_prefixes_and_the_classifier_are_dropped(tmp_path):
       "in the trunk"]),
     (lambda s: s.update({"layer5.0.conv1.weight": np.zeros((1,), np.float32)}),
      ["1 key(s) the trunk does not have: layer5.0.conv1.weight"]),
+    (lambda s: s.update({"layer1.0.conv1.weight": s["layer1.0.conv1.weight"].astype(np.int32)}),
+     ["1 tensor(s) of integers or other non-float type where the trunk holds weights",
+      "layer1.0.conv1.weight (int32)"]),
+    (lambda s: s.update({"layer1.0.bn1.weight": np.full_like(s["layer1.0.bn1.weight"], np.nan)}),
+     ["1 tensor(s) holding NaN or infinite values", "layer1.0.bn1.weight"]),
 ])
 def test_a_partial_or_wrong_file_names_the_keys(tmp_path, edit, messages):
   path, variables = _tiny_file(tmp_path, edit=edit)
@@ -352,26 +355,27 @@ def test_load_trunk_without_a_config_asks_for_the_architecture(tmp_path, tiny_pr
     pirl_jax.load_trunk(bare, trunk="resnet18")
 
 
-def _export_command(args, tmp_path):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the user's environment: one CPU device
-  return subprocess.run([sys.executable, "-m", "pirl_jax.commands.export", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-
-
-def test_export_command_writes_the_trunk_with_its_provenance(tmp_path, tiny_pretraining):
-  wrong = _export_command([f"--checkpoint={tiny_pretraining.workdir}",
-                           f"--out={tmp_path / 'trunk.pth'}"], tmp_path)
-  assert wrong.returncode == 2
-  assert wrong.stderr.strip().splitlines()[-1].startswith("error: --out=")
-  assert "must end in .safetensors" in wrong.stderr and "Traceback" not in wrong.stderr
+def test_export_command_writes_the_trunk_with_its_provenance(tmp_path, tiny_pretraining, capsys,
+                                                             monkeypatch):
+  from pirl_jax.commands import export  # pylint: disable=g-import-not-at-top
+  def command(args):
+    return cli_in_process.command_in_process(export.main, ["export.py", *args], capsys,
+                                             monkeypatch)
+  code, _, err = command([f"--checkpoint={tiny_pretraining.workdir}",
+                          f"--out={tmp_path / 'trunk.pth'}"])
+  assert code == 2
+  assert err.strip().splitlines()[-1].startswith("error: --out=")
+  assert "must end in .safetensors" in err and "Traceback" not in err
 
   out = tmp_path / "trunk.safetensors"
-  result = _export_command([f"--checkpoint={tiny_pretraining.workdir}", f"--out={out}"],
-                           tmp_path)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"of resnet_tiny at width 1 from {tiny_pretraining.workdir} (step 4) to {out}" in (
-      result.stdout)
+  previous = os.umask(0o022)
+  try:
+    code, stdout, err = command([f"--checkpoint={tiny_pretraining.workdir}", f"--out={out}"])
+  finally:
+    os.umask(previous)
+  assert code == 0, err[-3000:]
+  assert f"of resnet_tiny at width 1 from {tiny_pretraining.workdir} (step 4) to {out}" in stdout
+  assert out.stat().st_mode & 0o777 == 0o644  # the user's umask, as any file they write
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   with safe_open(str(out), framework="numpy") as f:
     metadata = f.metadata()

@@ -173,11 +173,18 @@ def from_state_dict(state: Mapping[str, np.ndarray], variables: Mapping,
   missing = needed - set(state)
   unexpected = {k for k in state if k not in needed and not _CLASSIFIER.match(k)
                 and not k.endswith(".num_batches_tracked")}
-  out, mismatched = {}, []
+  out, mismatched, not_float, not_finite = {}, [], [], []
   for path, key in mapping.items():
     if key not in state:
       continue
-    value = _from_torch(path[-1], np.asarray(state[key], dtype=np.float32))
+    raw = np.asarray(state[key])
+    if not np.issubdtype(raw.dtype, np.floating):
+      not_float.append(f"{key} ({raw.dtype})")
+      continue
+    if not np.isfinite(raw).all():
+      not_finite.append(key)
+      continue
+    value = _from_torch(path[-1], raw.astype(np.float32))
     if value.shape != tuple(flat[path].shape):
       expected = _torch_shape(path[-1], flat[path].shape)
       mismatched.append(f"{key}: {tuple(np.shape(state[key]))} in the file, {expected} in the "
@@ -192,6 +199,12 @@ def from_state_dict(state: Mapping[str, np.ndarray], variables: Mapping,
   if mismatched:
     problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:8])}"
                     + (" ..." if len(mismatched) > 8 else ""))
+  if not_float:
+    problems.append(f"{len(not_float)} tensor(s) of integers or other non-float type where "
+                    f"the trunk holds weights: {_listing(not_float)}")
+  if not_finite:
+    problems.append(f"{len(not_finite)} tensor(s) holding NaN or infinite values: "
+                    f"{_listing(not_finite)}")
   if problems:
     described = f" ({model})" if model else ""
     raise WeightsError(f"{source} does not fit the trunk{described}: "
@@ -281,7 +294,6 @@ def write(state: Mapping[str, np.ndarray], path: str | pathlib.Path,
   path = storage.path(path, absolute=False)
   path.parent.mkdir(parents=True, exist_ok=True)
   metadata = {"format": "pt", **dict(metadata or {})}
-  if storage.is_url(path):
-    path.write_bytes(safetensors_numpy.save(dict(state), metadata=metadata))
-  else:
-    safetensors_numpy.save_file(dict(state), str(path), metadata=metadata)
+  # Written as bytes rather than with save_file, which creates the file 0600: an exported trunk
+  # is for sharing, so it gets the user's umask like any file they write.
+  path.write_bytes(safetensors_numpy.save(dict(state), metadata=metadata))
