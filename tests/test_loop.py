@@ -220,6 +220,51 @@ def test_changed_dataset_is_refused_before_training(tmp_path, interrupted_folder
   assert (workdir / "dataset.json").read_text() == recorded
 
 
+@pytest.mark.parametrize("damage,message", [
+    ("missing", r"dataset\.json is missing: it records which image each of the checkpoints' rows "
+     r"refers to \(latest step 2\).*--config\.resume=force"),
+    ("truncated", r"dataset\.json is damaged \(.*\); it records which images"),
+    ("not an object", r"dataset\.json is damaged \(a JSON list, not an object\)"),
+])
+def test_a_missing_or_damaged_dataset_record_is_refused(tmp_path, interrupted_folder_run, damage,
+                                                        message):
+  run = interrupted_folder_run
+  workdir = tmp_path / "run"
+  shutil.copytree(run.workdir, workdir)
+  record = workdir / "dataset.json"
+  if damage == "missing":
+    record.unlink()
+  elif damage == "truncated":
+    record.write_text(record.read_text()[:40])
+  else:
+    record.write_text("[]")
+  # An image replaced meanwhile: without the record nothing else could tell.
+  _swap_in(run.folder, run.pristine, _CHANGES["content"][0])
+  try:
+    with pytest.raises(preflight.PreflightError, match=message):
+      pretrain.train_and_evaluate(run.config, str(workdir))
+  finally:
+    _swap_in(run.folder, run.pristine)
+  assert _steps(workdir) == [2]
+
+
+def test_a_missing_dataset_record_resumes_with_force_and_is_written_again(
+    tmp_path, interrupted_folder_run, caplog):
+  run = interrupted_folder_run
+  workdir = tmp_path / "run"
+  shutil.copytree(run.workdir, workdir)
+  recorded = (workdir / "dataset.json").read_text()
+  (workdir / "dataset.json").unlink()
+  _swap_in(run.folder, run.pristine)
+  config = run.config.copy_and_resolve_references()
+  config.resume = "force"
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    summary = pretrain.train_and_evaluate(config, str(workdir))
+  assert summary["complete"] and summary["step"] == 4
+  assert any("Resuming anyway (config.resume='force')" in m for m in _messages(caplog))
+  assert (workdir / "dataset.json").read_text() == recorded
+
+
 def test_unchanged_dataset_resumes(tmp_path, interrupted_folder_run, caplog):
   run = interrupted_folder_run
   workdir = tmp_path / "run"

@@ -242,8 +242,25 @@ class Run:
         memory-bank rows and data order refer to.
     """
     path = self.workdir / "dataset.json"
+    if self.latest is not None and not path.is_file():
+      message = (f"{path} is missing: it records which image each of the checkpoints' rows "
+                 f"refers to (latest step {self.latest}), so resuming cannot check that the "
+                 "images are the same.")
+      if self.config.get("resume") != "force":
+        raise preflight.PreflightError(
+            f"{message} Restore it, start a new run in another --workdir, or resume anyway with "
+            "--config.resume=force (the images found now are recorded as the run's).")
+      logging.warning("%s Resuming anyway (config.resume='force'); recording the images found "
+                      "now.", message)
     if self.latest is not None and path.is_file():
-      saved = json.loads(path.read_text())
+      try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+          raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+      except (ValueError, UnicodeDecodeError) as e:
+        raise preflight.PreflightError(
+            f"{path} is damaged ({e}); it records which images the checkpoints refer to. "
+            "Restore it, or start a new run in another --workdir.") from None
       differences = preflight.dataset_differences(saved, fingerprint)
 
       def check():
