@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import sys
+
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
@@ -20,6 +22,30 @@ def abstract_like(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
 
+
+
+def _is_closed_event_loop_error(exc_type, exc) -> bool:
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
+
+
+def _quiet_callbacks_into_a_closed_event_loop() -> None:
+  """When a damaged checkpoint's read fails, TensorStore's other pending reads still complete and
+  call back into Orbax's asyncio loop, which has closed by then; each callback's RuntimeError is
+  printed through sys.excepthook or sys.unraisablehook (hundreds of tracebacks, nothing lost: the
+  read has already failed and is reported in one line). Those, and only those, are dropped."""
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+  if getattr(previous, "_drops_closed_event_loop_errors", False):
+    return
+
+  def hook(exc_type, exc, tb):
+    if not _is_closed_event_loop_error(exc_type, exc):
+      previous(exc_type, exc, tb)
+
+  def unraisable_hook(unraisable):
+    if not _is_closed_event_loop_error(unraisable.exc_type, unraisable.exc_value):
+      previous_unraisable(unraisable)
+  hook._drops_closed_event_loop_errors = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = hook, unraisable_hook
 
 class DamagedStep(NamedTuple):
   """A step `Checkpointer.restore_latest` skipped: why, and where it is kept now."""
@@ -226,6 +252,7 @@ class Checkpointer:
       DamagedCheckpointError: every checkpoint in the directory is damaged (listing them).
       CheckpointMismatchError: see `restore`.
     """
+    _quiet_callbacks_into_a_closed_event_loop()
     self._damaged = []
     failures: list[tuple[int, str]] = []
     for step in sorted(self.all_steps(), reverse=True):
