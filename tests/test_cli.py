@@ -59,7 +59,8 @@ def test_pretraining_command_trains_and_is_quiet(cli_run):
 def test_pretraining_on_isic_files_prints_a_fine_tuning_command_on_the_same_files(
     cli_run, small_isic_root):
   out = cli_run["result"].stdout
-  assert (f"--config=configs/finetune_isic.py:isic --config.data.path={small_isic_root} "
+  assert (f"--config=configs/finetune_isic.py:tiny --config.data.source=isic "
+          f"--config.data.path={small_isic_root} "
           f"--config.init.checkpoint={cli_run['workdir']}") in out
   assert "python -m pirl_jax.commands.probe" in out
 
@@ -338,3 +339,21 @@ def test_curves_names_a_bad_random_level(tiny_pretraining, tmp_path, capsys):
     curves.main([str(tiny_pretraining.workdir), "--random=0.5", f"--out={tmp_path / 'c.png'}"])
   assert exit_info.value.code == 2
   assert "--random='0.5': expected the random trunk's kNN and linear" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,source,expected", [
+    ("tiny", "synthetic", "--config=configs/finetune_isic.py:tiny --config.init.checkpoint=/r "),
+    ("default", "synthetic", "--config=configs/finetune_isic.py --config.init.checkpoint=/r "),
+    ("tiny", "isic", "--config=configs/finetune_isic.py:tiny --config.data.source=isic "
+     "--config.data.path=/d --config.init.checkpoint=/r "),
+    ("isic", "isic", "--config=configs/finetune_isic.py:isic --config.data.path=/d "
+     "--config.init.checkpoint=/r "),
+])
+def test_the_printed_next_step_fine_tunes_a_trunk_like_the_one_pretrained(preset, source,
+                                                                         expected):
+  from configs import pirl  # pylint: disable=g-import-not-at-top
+  from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
+  config = pirl.get_config(preset)
+  config.data.source = source
+  config.data.path = "/d" if source == "isic" else ""
+  assert expected in pretrain.next_steps(config, {"workdir": "/r"})

@@ -120,14 +120,17 @@ def next_steps(config, summary: dict) -> str:
   workdir = summary["workdir"]
   data = config.data
   probe_cmd = f"python -m pirl_jax.commands.probe --checkpoint={workdir}"
+  # A smoke run (the tiny preset) is followed by the tiny fine-tuning: the same small trunk.
+  tiny = config.get("name") == "pirl-tiny"
   if data.source == "synthetic":
     return ("  fine-tune on the embedded ISIC-layout set from it:\n"
-            f"    python main.py --config=configs/finetune_isic.py "
+            f"    python main.py --config=configs/finetune_isic.py{':tiny' if tiny else ''} "
             f"--config.init.checkpoint={workdir} --workdir={workdir}-finetune\n"
             f"  probe its frozen features (kNN and linear, vs a random trunk):\n    {probe_cmd}")
   if data.source == "isic":
     return ("  fine-tune on the same ISIC 2017 data from it:\n"
-            f"    python main.py --config=configs/finetune_isic.py:isic "
+            "    python main.py --config=configs/finetune_isic.py"
+            f"{':tiny --config.data.source=isic' if tiny else ':isic'} "
             f"--config.data.path={data.path} --config.init.checkpoint={workdir} "
             f"--workdir={workdir}-finetune\n"
             f"  probe its frozen features (kNN and linear, vs a random trunk):\n"
