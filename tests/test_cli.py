@@ -244,9 +244,16 @@ def test_installed_package_gives_the_command_and_the_tfds_builder_anywhere(tmp_p
   assert imported.stdout.strip().endswith("True")
 
 
-@pytest.mark.parametrize("module,flag", [("probe", "--checkpoint:"), ("compare", "--pirl:"),
-                                         ("export", "--out:"), ("invariance", "--checkpoint:"),
-                                         ("compare_methods", "--methods:")])
+def test_help_of_a_command_that_shares_main_py_flags_lists_its_own_with_status_0():
+  # compare defines --config and --workdir as main.py does: in a process of its own.
+  helped = subprocess.run([sys.executable, "-m", "pirl_jax.commands.compare", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert helped.returncode == 0, helped.stderr[-3000:]
+  assert "--pirl:" in helped.stdout and "--verbosity" in helped.stdout, helped.stdout
+
+
+@pytest.mark.parametrize("module,flag", [("probe", "--checkpoint:"), ("export", "--out:"),
+                                         ("invariance", "--checkpoint:")])
 def test_help_lists_the_commands_own_flags_with_status_0(module, flag, capsys, monkeypatch):
   import importlib  # pylint: disable=g-import-not-at-top
   command = importlib.import_module(f"pirl_jax.commands.{module}")
