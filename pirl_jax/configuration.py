@@ -161,8 +161,9 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
   _run_checks(config, _common_checks(config) + _data_checks(config.data) + [
       ("model.width_multiplier",
        _finite(config.model.width_multiplier) and config.model.width_multiplier > 0
-       and round(64 * config.model.width_multiplier) >= 1,
-       "must be a finite number with 64 * it >= 1 (the stem's width in channels)"),
+       and round(resnet.ResNet.num_filters * config.model.width_multiplier) >= 1,
+       f"must be a finite number with {resnet.ResNet.num_filters} * it >= 1 (the stem's width in "
+       "channels)"),
       ("model.embed_dim", config.model.embed_dim >= 1, "must be >= 1"),
       ("loss.temperature", _finite(loss.temperature) and loss.temperature > 0,
        "must be a positive number"),

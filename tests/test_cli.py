@@ -121,13 +121,7 @@ def test_unknown_preset_is_one_line(capsys, monkeypatch):
 ])
 def test_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, capsys,
                                                 monkeypatch):
-  status, _, err = cli_in_process.main_in_process(
-      ["--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
-       f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides], capsys, monkeypatch)
-  assert status == 2, err
-  last = err.strip().splitlines()[-1]
-  assert last.startswith("error: ") and message in last, err
-  assert "Traceback" not in err
+  _assert_one_line_error("configs/pirl.py:tiny", overrides, message, tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -137,14 +131,19 @@ def test_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, ca
 ])
 def test_fine_tuning_user_errors_are_one_line_with_status_2(overrides, message, tmp_path, capsys,
                                                             monkeypatch):
+  _assert_one_line_error("configs/finetune_isic.py:tiny", overrides, message, tmp_path, capsys,
+                         monkeypatch)
+  assert not (tmp_path / "run").exists(), "an early error must leave no workdir behind"
+
+
+def _assert_one_line_error(config, overrides, message, tmp_path, capsys, monkeypatch):
   status, _, err = cli_in_process.main_in_process(
-      ["--config=configs/finetune_isic.py:tiny", f"--workdir={tmp_path / 'run'}",
+      [f"--config={config}", f"--workdir={tmp_path / 'run'}",
        f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides], capsys, monkeypatch)
   assert status == 2, err
   last = err.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, err
   assert "Traceback" not in err
-  assert not (tmp_path / "run").exists(), "an early error must leave no workdir behind"
 
 
 def test_a_missing_config_file_is_one_line(tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ def abstract_like(state, shardings):
 
 
 def _is_closed_event_loop_error(exc_type, exc) -> bool:
-  return (exc_type is RuntimeError and str(exc) == "Event loop is closed")
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
 
 
 def _quiet_callbacks_into_a_closed_event_loop() -> None:
