@@ -142,6 +142,10 @@ DAMAGES = {
                                         if p.is_file() and p.parent.name == "d"],
     "checksums garbled": lambda d, w: (d / "fingerprints" / "metadata").write_text('{"arr'),
     "checksums removed": lambda d, w: shutil.rmtree(d / "fingerprints"),
+    # What a checkpoint saved before checksums looks like, but the state item says it had them.
+    "checksums and step metadata removed, bit flipped": lambda d, w: (
+        shutil.rmtree(d / "fingerprints"), (d / "_CHECKPOINT_METADATA").unlink(),
+        _flip_bit_of_w(d, w, fix_crc=True)),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from absl import logging
 import jax
 import numpy as np
@@ -14,6 +16,18 @@ ITEM = "default"  # the state's item folder inside each step folder
 FINGERPRINTS = "fingerprints"  # the fingerprints' item folder next to it
 DAMAGED_SUFFIX = ".damaged"  # '<step>.damaged': a damaged step moved aside (not a step name)
 COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a finished step folder on object storage
+# Written into the state item's own metadata, so that a step whose checksums and step metadata
+# are both gone is still known to have had checksums (and is refused, not restored unverified).
+ITEM_MARK = {"pirl_jax": {"fingerprints": FINGERPRINTS}}
+
+
+def item_is_marked(step_dir: storage.Path) -> bool:
+  """Whether the state item of `step_dir` says it was saved with fingerprints."""
+  try:
+    custom = json.loads((step_dir / ITEM / "_METADATA").read_text()).get("custom_metadata")
+  except (OSError, ValueError, AttributeError):
+    return False
+  return isinstance(custom, dict) and custom.get("pirl_jax") == ITEM_MARK["pirl_jax"]
 
 
 def load_arrays(item_dir: str | storage.Path) -> dict:

@@ -102,7 +102,8 @@ class Checkpointer:
   def save(self, step: int, state, force: bool = False) -> bool:
     """Saves `state` and its fingerprints as `step` (in the background with async_save)."""
     record = {"algorithm": fingerprint.ALGORITHM, "arrays": fingerprint.fingerprints(state)}
-    args = ocp.args.Composite(**{layout.ITEM: ocp.args.StandardSave(state),
+    args = ocp.args.Composite(**{layout.ITEM: ocp.args.StandardSave(
+                                     state, custom_metadata=layout.ITEM_MARK),
                                  layout.FINGERPRINTS: ocp.args.JsonSave(record)})
     return self._manager.save(step, args=args, force=force)
 

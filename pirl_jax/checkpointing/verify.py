@@ -54,7 +54,7 @@ def read_fingerprints(step_dir: storage.Path) -> dict[str, int] | None:
   """
   folder = step_dir / layout.FINGERPRINTS
   if not folder.is_dir():
-    if layout.FINGERPRINTS in saved_item_names(step_dir):
+    if layout.FINGERPRINTS in saved_item_names(step_dir) or layout.item_is_marked(step_dir):
       raise DamagedCheckpointError(
           f"Checkpoint {step_dir} is damaged: its checksums ({layout.FINGERPRINTS}/) are missing.")
     return None
