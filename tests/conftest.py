@@ -48,7 +48,7 @@ def tiny_pretraining(tmp_path_factory, small_isic_root, shared_cache_dir):
   config.update_from_flattened_dict({
       "data.source": "isic", "data.path": str(small_isic_root),
       "data.cache_dir": str(shared_cache_dir), "num_train_steps": 4,
-      "checkpoint_every_steps": 2, "log_every_steps": 1, "eval_every_steps": 2})
+      "checkpoint_every_steps": 2, "log_every_steps": 4, "eval_every_steps": 2})
   workdir = tmp_path_factory.mktemp("tiny_pretraining") / "run"
   summary = pretrain.train_and_evaluate(config, str(workdir))
   return types.SimpleNamespace(config=config, workdir=workdir, summary=summary)

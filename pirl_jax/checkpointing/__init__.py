@@ -3,7 +3,9 @@
 Every step folder holds two Orbax items, written into one temporary folder and renamed together
 once every process has finished, so neither exists without the other:
   default/       the state (`StandardSave`: OCDBT/TensorStore files);
-  fingerprints/  JSON: one 32-bit fingerprint per array, by dotted path (`fingerprint`).
+  fingerprints/  JSON: one 32-bit fingerprint per array, by dotted path (`fingerprint`);
+  log_window/    JSON, only for a step saved between two logs: the loop's metric sums since the
+                 last log (not training state: unverified, and a resume without it still works).
 Restores recompute the fingerprints of the arrays they read and compare them with the saved ones
 (`verify`: `DamagedCheckpointError` on a difference), and `Checkpointer.restore_latest`
 (`manager`) falls back past damaged steps to the newest one that restores and verifies. `layout`

@@ -14,6 +14,7 @@ from pirl_jax import user_errors
 
 ITEM = "default"  # the state's item folder inside each step folder
 FINGERPRINTS = "fingerprints"  # the fingerprints' item folder next to it
+LOG_WINDOW = "log_window"  # the loop's metric sums since its last log, when a step saves between logs
 DAMAGED_SUFFIX = ".damaged"  # '<step>.damaged': a damaged step moved aside (not a step name)
 COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a finished step folder on object storage
 # Written into the state item's own metadata, so that a step whose checksums and step metadata

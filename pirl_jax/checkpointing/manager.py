@@ -82,9 +82,11 @@ class Checkpointer:
     # Items named up front: left to guess, Orbax takes a step folder holding 'default' for a
     # single-item checkpoint and then refuses two-item saves.
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=(layout.ITEM, layout.FINGERPRINTS),
+        self.directory, options=options,
+        item_names=(layout.ITEM, layout.FINGERPRINTS, layout.LOG_WINDOW),
         item_handlers={layout.ITEM: ocp.StandardCheckpointHandler(),
-                       layout.FINGERPRINTS: ocp.JsonCheckpointHandler()})
+                       layout.FINGERPRINTS: ocp.JsonCheckpointHandler(),
+                       layout.LOG_WINDOW: ocp.JsonCheckpointHandler()})
     self._damaged: list[DamagedStep] = []
 
   def latest_step(self) -> int | None:
@@ -99,13 +101,34 @@ class Checkpointer:
     """The steps the last `restore_latest` found damaged and skipped, newest first."""
     return list(self._damaged)
 
-  def save(self, step: int, state, force: bool = False) -> bool:
-    """Saves `state` and its fingerprints as `step` (in the background with async_save)."""
+  def save(self, step: int, state, force: bool = False, log_window: dict | None = None) -> bool:
+    """Saves `state` and its fingerprints as `step` (in the background with async_save).
+
+    `log_window` (JSON) is saved next to them when given: what the loop had summed since its last
+    log, so that a resumed run logs the same means as an uninterrupted one.
+    """
     record = {"algorithm": fingerprint.ALGORITHM, "arrays": fingerprint.fingerprints(state)}
-    args = ocp.args.Composite(**{layout.ITEM: ocp.args.StandardSave(
-                                     state, custom_metadata=layout.ITEM_MARK),
-                                 layout.FINGERPRINTS: ocp.args.JsonSave(record)})
-    return self._manager.save(step, args=args, force=force)
+    items = {layout.ITEM: ocp.args.StandardSave(state, custom_metadata=layout.ITEM_MARK),
+             layout.FINGERPRINTS: ocp.args.JsonSave(record)}
+    if log_window is not None:
+      items[layout.LOG_WINDOW] = ocp.args.JsonSave(log_window)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def log_window(self, step: int) -> dict | None:
+    """The `log_window` saved with `step`, or None (none saved, or unreadable: a warning)."""
+    folder = self.directory / str(step) / layout.LOG_WINDOW
+    if not folder.is_dir():
+      return None
+    try:
+      record = ocp.JsonCheckpointHandler().restore(folder)
+      if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+      return record
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      logging.warning("The metric sums saved with checkpoint step %d cannot be read (%s): the "
+                      "first log after resuming averages only the steps after it.", step,
+                      verify.describe_error(e))
+      return None
 
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """Every array's shape saved at `step`, by dotted path (`leaf_shapes`); reads no array."""

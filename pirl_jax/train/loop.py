@@ -17,8 +17,9 @@ What lives here, once:
     pure function of (seed, step), so a resumed run is bitwise identical to an uninterrupted one.
   * A finished run is not run again: the same command reports it complete and writes nothing.
   * The metric window, kept on device: means at log steps, and the first step at which the loss
-    or gradient norm was not finite, recorded without a host sync per step. Such a step stops
-    the run before any checkpoint of the poisoned state is written (or, with
+    or gradient norm was not finite, recorded without a host sync per step; a checkpoint written
+    between two logs carries it, so a resumed run logs what an uninterrupted one does. Such a
+    step stops the run before any checkpoint of the poisoned state is written (or, with
     `config.skip_nonfinite_steps`, the task's step skips it and it is counted).
   * Periodic actions: the progress line (with ETA), TensorBoard scalars, evaluators
     (`Evaluator.run(state) -> metrics`), checkpoints.
@@ -121,6 +122,24 @@ def format_duration(seconds: float) -> str:
 def _empty_window(metrics):
   return {"sums": jax.tree.map(jnp.zeros_like, metrics), "count": jnp.zeros((), jnp.int32),
           "first_bad": {k: jnp.full((), _NEVER, jnp.int32) for k in WATCHED}}
+
+
+def _window_record(window, steps: int) -> dict:
+  """A fetched log window as JSON, saved with a checkpoint written between two logs."""
+  return {"steps": steps, "count": int(window["count"]),
+          "sums": {k: [float(v), str(np.asarray(v).dtype)] for k, v in window["sums"].items()},
+          "first_bad": {k: int(v) for k, v in window["first_bad"].items()}}
+
+
+def _window_from_record(record: dict | None):
+  """(window, steps) from `_window_record`'s JSON; (None, 0) for None or another layout."""
+  try:
+    window = {"sums": {k: np.asarray(v, dtype) for k, (v, dtype) in record["sums"].items()},
+              "count": np.asarray(record["count"], np.int32),
+              "first_bad": {k: np.asarray(record["first_bad"][k], np.int32) for k in WATCHED}}
+    return window, int(record["steps"])
+  except (TypeError, KeyError, ValueError):
+    return None, 0
 
 
 @jax.jit
@@ -336,7 +355,11 @@ class Run:
                  jax.process_count(), config.global_batch_size)
 
     batches = task.batches(first_step)
-    window, last_metrics, evaluations, history = None, {}, {}, []
+    # A checkpoint written between two logs carries the sums since the last log, so that the
+    # next log (and the final loss) averages the same steps as an uninterrupted run.
+    window, carried_steps = _window_from_record(
+        self.checkpointer.log_window(first_step) if self.latest is not None else None)
+    last_metrics, evaluations, history = {}, {}, []
     done, preempted = first_step, False
     window_start, window_steps = time.time(), 0
     train_start, first_log = time.time(), None
@@ -344,6 +367,8 @@ class Run:
       for step in range(first_step, total):
         batch = sharding_lib.global_batch(next(batches), self.mesh)
         state, metrics = task.train_step(state, batch)
+        if window is not None and set(window["sums"]) != set(metrics):
+          window, carried_steps = None, 0  # saved by a version with other metrics
         window = _accumulate(_empty_window(metrics) if window is None else window, metrics,
                              jnp.asarray(step + 1, jnp.int32))
         window_steps += 1
@@ -357,7 +382,7 @@ class Run:
         save_now = done % checkpoint_every == 0 or last or preempted
         fetched = None
         if log_now:
-          fetched = jax.device_get(window)
+          fetched = dict(jax.device_get(window), steps=window_steps + carried_steps)
         elif (save_now or eval_now) and not skip_nonfinite:
           fetched = {"first_bad": jax.device_get(window["first_bad"])}
         if fetched is not None and not skip_nonfinite:
@@ -374,7 +399,7 @@ class Run:
           last_metrics = self._log(task, writer, state, fetched, done, total, window_steps,
                                    now - window_start, now - train_start,
                                    (total - done) * wall_per_step, skip_nonfinite)
-          window, window_start, window_steps = None, time.time(), 0
+          window, window_start, window_steps, carried_steps = None, time.time(), 0, 0
         if eval_now:
           eval_start = time.time()
           evaluations = self._evaluate(task, state, writer, done)
@@ -384,7 +409,9 @@ class Run:
           # Evaluation time is not training time: keep it out of the steps/s window.
           window_start += time.time() - eval_start
         if save_now:
-          self.checkpointer.save(done, state, force=preempted)
+          log_window = (None if window is None else
+                        _window_record(jax.device_get(window), window_steps + carried_steps))
+          self.checkpointer.save(done, state, force=preempted, log_window=log_window)
           writer.flush()  # the events so far reach the workdir with each checkpoint
         if preempted and not last:
           logging.warning("SIGTERM: stopped after step %d/%d with a checkpoint; run the same "
@@ -425,7 +452,7 @@ class Run:
            window_seconds: float, elapsed: float, eta: float, skip_nonfinite: bool) -> dict:
     """Writes the window's mean metrics and the progress line; returns the means."""
     count = int(fetched["count"])
-    skipped = window_steps - count
+    skipped = fetched["steps"] - count  # the window may have begun before a resume
     steps_per_sec = window_steps / max(window_seconds, 1e-9)
     means = {k: float(v) / count if count else float("nan") for k, v in fetched["sums"].items()}
     means["steps_per_sec"] = steps_per_sec
@@ -435,7 +462,7 @@ class Run:
       if skipped:
         first = min(int(v) for v in fetched["first_bad"].values())
         logging.warning("Skipped %d of the last %d step(s) for a non-finite loss or gradient "
-                        "norm (first at step %d); %d skipped in all.", skipped, window_steps,
+                        "norm (first at step %d); %d skipped in all.", skipped, fetched["steps"],
                         first, int(means["nonfinite_steps"]))
     writer.write_scalars(done, {k: v for k, v in means.items() if np.isfinite(v)})
     logging.info("step %d/%d (%.1f%%) epoch %.1f %s | %.2f steps/s %.0f img/s | elapsed %s ETA %s",
