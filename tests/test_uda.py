@@ -259,6 +259,12 @@ def test_an_unlabelled_folder_is_added_and_held_out_images_in_it_are_refused(
   with pytest.raises(errors.DataSourceError, match="renamed_copy.jpg.*the test image"):
     labelled.unlabelled_pool(config.data, str(extra), train, positions, _held_out(splits_))
   (extra / "renamed_copy.jpg").unlink()
+  # The same picture in another encoding: its decoded pixels, saved as a lossless PNG.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.open(test_files[1]).convert("RGB").save(extra / "lossless_copy.png")
+  with pytest.raises(errors.DataSourceError, match="lossless_copy.png.*the test image"):
+    labelled.unlabelled_pool(config.data, str(extra), train, positions, _held_out(splits_))
+  (extra / "lossless_copy.png").unlink()
   validation_id = splits_["validation"].image_ids[0]
   _write_images(tmp_path / "other", 1, seed=1)
   shutil.move(tmp_path / "other" / "extra_0.png", extra / f"{validation_id}_resized.png")

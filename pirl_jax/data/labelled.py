@@ -155,8 +155,9 @@ def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
   unlabelled folder (the synthetic set's `ISIC-2017_Unlabeled_Data`, when present), and the
   images under `unlabelled_path` (config field `uda.unlabelled_path`).
 
-  Validation and test images never enter it: an extra image whose prepared bytes equal those of
-  a validation or test image, or whose name holds the ISIC id of one, is an error that names it.
+  Validation and test images never enter it: an extra image whose prepared bytes or decoded
+  picture equal those of a validation or test image (in any encoding: `_check_not_held_out`), or
+  whose name holds the ISIC id of one, is an error that names it.
 
   Returns:
     The pool as a split named 'unlabelled' (labels -1), in a stable order.
@@ -208,19 +209,37 @@ def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
                        skipped=skipped)
 
 
+# Root-mean-square difference of two thumbnails (grey levels) below which two images are the same
+# picture: re-encoding moves a thumbnail by well under one level, another photograph by tens.
+SAME_PICTURE_RMS = 2.0
+
+
 def _check_not_held_out(names: Sequence[str], encoded: Sequence[bytes],
                         held_out: Sequence[LabelledSplit]) -> None:
-  by_digest, by_id = {}, {}
+  """Refuses unlabelled images that are held-out images: the same bytes, the same decoded
+  picture in another encoding (e.g. a lossless PNG of a test JPEG), or a held-out ISIC id in
+  the name."""
+  owners, by_digest, by_id, thumbs = [], {}, {}, []
   for split in held_out:
     for image_id, data in zip(split.image_ids, split.encoded):
       by_digest[hashlib.sha1(data).digest()] = (split.split, image_id)
       by_id[image_id] = (split.split, image_id)
+      owners.append((split.split, image_id))
+      thumbs.append(images_lib.thumbnail(data, f"{split.split}/{image_id}").reshape(-1))
+  held = np.stack(thumbs) if thumbs else np.zeros((0, 3 * images_lib.THUMBNAIL_SIDE ** 2))
+  held_sq = (held ** 2).sum(1)
   found = []
   for name, data in zip(names, encoded):
     hit = by_digest.get(hashlib.sha1(data).digest())
     if hit is None:
       ids = re.findall(r"ISIC_\d{7}", pathlib.PurePath(name).name)
       hit = next((by_id[i] for i in ids if i in by_id), None)
+    if hit is None and len(held):
+      thumb = images_lib.thumbnail(data, name).reshape(-1)
+      mean_sq = (held_sq - 2.0 * held @ thumb + (thumb ** 2).sum()) / thumb.size
+      nearest = int(np.argmin(mean_sq))
+      if mean_sq[nearest] < SAME_PICTURE_RMS ** 2:
+        hit = owners[nearest]
     if hit is not None:
       found.append(f"{name} (the {hit[0]} image {hit[1]})")
   if found:
