@@ -3,11 +3,13 @@
 import io
 import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from pirl_jax.data import errors
 from pirl_jax.data import images
 from pirl_jax.user_errors import UserError
 
@@ -210,3 +212,13 @@ def test_bad_image_error_pickles():
   err = pickle.loads(pickle.dumps(images.BadImageError("x.jpg", "broken")))
   assert isinstance(err, ValueError) and str(err) == "x.jpg: broken"
   assert isinstance(err, UserError)
+
+
+def test_a_folder_where_the_cache_file_goes_is_one_error_naming_it(tmp_path):
+  items = [("img0.jpg", lambda: _rgb_jpeg(40, 30))]
+  cache = tmp_path / "prepared" / "0123.npz"
+  (cache / "something").mkdir(parents=True)
+  with pytest.raises(errors.DataSourceError,
+                     match=rf"cache file {re.escape(str(cache))} is a folder.*data.cache_dir"):
+    images.prepare_all(items, min_side=1, max_side=24, cache_path=cache)
+  assert (cache / "something").is_dir()  # nothing in it deleted

@@ -211,7 +211,15 @@ def _cache_key(items: list, min_side: int, max_side: int, on_bad: str) -> str:
 
 
 def _load_cache(path: Path, key: str) -> PreparedImages | None:
-  """The cached result at `path` if its key is `key`; None (to rebuild) if stale or unreadable."""
+  """The cached result at `path` if its key is `key`; None (to rebuild) if stale or unreadable.
+
+  Raises:
+    DataSourceError: `path` is a folder (it cannot be rebuilt without deleting what is in it).
+  """
+  if path.is_dir():
+    raise errors.DataSourceError(
+        f"The prepared-image cache file {path} is a folder. Move it away, or set another cache "
+        "folder (config field data.cache_dir, or the PIRL_JAX_CACHE environment variable).")
   if not path.exists():
     return None
   try:
