@@ -392,6 +392,24 @@ def test_cli_reports_an_already_complete_run(tmp_path, tiny_pretraining, small_i
 # --- SIGTERM while the CLI starts up ----------------------------------------------------------------
 
 
+def test_sigterm_while_a_command_imports_is_a_message_and_exit_status_0(tmp_path):
+  # As while TensorFlow loads: fd 2 points at a scratch file (program.import_tensorflow), and
+  # the message must still reach the real stderr.
+  script = ("import os, signal, sys, time\n"
+            "import pirl_jax.commands\n"
+            f"scratch = os.open({str(tmp_path / 'scratch')!r}, os.O_WRONLY | os.O_CREAT)\n"
+            "os.dup2(scratch, 2)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(60)\n"
+            "sys.exit(7)\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+  assert result.returncode == 0, result.stderr
+  assert result.stderr == ("Stopped by SIGTERM while starting up; nothing was written: run the "
+                           "same command again to start.\n")
+
+
 @pytest.mark.slow
 def test_sigterm_during_startup_exits_cleanly(tmp_path, small_isic_root):
   workdir = tmp_path / "run"

@@ -202,7 +202,13 @@ def run_program(main_fn: Callable, argv, entry_files=()) -> int:
     except signals.StartupInterrupted:
       print("Stopped by SIGTERM outside the training steps; nothing was lost: run the same "
             "command again to continue.", file=sys.stderr)
-      return 0
+      # Everything this program writes is complete by now (a run's checkpoints are waited for
+      # as its loop.Run closes); what is not is TensorFlow's and XLA's own threads, and tearing
+      # the interpreter down under them can crash (exit status 139). So: no teardown.
+      logging.flush()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(0)  # pylint: disable=protected-access
 
   if any(arg in ("-h", "--help", "-?") for arg in argv[1:]):
     print(command_help(argv[0]))
