@@ -4,6 +4,7 @@ XLA reads the flag when jax initialises its backend, so it is set before any tes
 """
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -65,3 +66,12 @@ def gcs():
     pytest.skip(f"no Cloud Storage emulator: {e}")
   yield emulator
   emulator.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The fault-injection suite's outcome counts (tests/test_faults.py), when it ran."""
+  faults = sys.modules.get("test_faults")
+  if faults is not None and faults.OUTCOMES:
+    terminalreporter.write_sep("=", "fault-injection outcomes (trial / outcome: count)")
+    for name, count in sorted(faults.OUTCOMES.items()):
+      terminalreporter.write_line(f"{name}: {count}")

@@ -403,8 +403,7 @@ def test_sigterm_while_a_command_imports_is_a_message_and_exit_status_0(tmp_path
             "time.sleep(60)\n"
             "sys.exit(7)\n")
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=60,
-                          preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+                          text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   assert result.stderr == ("Stopped by SIGTERM while starting up; nothing was written: run the "
                            "same command again to start.\n")

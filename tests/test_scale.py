@@ -1,16 +1,11 @@
 """Scale-out and preemption, end to end: two processes equal one, checkpoints move between device
 counts, and a run killed (SIGKILL) or preempted (SIGTERM) resumes bitwise identically."""
 
-import os
 import pathlib
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 
 import jax
 import numpy as np
@@ -21,6 +16,7 @@ from pirl_jax import checkpointing
 from pirl_jax import sharding as sharding_lib
 from pirl_jax.tasks import pretrain
 from pirl_jax.train import state as state_lib
+import main_runs  # tests/main_runs.py
 import tree_arrays  # tests/tree_arrays.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -40,15 +36,8 @@ def _max_diff(a, b):
              for k in a)
 
 
-def _item(workdir, step):
-  return pathlib.Path(workdir) / "checkpoints" / str(step) / "default"
-
-
-def _steps(workdir):
-  folder = pathlib.Path(workdir) / "checkpoints"
-  if not folder.is_dir():
-    return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+_item = main_runs.item
+_steps = main_runs.steps
 
 
 def _flags(root, workdir, *extra):
@@ -57,65 +46,10 @@ def _flags(root, workdir, *extra):
 
 
 def _env(tmp_path, devices=None, compilation_cache=None):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PIRL_JAX_CACHE"] = str(tmp_path / "cache")
-  if compilation_cache:
-    # Repeated runs of one program load it instead of compiling it again: same executable.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  return env
+  return main_runs.env(tmp_path / "cache", devices, compilation_cache)
 
 
-class _Run:
-  """main.py in a subprocess; its stdout and stderr (absl logs) are collected as it runs."""
-
-  def __init__(self, args, env):
-    self.proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    self.lines, self.stdout = [], []
-    self._readers = [threading.Thread(target=self._read, args=(pipe, out), daemon=True)
-                     for pipe, out in ((self.proc.stderr, self.lines),
-                                       (self.proc.stdout, self.stdout))]
-    for reader in self._readers:
-      reader.start()
-
-  @staticmethod
-  def _read(pipe, out):
-    for line in pipe:
-      out.append(line)
-
-  def logged_step(self) -> int:
-    """The last step of a progress line ('step 12/30 ...'), 0 before the first."""
-    steps = [int(m.group(1)) for line in list(self.lines)
-             if (m := re.search(r"(?:^|\s)step (\d+)/\d+ \(", line))]
-    return max(steps, default=0)
-
-  def wait_until(self, condition, timeout=300, what=""):
-    deadline = time.time() + timeout
-    while not condition():
-      if self.proc.poll() is not None:
-        raise AssertionError(f"main.py exited ({self.proc.returncode}) before {what}:\n"
-                             + "".join(self.lines[-40:]))
-      if time.time() > deadline:
-        self.proc.kill()
-        raise AssertionError(f"Timed out waiting for {what}:\n" + "".join(self.lines[-40:]))
-      time.sleep(0.02)
-
-  def finish(self, timeout=300):
-    """Waits for the exit; returns (exit code, stdout, stderr)."""
-    try:
-      self.proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      raise
-    for reader in self._readers:
-      reader.join(timeout=30)
-    return self.proc.returncode, "".join(self.stdout), "".join(self.lines)
+_Run = main_runs.Run
 
 
 def _free_port() -> int:

@@ -6,8 +6,6 @@ import io
 import json
 import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -262,11 +260,11 @@ def test_cli_writes_the_set_and_reports_where_and_how_long(tmp_path, capsys):
   assert json.loads((out / synthetic.COMPLETE_MARKER).read_text())["seed"] == 2
 
 
-def test_runs_as_a_module_and_writes_what_generate_writes(tmp_path):
+def test_runs_as_a_module_and_writes_what_generate_writes(tmp_path, capsys):
+  # The arguments of `python -m pirl_jax.data.synthetic ...`, in this process.
   counts = ["--num-train", "3", "--num-val", "1", "--num-test", "2"]
-  subprocess.run([sys.executable, "-m", "pirl_jax.data.synthetic", "--out", str(tmp_path / "cli"),
-                  "--seed", "4", *counts], check=True, capture_output=True,
-                 cwd=pathlib.Path(__file__).resolve().parents[1])
+  synthetic.main(["--out", str(tmp_path / "cli"), "--seed", "4", *counts])
+  assert capsys.readouterr().out.startswith(f"wrote 6 synthetic images to {tmp_path / 'cli'} in ")
   in_process = synthetic.generate(tmp_path / "api", seed=4, num_train=3, num_val=1, num_test=2)
   assert _files(tmp_path / "cli") == _files(in_process)
 
