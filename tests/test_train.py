@@ -163,7 +163,7 @@ def test_loss_decreases_and_positives_separate(tmp_path, small_isic_root):
   _, workdir, summary = _pretrain(
       tmp_path, "learn", small_isic_root,
       **{"num_train_steps": 40, "log_every_steps": 10, "checkpoint_every_steps": 40,
-         "optim.base_learning_rate": 0.5})
+         "optim.base_learning_rate": 0.5, "probe.enabled": False})
   logged = json.loads((workdir / "summary.json").read_text())
   assert logged["step"] == 40
   values = _scalars(workdir, "loss")
