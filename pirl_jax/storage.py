@@ -29,6 +29,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 
 # Before any epath path picks its backend (epath caches the choice on first use).
 os.environ.setdefault("EPATH_USE_TF", "false")
@@ -74,7 +75,12 @@ def files_under(root: Path) -> list[Path]:
 
 
 class TensorBoardWriter(metric_writers.MetricWriter):
-  """clu's TensorBoard `SummaryWriter` for a local folder or a URL.
+  """TensorBoard event files for a local folder or a URL.
+
+  Scalars are written as TensorBoard scalar values (`Summary.Value.simple_value`), so that
+  TensorBoard's `EventAccumulator(...).Scalars(tag)` and other readers of the event format see
+  them as scalars (clu's writer stores them as tensor events); the other kinds go through clu's
+  `SummaryWriter`, created on first use, into a second event file of the same folder.
 
   For a URL the events go to a local folder first and are copied to `logdir` at every `flush`
   and on `close` (an event file is appended to; an object is written whole, as TensorFlow's own
@@ -82,16 +88,30 @@ class TensorBoardWriter(metric_writers.MetricWriter):
   """
 
   def __init__(self, logdir: str | os.PathLike):
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
     self._target = path(logdir) if is_url(logdir) else None
     self._local = (tempfile.mkdtemp(prefix="pirl_jax_events_") if self._target is not None
                    else os.fspath(logdir))
-    self._writer = metric_writers.SummaryWriter(self._local)
+    os.makedirs(self._local, exist_ok=True)
+    self._scalars = event_file_writer.EventFileWriter(self._local)
+    self._clu_writer = None
+
+  @property
+  def _writer(self):
+    if self._clu_writer is None:
+      self._clu_writer = metric_writers.SummaryWriter(self._local)
+    return self._clu_writer
+
+  def write_scalars(self, step, scalars):
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+              for tag, value in scalars.items()]
+    self._scalars.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                            summary=summary_pb2.Summary(value=values)))
 
   def write_summaries(self, step, values, metadata=None):
     self._writer.write_summaries(step, values, metadata)
-
-  def write_scalars(self, step, scalars):
-    self._writer.write_scalars(step, scalars)
 
   def write_images(self, step, images):
     self._writer.write_images(step, images)
@@ -116,7 +136,9 @@ class TensorBoardWriter(metric_writers.MetricWriter):
     self._writer.write_hparams(hparams)
 
   def flush(self):
-    self._writer.flush()
+    self._scalars.flush()
+    if self._clu_writer is not None:
+      self._clu_writer.flush()
     if self._target is not None:
       self._target.mkdir(parents=True, exist_ok=True)
       for name in sorted(os.listdir(self._local)):
@@ -125,7 +147,9 @@ class TensorBoardWriter(metric_writers.MetricWriter):
 
   def close(self):
     self.flush()
-    self._writer.close()
+    self._scalars.close()
+    if self._clu_writer is not None:
+      self._clu_writer.close()
     if self._target is not None:
       shutil.rmtree(self._local, ignore_errors=True)
 

@@ -56,6 +56,24 @@ def tiny_pretraining(tmp_path_factory, small_isic_root, shared_cache_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_finetuning(tmp_path_factory, tiny_pretraining, small_isic_root, shared_cache_dir):
+  """One short fine-tuning run from `tiny_pretraining` (tiny preset, 4 steps, validation at
+  steps 2 and 4), shared by every test that only reads its outputs. Tests must not write into
+  its workdir."""
+  import types  # pylint: disable=g-import-not-at-top
+  from configs import finetune_isic  # pylint: disable=g-import-not-at-top
+  from pirl_jax.tasks import finetune  # pylint: disable=g-import-not-at-top
+  config = finetune_isic.get_config("tiny")
+  config.update_from_flattened_dict({
+      "data.source": "isic", "data.path": str(small_isic_root),
+      "data.cache_dir": str(shared_cache_dir), "init.checkpoint": str(tiny_pretraining.workdir),
+      "num_train_steps": 4, "eval_every_steps": 2})
+  workdir = tmp_path_factory.mktemp("tiny_finetuning") / "run"
+  summary = finetune.train_and_evaluate(config, str(workdir))
+  return types.SimpleNamespace(config=config, workdir=workdir, summary=summary)
+
+
+@pytest.fixture(scope="session")
 def gcs():
   """A local Cloud Storage emulator with one bucket, the clients pointed at it
   (tests/gcs_emulator.py); the tests that use it are skipped, saying why, when it cannot start."""

@@ -366,11 +366,12 @@ def test_curves_names_a_bad_random_level(tiny_pretraining, tmp_path, capsys):
 
 @pytest.mark.parametrize("preset,source,expected", [
     ("tiny", "synthetic", "--config=configs/finetune_isic.py:tiny --config.init.checkpoint=/r "),
-    ("default", "synthetic", "--config=configs/finetune_isic.py --config.init.checkpoint=/r "),
+    ("default", "synthetic", "--config=configs/finetune_isic.py --config.init.checkpoint=/r "
+     "--config.label_fraction=0.1 "),
     ("tiny", "isic", "--config=configs/finetune_isic.py:tiny --config.data.source=isic "
-     "--config.data.path=/d --config.init.checkpoint=/r "),
+     "--config.data.path=/d --config.init.checkpoint=/r --workdir"),
     ("isic", "isic", "--config=configs/finetune_isic.py:isic --config.data.path=/d "
-     "--config.init.checkpoint=/r "),
+     "--config.init.checkpoint=/r --config.label_fraction=0.1 "),
 ])
 def test_the_printed_next_step_fine_tunes_a_trunk_like_the_one_pretrained(preset, source,
                                                                          expected):

@@ -418,15 +418,13 @@ def _outputs(workdir):
 
 
 def test_fine_tuning_resumes_after_sigterm_with_the_same_result(
-    tmp_path, tiny_pretraining, small_isic_root, shared_cache_dir, monkeypatch):
+    tmp_path, tiny_finetuning, monkeypatch):
   """SIGTERM after step 2 stops the run at step 3 with a checkpoint; the same call resumes it,
-  and the selected state and every output equal those of an uninterrupted run, bit for bit."""
+  and the selected state and every output equal those of the uninterrupted session run, bit
+  for bit."""
   assert threading.current_thread() is threading.main_thread()  # the loop's SIGTERM handler
-  def config():
-    return _tiny(small_isic_root, shared_cache_dir, **{
-        "init.checkpoint": str(tiny_pretraining.workdir), "num_train_steps": 4,
-        "eval_every_steps": 2})
-  whole = finetune.train_and_evaluate(config(), str(tmp_path / "whole"))
+  config = tiny_finetuning.config.copy_and_resolve_references
+  whole = tiny_finetuning.summary
   assert whole["complete"] and not whole["preempted"]
 
   workdir = tmp_path / "interrupted"
@@ -448,7 +446,7 @@ def test_fine_tuning_resumes_after_sigterm_with_the_same_result(
   assert resumed["complete"] and not resumed["preempted"] and resumed["step"] == 4
   assert [e["step"] for e in resumed["evaluation_history"]] == [4]  # steps 1-3 were not redone
   assert resumed["evaluations"] == whole["evaluations"]  # validation at step 4
-  expected, got = _outputs(tmp_path / "whole"), _outputs(workdir)
+  expected, got = _outputs(tiny_finetuning.workdir), _outputs(workdir)
   assert got["csv"] == expected["csv"]
   assert got["best_json"] == expected["best_json"] and got["best_step"] == expected["best_step"]
   assert got["metrics"] == expected["metrics"]

@@ -1,7 +1,6 @@
 """Pretraining: multi-device equals single-device, learning, checkpoints and resume, config errors."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -11,6 +10,7 @@ from configs import pirl as pirl_configs
 from pirl_jax import checkpointing
 from pirl_jax import configuration
 from pirl_jax import sharding as sharding_lib
+from pirl_jax import storage
 from pirl_jax.tasks import pretrain
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
@@ -122,15 +122,24 @@ def _pretrain(tmp_path, name, isic_root, **overrides):
 
 
 def _scalars(workdir, tag):
-  """The values logged for `tag` in the workdir's TensorBoard event files, in step order."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  points = []
-  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        if value.tag == tag:
-          points.append((event.step, float(tf.make_ndarray(value.tensor))))
-  return [v for _, v in sorted(points)]
+  """The values logged for `tag`, in step order, as TensorBoard itself reads them: scalars."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(str(workdir))
+  accumulator.Reload()
+  return [event.value for event in sorted(accumulator.Scalars(tag), key=lambda e: e.step)]
+
+
+def test_tensorboard_scalars_are_scalars_to_tensorboard(tmp_path):
+  writer = storage.TensorBoardWriter(tmp_path / "run")
+  writer.write_scalars(1, {"loss": 6.5, "probe/knn_auc_mean": 0.625})
+  writer.write_scalars(3, {"loss": np.float32(5.25)})
+  writer.close()
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(str(tmp_path / "run"))
+  accumulator.Reload()
+  assert sorted(accumulator.Tags()["scalars"]) == ["loss", "probe/knn_auc_mean"]
+  assert [(e.step, e.value) for e in accumulator.Scalars("loss")] == [(1, 6.5), (3, 5.25)]
+  assert [(e.step, e.value) for e in accumulator.Scalars("probe/knn_auc_mean")] == [(1, 0.625)]
 
 
 def test_npid_pretrains_without_a_jigsaw_view(tmp_path, small_isic_root, caplog):

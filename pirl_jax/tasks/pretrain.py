@@ -122,17 +122,22 @@ def next_steps(config, summary: dict) -> str:
   probe_cmd = f"python -m pirl_jax.commands.probe --checkpoint={workdir}"
   # A smoke run (the tiny preset) is followed by the tiny fine-tuning: the same small trunk.
   tiny = config.get("name") == "pirl-tiny"
+  # With a tenth of the labels, as the README's fine-tuning numbers (where labels are scarce is
+  # where pretraining counts); the tiny preset sets its own few steps.
+  labels = "" if tiny else "--config.label_fraction=0.1 "
   if data.source == "synthetic":
-    return ("  fine-tune on the embedded ISIC-layout set from it:\n"
+    scarce = "" if tiny else ", with 10% of the labels"
+    return (f"  fine-tune on the embedded ISIC-layout set from it{scarce}:\n"
             f"    python main.py --config=configs/finetune_isic.py{':tiny' if tiny else ''} "
-            f"--config.init.checkpoint={workdir} --workdir={workdir}-finetune\n"
+            f"--config.init.checkpoint={workdir} {labels}--workdir={workdir}-finetune\n"
             f"  probe its frozen features (kNN and linear, vs a random trunk):\n    {probe_cmd}")
   if data.source == "isic":
-    return ("  fine-tune on the same ISIC 2017 data from it:\n"
+    scarce = "" if tiny else ", with 10% of the labels"
+    return (f"  fine-tune on the same ISIC 2017 data from it{scarce}:\n"
             "    python main.py --config=configs/finetune_isic.py"
             f"{':tiny --config.data.source=isic' if tiny else ':isic'} "
             f"--config.data.path={data.path} --config.init.checkpoint={workdir} "
-            f"--workdir={workdir}-finetune\n"
+            f"{labels}--workdir={workdir}-finetune\n"
             f"  probe its frozen features (kNN and linear, vs a random trunk):\n"
             f"    {probe_cmd} --data=isic:{data.path}")
   if data.source == "folder":
