@@ -381,3 +381,30 @@ def test_the_printed_next_step_fine_tunes_a_trunk_like_the_one_pretrained(preset
   config.data.source = source
   config.data.path = "/d" if source == "isic" else ""
   assert expected in pretrain.next_steps(config, {"workdir": "/r"})
+
+
+def test_the_projects_configs_resolve_by_name_or_path_from_any_folder(tmp_path, monkeypatch):
+  from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)  # where an installed `pirl-jax` may be run
+  shipped = str(REPO / "configs" / "pirl.py")
+  assert program.shipped_config("configs/pirl.py") == shipped
+  assert program.shipped_config("pirl") == shipped
+  assert program.shipped_config("finetune_isic") == str(REPO / "configs" / "finetune_isic.py")
+  assert program.shipped_config("nothere") is None
+  assert program.shipped_config("elsewhere/pirl.py") is None  # not the project's configs/
+  assert program.resolve_config_flag(["main.py", "--config=pirl:tiny", "--config.seed=1"]) == [
+      "main.py", f"--config={shipped}:tiny", "--config.seed=1"]
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "pirl.py").write_text("def get_config(preset=None): ...\n")
+  assert program.shipped_config("configs/pirl.py") is None  # a user's own file comes first
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs(tmp_path):
+  subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w",
+                  str(tmp_path)], cwd=REPO, check=True, capture_output=True, timeout=600)
+  import zipfile  # pylint: disable=g-import-not-at-top
+  names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+  assert {"pirl_jax/configs/pirl.py", "pirl_jax/configs/finetune_isic.py",
+          "pirl_jax/data/permutations_1000.npy"} <= set(names)
+  assert not any(n.startswith(("configs/", "tests/")) for n in names)

@@ -131,6 +131,40 @@ def _config_spec(argv) -> str | None:
   return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
 
 
+# The project's configs: the repository's configs/ folder, or the copy installed inside the
+# package (pirl_jax/configs, see setup.py).
+_SHIPPED_CONFIG_DIRS = (pathlib.Path(__file__).resolve().parents[1] / "configs",
+                        pathlib.Path(__file__).resolve().parents[2] / "configs")
+
+
+def shipped_config(path: str) -> str | None:
+  """The project's own config file that `path` names, when `path` is not a file here.
+
+  `configs/pirl.py` from outside the repository, or a config by name (`pirl`, `finetune_isic`),
+  resolves to the one that ships with the package; None for anything else.
+  """
+  if os.path.isfile(path):
+    return None
+  candidate = pathlib.PurePath(path)
+  name = (candidate.name if candidate.suffix == ".py" and candidate.parent.name == "configs"
+          else f"{path}.py" if path.isidentifier() else None)
+  if name is None:
+    return None
+  return next((str(d / name) for d in _SHIPPED_CONFIG_DIRS if (d / name).is_file()), None)
+
+
+def resolve_config_flag(argv) -> list[str]:
+  """`argv` with --config=SPEC pointing at the shipped config file when SPEC names one."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=") and (shipped := shipped_config(
+        arg[len("--config="):].partition(":")[0])):
+      preset = arg.partition(":")[2] if ":" in arg[len("--config="):] else ""
+      arg = f"--config={shipped}" + (f":{preset}" if preset else "")
+    out.append(arg)
+  return out
+
+
 def _load_config_file(argv):
   """The config named by --config=FILE[:PRESET] in `argv`, or None if it does not load."""
   spec = _config_spec(argv)
@@ -149,10 +183,13 @@ def _load_config_file(argv):
 
 def parse_flags(argv):
   """FLAGS(argv), with config-file mistakes reported as one line naming the field (status 2)."""
+  argv = resolve_config_flag(argv)
   spec = _config_spec(argv)
   if spec and not os.path.isfile(spec.partition(":")[0]):
     _user_error(f"config file {spec.partition(':')[0]!r} does not exist (--config={spec}); "
-                "e.g. --config=configs/pirl.py or --config=configs/pirl.py:tiny.")
+                "e.g. --config=configs/pirl.py or --config=configs/pirl.py:tiny (the project's "
+                "configs also by name from any folder: --config=pirl:tiny, "
+                "--config=finetune_isic).")
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  (any failure here is in the command)
