@@ -4,6 +4,7 @@ probes run during pretraining, and the probe command judges a checkpoint against
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
+from configs import pirl as pirl_configs
 from pirl_jax.data import probe_data
 from pirl_jax.eval import probes
 
@@ -152,6 +154,28 @@ def test_labels_csv_written_by_a_spreadsheet_with_a_byte_order_mark_is_read(labe
   with_bom = tmp_path / "labels_bom.csv"
   with_bom.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes().replace(b"\n", b"\r\n"))
   assert probe_data.read_labels_csv(with_bom, root) == probe_data.read_labels_csv(csv_path, root)
+
+
+def test_class_subfolders_label_a_folder_without_a_csv(labelled_folder, tmp_path):
+  root, _ = labelled_folder
+  # The fixture's folder has a loose image at the top: not the layout; without it, it is.
+  with pytest.raises(probe_data.LabelsCsvError, match="need labels: a labels CSV .* subfolder"):
+    probe_data.load_folder(str(root), "", pirl_configs.get_config("tiny").data)
+  folder = tmp_path / "classes"
+  shutil.copytree(root / "v", folder / "vertical")
+  shutil.copytree(root / "h", folder / "horizontal")
+  assert probe_data.has_labels(str(folder), "") and not probe_data.has_labels(str(root), "")
+  data_cfg = pirl_configs.get_config("tiny").data
+  data_cfg.cache_dir = str(tmp_path / "cache")
+  sets = probe_data.load_folder(str(folder), "", data_cfg, query_fraction=0.5, seed=0)
+  assert sets.class_names == ("horizontal", "vertical")
+  assert sorted(sets.index.names + sets.query.names) == sorted(
+      f"{c}/{p.name}" for c in ("vertical", "horizontal") for p in (folder / c).iterdir())
+  for images in (sets.index, sets.query):
+    expected = [sets.class_names.index(n.split("/")[0]) for n in images.names]
+    assert images.label.tolist() == expected
+  assert sorted(np.bincount(sets.query.label).tolist()) == [6, 6]
+  assert "labelled by its class subfolders" in sets.description
 
 
 def _probe_sets(index_labels, query_labels, class_names=("a", "b", "c")):

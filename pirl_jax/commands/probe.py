@@ -163,10 +163,11 @@ def run_probe(checkpoint: str, *, data: str = "", labels: str = "", tfds_data_di
     cfg.labels = labels
   elif data_cfg.source == "folder" and not cfg.tfds_name:
     cfg.labels = saved_probe.get("labels", "")
-  if data_cfg.source == "folder" and not cfg.labels and not cfg.tfds_name:
+  if (data_cfg.source == "folder" and not cfg.tfds_name
+      and not probe_data.has_labels(data_cfg.path, cfg.labels)):
     raise probe_data.LabelsCsvError(
         f"The images in {data_cfg.path} need labels: pass --labels=CSV with lines 'file,label' "
-        "(file relative to --data).")
+        "(file relative to --data), or put each class's images in a subfolder of its own.")
   if data_cfg.source == "tfds" and not cfg.tfds_name:
     raise probe_data.LabelsCsvError(
         "The checkpoint was pretrained on a tfds dataset: name a labelled one with "

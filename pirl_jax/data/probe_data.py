@@ -10,6 +10,8 @@ Sources:
     `index` (or `train`) or `query` (or `test`). Without a split column, a seeded, stratified
     `query_fraction` of each class are the queries. Images of the folder without a line are not
     used;
+  * a folder of class subfolders without a CSV (the ImageFolder layout, `<class>/<file>`): each
+    image labelled by its subfolder's name, the queries drawn as above;
   * a tfds dataset with an integer label feature: two of its splits.
 
 Every image is decoded, converted to RGB, downscaled and re-encoded once, through the same
@@ -145,6 +147,23 @@ def read_labels_csv(path: str | pathlib.Path, folder: str | pathlib.Path
   return rows
 
 
+def class_folder_labels(folder: str | pathlib.Path) -> list[tuple[str, str, None]] | None:
+  """(file, subfolder name, None) rows when `folder` is in the ImageFolder layout: every image
+  directly inside one of at least two class subfolders. None for any other layout."""
+  folder = storage.path(folder, absolute=False)
+  names = sorted(p.relative_to(folder).as_posix() for p in storage.files_under(folder)
+                 if p.suffix.lower() in sources.IMAGE_SUFFIXES)
+  parts = [pathlib.PurePosixPath(n).parts for n in names]
+  if not names or any(len(p) != 2 for p in parts) or len({p[0] for p in parts}) < 2:
+    return None
+  return [(name, p[0], None) for name, p in zip(names, parts)]
+
+
+def has_labels(folder: str, labels_csv: str) -> bool:
+  """Whether a probe can label `folder`: a labels CSV, or class subfolders."""
+  return bool(labels_csv) or class_folder_labels(folder) is not None
+
+
 def split_positions(labels: np.ndarray, query_fraction: float, seed: int
                     ) -> tuple[np.ndarray, np.ndarray]:
   """A seeded, stratified split: per class, round(query_fraction * n) queries (at least one and
@@ -164,11 +183,19 @@ def split_positions(labels: np.ndarray, query_fraction: float, seed: int
 
 def load_folder(folder: str, labels_csv: str, data_cfg, query_fraction: float = 0.5,
                 seed: int = 0) -> ProbeSets:
-  """A folder of images labelled by a CSV (see the module docstring)."""
+  """A folder of images labelled by a CSV, or by class subfolders when `labels_csv` is empty
+  (see the module docstring)."""
   folder_path = storage.path(folder, absolute=False)
   if not folder_path.is_dir():
     raise LabelsCsvError(f"Image folder {folder} does not exist.")
-  rows = read_labels_csv(labels_csv, folder_path)
+  if labels_csv:
+    rows = read_labels_csv(labels_csv, folder_path)
+  else:
+    rows = class_folder_labels(folder_path)
+    if rows is None:
+      raise LabelsCsvError(
+          f"The images in {folder} need labels: a labels CSV with lines 'file,label' (file "
+          "relative to the folder), or one subfolder per class with the images in it.")
   class_names = tuple(sorted({label for _, label, _ in rows}))
   items = [(str(folder_path / name), (lambda p=folder_path / name: p.read_bytes()))
            for name, _, _ in rows]
@@ -193,7 +220,7 @@ def load_folder(folder: str, labels_csv: str, data_cfg, query_fraction: float = 
                           [prepared.encoded[i] for i in positions], labels[positions])
   scored = class_names[1:] if len(class_names) == 2 else class_names
   return ProbeSets(subset(index_pos), subset(query_pos), class_names, scored,
-                   f"{folder_path} labelled by {labels_csv}")
+                   f"{folder_path} labelled by {labels_csv or 'its class subfolders'}")
 
 
 def load_tfds(name: str, index_split: str, query_split: str, data_cfg,

@@ -124,7 +124,7 @@ def probe_sets(data_cfg, probe_cfg) -> probe_data.ProbeSets | None:
                                 probe_cfg.query_split, data_cfg, probe_cfg.tfds_label)
   if source in ("synthetic", "isic"):
     return probe_data.load_isic(data_cfg, probe_cfg.index_split, probe_cfg.query_split)
-  if source == "folder" and probe_cfg.labels:
+  if source == "folder" and probe_data.has_labels(data_cfg.path, probe_cfg.labels):
     return probe_data.load_folder(data_cfg.path, probe_cfg.labels, data_cfg,
                                   probe_cfg.query_fraction, seed=0)
   return None
@@ -138,8 +138,8 @@ def evaluators_for_pretraining(config, model, mesh) -> list:
   sets = probe_sets(config.data, config.probe)
   if sets is None:
     logging.info("No labels to probe the trunk with: set config.probe.labels (a CSV "
-                 "'file,label' for data.path) or config.probe.tfds_name for kNN and linear-probe "
-                 "learning curves.")
+                 "'file,label' for data.path), put each class's images in a subfolder of its "
+                 "own, or set config.probe.tfds_name for kNN and linear-probe learning curves.")
     return []
   logging.info("Probes: %s.", probe_data.describe_sets(sets))
   image_size = config.probe.image_size or config.data.views.image_size
