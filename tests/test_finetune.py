@@ -604,3 +604,11 @@ def test_rerunning_a_finished_command_changes_nothing(cli_run):
   assert result.returncode == 0, result.stderr[-4000:]
   assert "is already complete; nothing was changed" in result.stdout
   assert _snapshot(workdir) == before
+
+
+def test_the_roc_title_names_the_data_and_the_share_of_labels(small_isic_root, shared_cache_dir):
+  config = _tiny(small_isic_root, shared_cache_dir, **{"label_fraction": 0.1})
+  assert finetune.roc_title(config, "pirl") == (
+      f"ISIC 2017, test split: pirl init, {config.protocol}, 10% of the training labels")
+  config.data.source = "synthetic"
+  assert finetune.roc_title(config, "scratch").startswith("synthetic ISIC-layout set, test split")

@@ -78,3 +78,11 @@ def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pret
   assert "| random init |" in (out / "invariance.md").read_text()
   assert (out / "invariance.png").stat().st_size > 0
   assert "| random init |" in stdout
+
+
+def test_legends_name_runs_by_their_folder():
+  from pirl_jax.commands import invariance as command  # pylint: disable=g-import-not-at-top
+  assert command.short_name("/work/runs/pirl-s0 (step 620)") == "pirl-s0 (step 620)"
+  assert command.short_name("runs/pirl/checkpoints/620") == "pirl"
+  assert command.short_name("gs://bucket/runs/jigsaw-s1/ (step 4)") == "jigsaw-s1 (step 4)"
+  assert command.short_name("random init") == "random init"

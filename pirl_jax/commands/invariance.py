@@ -305,6 +305,17 @@ def markdown_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def short_name(name: str) -> str:
+  """A legend's name of a run: its folder's name, not the whole path ('runs/pirl-s0 (step 620)'
+  -> 'pirl-s0 (step 620)')."""
+  path, sep, step = name.partition(" (step ")
+  folder = pathlib.PurePath(path.rstrip("/"))
+  if folder.name in ("checkpoints", "default") or folder.name.isdigit():
+    folder = next((p for p in folder.parents if p.name not in ("checkpoints", "default", "")
+                   and not p.name.isdigit()), folder)
+  return f"{folder.name or path}{sep}{step}"
+
+
 def plot(result: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -315,7 +326,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     for name, scores in result["results"].items():
       if measure in scores:
         s = scores[measure]
-        ax.stairs(s["histogram"], s["bin_edges"], label=f"{name} ({s['mean']:.2f})")
+        ax.stairs(s["histogram"], s["bin_edges"], label=f"{short_name(name)} ({s['mean']:.2f})")
     ax.set_title(measure)
     ax.set_xlabel("distance, f to g" if measure.startswith("embedding") else
                   "distance to the transformed image / to another image")

@@ -112,6 +112,15 @@ def _fingerprint(train: labelled.LabelledSplit, positions: np.ndarray,
   return preflight.dataset_fingerprint(len(names), names, contents)
 
 
+def roc_title(config, init_kind: str) -> str:
+  """The ROC plot's title: which data (the embedded synthetic set is not ISIC), from which start,
+  which protocol, and the share of the training labels used."""
+  data = ("synthetic ISIC-layout set" if config.data.source == "synthetic" else
+          "ISIC 2017" if config.data.source == "isic" else config.data.source)
+  return (f"{data}, test split: {init_kind} init, {config.protocol}, "
+          f"{config.label_fraction:.0%} of the training labels")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Fine-tunes (or linear-probes) as configured and scores the best validation state on test.
 
@@ -217,8 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       selected = best.restore(target)
       logging.info("Selected the state of step %d (validation mean AUC %.4f).", best.step,
                    best.metrics["auc_mean"])
-      title = (f"ISIC 2017 test ({init.kind}, {config.protocol}, "
-               f"labels {config.label_fraction:g})")
+      title = roc_title(config, init.kind)
       results = {name: evaluators[name].write_outputs(selected, run.workdir, title)
                  for name in EVAL_SPLITS}
       outcome = dict(
