@@ -38,6 +38,8 @@ Scratch vs PIRL (vs a supervised checkpoint) under one recipe and seeds, as a Ma
 
 import ml_collections
 
+from pirl_jax import config_blocks
+
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   """Returns the config for `preset` (default, linear, tiny, isic, isic_linear)."""
@@ -103,8 +105,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
   # --- Model ------------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
-  model.trunk = "resnet18"
-  model.width_multiplier = 0.25
+  config_blocks.set_trunk(model)  # pretraining's default trunk (pirl_jax/config_blocks.py)
   model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
 
   # --- Loss and optimisation ----------------------------------------------------------------
@@ -178,8 +179,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.name = "finetune-isic-tiny"
     data.max_image_side = 48
     augment.image_size = 32
-    model.trunk = "resnet_tiny"
-    model.width_multiplier = 1.0
+    config_blocks.set_trunk(model, "tiny")
     config.global_batch_size = 16
     config.eval_batch_size = 16
     config.num_train_steps = 4
@@ -193,8 +193,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     augment.image_size = 224
     augment.crop_scale = (0.35, 1.0)
     augment.eval_crop_fraction = 0.875
-    model.trunk = "resnet50"
-    model.width_multiplier = 1.0
+    config_blocks.set_trunk(model, "full")
     optim.learning_rate = 0.01
     config.eval_batch_size = 128
     config.log_every_steps = 50

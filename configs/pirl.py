@@ -32,6 +32,8 @@ Presets:
 
 import ml_collections
 
+from pirl_jax import config_blocks
+
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   """Returns the config for `preset` (default, quality, paper_small, tiny, isic, imagenet)."""
@@ -77,8 +79,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
   # --- Model ----------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
-  model.trunk = "resnet18"
-  model.width_multiplier = 0.25
+  config_blocks.set_trunk(model)  # resnet18 x0.25 (pirl_jax/config_blocks.py, as fine-tuning's)
   model.embed_dim = 128
   model.head = "linear"  # 'linear' (paper) | 'mlp' (VISSL mlphead)
   # BatchNorm on the pooled trunk features before the heads (SimCLR-style; not in the paper).
@@ -141,27 +142,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.skip_nonfinite_steps = False
 
   # --- Probes: kNN and linear classifiers on the frozen trunk's features -------------------
-  # Every eval_every_steps (0: only after the last step), on labelled images: the embedded set's
-  # and ISIC's train split as the labelled index, probe.query_split as the held-out queries; for
-  # a folder, probe.labels names a CSV 'file,label[,split]'.
+  # (pirl_jax/config_blocks.py; the same block as fine-tuning's and the probe command's.)
   config.eval_every_steps = 0
-  config.probe = probe = ml_collections.ConfigDict()
-  probe.enabled = True
-  probe.knn_k = 20
-  probe.knn_temperature = 0.07  # each neighbour votes with weight exp(cosine similarity / this)
-  probe.linear_regularization = 1.0  # logistic regression's C (inverse L2 strength)
-  probe.labels = ""  # folder source: CSV of 'file,label[,split]' lines, file relative to data.path
-  probe.query_fraction = 0.5  # folder without a split column: held-out fraction of each class
-  probe.index_split = "train"  # ISIC layout / tfds: the labelled examples
-  probe.query_split = "test"  # ISIC layout / tfds: the held-out queries
-  probe.tfds_name = ""  # probe on a labelled tfds dataset instead (e.g. for tfds pretraining)
-  probe.tfds_label = "label"
-  probe.image_size = 0  # 0: data.views.image_size
-  probe.eval_crop_fraction = 1.0  # short side resized to image_size / this, centre crop
-  probe.batch_size = 256
-  # The tile pathway's learning curve (TensorBoard tiles/*): the probes on the mean of the tiles'
-  # trunk features, and for PIRL the retrieval of the image's f from g of its tiles.
-  probe.tile_pathway = True
+  config.probe = config_blocks.probe_config()
 
   # --- Logging and checkpoints ------------------------------------------------------------
   config.log_every_steps = 20
@@ -202,8 +185,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     views.image_size = 32
     views.jigsaw_crop_size = 36
     views.tile_size = 10
-    model.trunk = "resnet_tiny"
-    model.width_multiplier = 1.0
+    config_blocks.set_trunk(model, "tiny")
     loss.num_negatives = 64
     config.global_batch_size = 16
     config.num_epochs = 1.0
@@ -218,8 +200,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     views.image_size = 224
     views.jigsaw_crop_size = 255
     views.tile_size = 64
-    model.trunk = "resnet50"
-    model.width_multiplier = 1.0
+    config_blocks.set_trunk(model, "full")
     loss.kind = "infonce"
     loss.temperature = 0.07
     loss.num_negatives = 1000
@@ -239,8 +220,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     views.image_size = 224
     views.jigsaw_crop_size = 255
     views.tile_size = 64
-    model.trunk = "resnet50"
-    model.width_multiplier = 1.0
+    config_blocks.set_trunk(model, "full")
     loss.kind = "nce"
     loss.temperature = 0.07
     loss.num_negatives = 32000

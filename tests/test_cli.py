@@ -153,7 +153,8 @@ def test_a_missing_config_file_is_one_line(tmp_path, capsys, monkeypatch):
   assert status == 2
   assert err.strip() == ("error: config file 'configs/nope.py' does not exist "
                          "(--config=configs/nope.py); e.g. --config=configs/pirl.py or "
-                         "--config=configs/pirl.py:tiny.")
+                         "--config=configs/pirl.py:tiny (the project's configs also by name from "
+                         "any folder: --config=pirl:tiny, --config=finetune_isic).")
 
 
 def test_too_many_negatives_is_one_line(tmp_path, small_isic_root, capsys, monkeypatch):
@@ -408,3 +409,15 @@ def test_the_wheel_ships_the_configs(tmp_path):
   assert {"pirl_jax/configs/pirl.py", "pirl_jax/configs/finetune_isic.py",
           "pirl_jax/data/permutations_1000.npy"} <= set(names)
   assert not any(n.startswith(("configs/", "tests/")) for n in names)
+
+
+@pytest.mark.parametrize("pretraining,fine_tuning", [("default", "default"), ("tiny", "tiny"),
+                                                     ("isic", "isic")])
+def test_fine_tunings_trunk_is_pretrainings_and_the_probe_block_is_shared(pretraining,
+                                                                          fine_tuning):
+  from configs import finetune_isic, pirl  # pylint: disable=g-import-not-at-top
+  from pirl_jax.commands import probe  # pylint: disable=g-import-not-at-top
+  pre, fine = pirl.get_config(pretraining), finetune_isic.get_config(fine_tuning)
+  assert (pre.model.trunk, pre.model.width_multiplier) == (
+      fine.model.trunk, fine.model.width_multiplier)
+  assert pirl.get_config().probe.to_dict() == probe.default_probe_config().to_dict()

@@ -65,7 +65,7 @@ def test_no_module_imports_itself_through_others():
 
 # Lowest first: a module may import its own layer and those below it, never one above.
 LAYERS = (
-    ("user_errors", "storage", "sharding", "signals", "methods", "distributed"),
+    ("user_errors", "storage", "sharding", "signals", "methods", "distributed", "config_blocks"),
     ("data", "models", "losses", "memory_bank"),
     ("checkpointing", "configuration", "preflight", "trunk_init", "inference"),
     ("train",),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pirl_jax import checkpointing
+from pirl_jax import config_blocks
 from pirl_jax import sharding as sharding_lib
 from pirl_jax import storage
 from pirl_jax import trunk_init
@@ -42,22 +43,7 @@ from pirl_jax.train import state as state_lib
 
 def default_probe_config() -> ml_collections.ConfigDict:
   """The `probe` block of configs/pirl.py, with its defaults."""
-  cfg = ml_collections.ConfigDict()
-  cfg.enabled = True
-  cfg.knn_k = 20
-  cfg.knn_temperature = 0.07
-  cfg.linear_regularization = 1.0
-  cfg.labels = ""
-  cfg.query_fraction = 0.5
-  cfg.index_split = "train"
-  cfg.query_split = "test"
-  cfg.tfds_name = ""
-  cfg.tfds_label = "label"
-  cfg.image_size = 0
-  cfg.eval_crop_fraction = 1.0
-  cfg.batch_size = 256
-  cfg.tile_pathway = True
-  return cfg
+  return config_blocks.probe_config()
 
 
 def data_config(saved: dict | None, flags_values: dict) -> ml_collections.ConfigDict:
