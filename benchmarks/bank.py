@@ -30,9 +30,6 @@ from pirl_jax import losses
 from pirl_jax import memory_bank
 from pirl_jax import sharding as sharding_lib
 
-IMAGENET_ROWS = 1_281_167
-
-
 def device_flag(n: int) -> str:
   return f"--xla_force_host_platform_device_count={n}"
 

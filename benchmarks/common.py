@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import math
 import statistics
 import time
 from typing import Any, Callable
@@ -114,10 +113,6 @@ def time_reps(fn: Callable[[], Any], *, reps: int, warmup: int, inner: int = 1,
     block(result)
     out.append((time.perf_counter() - start) / inner)
   return out
-
-
-def finite_positive(x) -> bool:
-  return x is not None and math.isfinite(x) and x > 0
 
 
 def cost_flops(compiled) -> float | None:

@@ -260,6 +260,21 @@ def _save_cache(path: Path, key: str, prepared: PreparedImages) -> None:
     raise
 
 
+def prepare_cached(items: Sequence[tuple[str, Callable[[], bytes]]], data_cfg, what: str,
+                   on_bad: str) -> PreparedImages:
+  """`prepare_all` with the data config's sizes, cached under the data cache's `prepared/`.
+
+  The cache file is named by `what` (the source and split), the item names and the sizes; its
+  content is keyed by every item's bytes too (`prepare_all`), so a changed image is rebuilt.
+  """
+  from pirl_jax.data import paths  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha1(repr((what, [n for n, _ in items], data_cfg.min_image_side,
+                           data_cfg.max_image_side)).encode()).hexdigest()[:16]
+  return prepare_all(
+      items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side, on_bad=on_bad,
+      cache_path=paths.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz")
+
+
 def _log_skipped(skipped: list[tuple[str, str]], total: int) -> None:
   if skipped:
     logging.warning("Skipped %d of %d images that could not be used: %s", len(skipped), total,

@@ -64,14 +64,6 @@ class LabelledSplit:
     return len(self.image_ids)
 
 
-def _prepare(items, data_cfg, on_bad: str, what: str) -> images_lib.PreparedImages:
-  key = hashlib.sha1(repr((what, [n for n, _ in items], data_cfg.min_image_side,
-                           data_cfg.max_image_side)).encode()).hexdigest()[:16]
-  return images_lib.prepare_all(
-      items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side, on_bad=on_bad,
-      cache_path=paths.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz")
-
-
 def isic_root(data_cfg) -> pathlib.Path:
   """The folder in the ISIC 2017 layout that `data.source` names ('synthetic' or 'isic')."""
   sources.check_path_field(data_cfg)
@@ -85,7 +77,7 @@ def isic_root(data_cfg) -> pathlib.Path:
 def _load_isic(data_cfg, split: str, on_bad: str) -> LabelledSplit:
   root = isic_root(data_cfg)
   raw = isic.read_split(str(root), split)
-  prepared = _prepare(raw.items(), data_cfg, on_bad, f"isic-{split}:{root}")
+  prepared = images_lib.prepare_cached(raw.items(), data_cfg, f"isic-{split}:{root}", on_bad)
   keep = np.asarray(prepared.kept, dtype=np.int64)
   return LabelledSplit(
       split=split, image_ids=[raw.image_ids[i] for i in keep],
@@ -114,7 +106,7 @@ def _load_tfds(data_cfg, split: str, on_bad: str) -> LabelledSplit:
                  for ex in tfds.as_numpy(ds)), key=lambda r: r[0])
   name = f"tfds:{data_cfg.tfds_name}/{split}"
   items = [(f"{name}:{r[0]}", (lambda b=r[1]: b)) for r in rows]
-  prepared = _prepare(items, data_cfg, on_bad, name)
+  prepared = images_lib.prepare_cached(items, data_cfg, name, on_bad)
   keep = np.asarray(prepared.kept, dtype=np.int64)
   rows = [rows[i] for i in keep]
   return LabelledSplit(
@@ -190,8 +182,8 @@ def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
           f"No jpg/png images under {folder} (config field uda.unlabelled_path).")
   skipped = []
   if items:
-    prepared = _prepare(items, data_cfg, data_cfg.on_bad_image,
-                        f"unlabelled:{unlabelled_path}")
+    prepared = images_lib.prepare_cached(items, data_cfg, f"unlabelled:{unlabelled_path}",
+                                         data_cfg.on_bad_image)
     _check_not_held_out([items[i][0] for i in prepared.kept], prepared.encoded, held_out)
     names += [stable_names[i] for i in prepared.kept]
     encoded += list(prepared.encoded)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import pathlib
 from absl import logging
@@ -32,6 +31,7 @@ from pirl_jax import storage
 from pirl_jax import user_errors
 from pirl_jax.data import images as images_lib
 from pirl_jax.data import labelled
+from pirl_jax.data import paths
 from pirl_jax.data import sources
 
 ISIC_CLASSES = ("melanoma", "seborrheic_keratosis", "nevus")
@@ -72,14 +72,6 @@ class ProbeSets:
   class_names: tuple[str, ...]
   scored: tuple[str, ...]
   description: str
-
-
-def _prepare(items, data_cfg, what: str) -> images_lib.PreparedImages:
-  key = hashlib.sha1(repr((what, [n for n, _ in items], data_cfg.min_image_side,
-                           data_cfg.max_image_side)).encode()).hexdigest()[:16]
-  return images_lib.prepare_all(
-      items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side, on_bad="error",
-      cache_path=sources.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz")
 
 
 def _from_split(split: labelled.LabelledSplit) -> LabelledImages:
@@ -199,7 +191,7 @@ def load_folder(folder: str, labels_csv: str, data_cfg, query_fraction: float = 
   class_names = tuple(sorted({label for _, label, _ in rows}))
   items = [(str(folder_path / name), (lambda p=folder_path / name: p.read_bytes()))
            for name, _, _ in rows]
-  prepared = _prepare(items, data_cfg, f"probe-folder:{folder_path}")
+  prepared = images_lib.prepare_cached(items, data_cfg, f"probe-folder:{folder_path}", "error")
   labels = np.array([class_names.index(label) for _, label, _ in rows], np.int32)
   names = [name for name, _, _ in rows]
   splits = [split for _, _, split in rows]
@@ -227,7 +219,7 @@ def load_tfds(name: str, index_split: str, query_split: str, data_cfg,
               label_feature: str = "label") -> ProbeSets:
   """Two splits of a prepared tfds dataset with an integer label feature."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = data_cfg.tfds_data_dir or None
+  data_dir = paths.user_path(data_cfg.tfds_data_dir) or None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     feature = builder.info.features[label_feature]
@@ -243,8 +235,8 @@ def load_tfds(name: str, index_split: str, query_split: str, data_cfg,
                    decoders={"image": tfds.decode.SkipDecoding()})
     rows = [(f"tfds:{name}/{split}[{i}]", ex["image"], int(ex[label_feature]))
             for i, ex in enumerate(tfds.as_numpy(ds))]
-    prepared = _prepare([(n, (lambda b=b: b)) for n, b, _ in rows], data_cfg,
-                        f"probe-tfds:{name}/{split}")
+    prepared = images_lib.prepare_cached([(n, (lambda b=b: b)) for n, b, _ in rows], data_cfg,
+                                         f"probe-tfds:{name}/{split}", "error")
     sets.append(LabelledImages([n for n, _, _ in rows], list(prepared.encoded),
                                np.array([y for _, _, y in rows], np.int32)))
   scored = class_names[1:] if len(class_names) == 2 else class_names

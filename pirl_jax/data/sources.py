@@ -20,7 +20,6 @@ may start with `~`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pathlib
 import re
 from typing import Callable, Sequence
@@ -98,13 +97,7 @@ def _prepare(name: str, items: Sequence[tuple[str, Callable[[], bytes]]], data_c
              ) -> InMemorySource:
   if not items:
     raise errors.DataSourceError(f"Data source {name!r} has no images.")
-  key = hashlib.sha1(
-      repr((name, [n for n, _ in items], data_cfg.min_image_side, data_cfg.max_image_side)
-           ).encode()).hexdigest()[:16]
-  cache_path = paths.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz"
-  prepared = images_lib.prepare_all(
-      items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side,
-      on_bad=data_cfg.on_bad_image, cache_path=cache_path)
+  prepared = images_lib.prepare_cached(items, data_cfg, name, data_cfg.on_bad_image)
   names = [items[i][0] for i in prepared.kept]
   if not prepared.encoded:
     raise errors.DataSourceError(
