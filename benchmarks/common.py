@@ -40,11 +40,20 @@ def import_torch():
 TORCH_MISSING = "skipped: torch not installed"
 
 
-def make_record(benchmark: str, name: str, value: float | None, unit: str, *,
-                settings: dict[str, Any] | None = None, values: list[float] | None = None,
-                status: str = "ok", **extra) -> dict[str, Any]:
+def make_record(
+    benchmark: str,
+    name: str,
+    value: float | None,
+    unit: str,
+    *,
+    settings: dict[str, Any] | None = None,
+    values: list[float] | None = None,
+    status: str = "ok",
+    **extra,
+) -> dict[str, Any]:
   """One measurement as a flat dict (one JSON line)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   record = {
       "benchmark": benchmark,
       "name": name,
@@ -74,6 +83,7 @@ class Emitter:
   def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
     line = json.dumps(record, sort_keys=False, default=_json_default)
     import sys  # pylint: disable=g-import-not-at-top
+
     print(line, file=self.stream or sys.stdout, flush=True)
     if self.results:
       with open(self.results, "a", encoding="utf-8") as f:
@@ -94,8 +104,14 @@ def median(values: list[float]) -> float:
   return float(statistics.median(values))
 
 
-def time_reps(fn: Callable[[], Any], *, reps: int, warmup: int, inner: int = 1,
-              block: Callable[[Any], Any] | None = None) -> list[float]:
+def time_reps(
+    fn: Callable[[], Any],
+    *,
+    reps: int,
+    warmup: int,
+    inner: int = 1,
+    block: Callable[[Any], Any] | None = None,
+) -> list[float]:
   """Seconds per call of `fn`, one value per repetition (each the mean of `inner` calls).
 
   `warmup` untimed calls come first. `block(result)` waits for the result (e.g.
@@ -137,8 +153,13 @@ def memory_analysis(compiled) -> dict[str, int] | None:
     return None
   if mem is None:
     return None
-  fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-            "alias_size_in_bytes", "generated_code_size_in_bytes")
+  fields = (
+      "temp_size_in_bytes",
+      "argument_size_in_bytes",
+      "output_size_in_bytes",
+      "alias_size_in_bytes",
+      "generated_code_size_in_bytes",
+  )
   out = {f: int(getattr(mem, f)) for f in fields if getattr(mem, f, None) is not None}
   return out or None
 
@@ -155,8 +176,19 @@ def available_memory_bytes() -> int | None:
   return None
 
 
-_DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1,
-                "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 
 
 def collective_bytes(hlo_text: str) -> list[tuple[str, str, int]]:
@@ -165,15 +197,20 @@ def collective_bytes(hlo_text: str) -> list[tuple[str, str, int]]:
   Each op is listed once, even inside a loop that runs it several times.
   """
   import re  # pylint: disable=g-import-not-at-top
+
   found = []
   for line in hlo_text.splitlines():
-    m = re.search(r"= \(?([a-z0-9]+)\[([0-9,]*)\][^=]*? (all-gather|all-reduce|reduce-scatter|"
-                  r"collective-permute|all-to-all)(-start)?\(", line)
+    m = re.search(
+        r"= \(?([a-z0-9]+)\[([0-9,]*)\][^=]*? (all-gather|all-reduce|reduce-scatter|"
+        r"collective-permute|all-to-all)(-start)?\(",
+        line,
+    )
     if m:
       dims = [int(d) for d in m.group(2).split(",") if d]
       count = 1
       for d in dims:
         count *= d
-      found.append((m.group(3), f"{m.group(1)}[{m.group(2)}]",
-                    count * _DTYPE_BYTES.get(m.group(1), 4)))
+      found.append(
+          (m.group(3), f"{m.group(1)}[{m.group(2)}]", count * _DTYPE_BYTES.get(m.group(1), 4))
+      )
   return found

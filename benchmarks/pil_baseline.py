@@ -91,8 +91,7 @@ def image_view(img: Image.Image, rng, cfg: jigsaw.ViewConfig) -> np.ndarray:
 
 
 def jigsaw_view(img: Image.Image, rng, cfg: jigsaw.ViewConfig) -> np.ndarray:
-  crop = random_resized_crop(img, rng, cfg.jigsaw_crop_size, cfg.jigsaw_crop_scale,
-                             cfg.crop_ratio)
+  crop = random_resized_crop(img, rng, cfg.jigsaw_crop_size, cfg.jigsaw_crop_scale, cfg.crop_ratio)
   cell, t, n = cfg.cell_size, cfg.tile_size, cfg.num_tiles
   tiles = []
   for k in range(n):
@@ -110,8 +109,11 @@ def jigsaw_view(img: Image.Image, rng, cfg: jigsaw.ViewConfig) -> np.ndarray:
 def make_views(image_bytes: bytes, index: int, rng, cfg: jigsaw.ViewConfig) -> dict:
   """Both views of one encoded image (decoded once), as `jigsaw.make_views` returns them."""
   img = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-  return {"image": image_view(img, rng, cfg), "tiles": jigsaw_view(img, rng, cfg),
-          "index": np.int32(index)}
+  return {
+      "image": image_view(img, rng, cfg),
+      "tiles": jigsaw_view(img, rng, cfg),
+      "index": np.int32(index),
+  }
 
 
 def batches(encoded: list[bytes], cfg: jigsaw.ViewConfig, batch_size: int, seed: int = 0):
@@ -120,5 +122,5 @@ def batches(encoded: list[bytes], cfg: jigsaw.ViewConfig, batch_size: int, seed:
   while True:
     order = rng.permutation(len(encoded))
     for start in range(0, len(order) - batch_size + 1, batch_size):
-      views = [make_views(encoded[i], i, rng, cfg) for i in order[start:start + batch_size]]
+      views = [make_views(encoded[i], i, rng, cfg) for i in order[start : start + batch_size]]
       yield {k: np.stack([v[k] for v in views]) for k in views[0]}

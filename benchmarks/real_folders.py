@@ -44,6 +44,7 @@ def _write_labels(root: pathlib.Path, rows: list[tuple[str, str, str]], seed: in
 
 def write_digits(root: pathlib.Path, seed: int = 0) -> int:
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   root.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
@@ -62,10 +63,16 @@ def write_digits(root: pathlib.Path, seed: int = 0) -> int:
 
 def _texture_sources() -> dict[str, np.ndarray]:
   from skimage import color, data  # pylint: disable=g-import-not-at-top
+
   grey = lambda a: a if a.ndim == 2 else (color.rgb2gray(a[..., :3]) * 255).astype(np.uint8)
-  return {"brick": data.brick(), "grass": data.grass(), "gravel": data.gravel(),
-          "moon": data.moon(), "ihc": grey(data.immunohistochemistry()),
-          "hubble": grey(data.hubble_deep_field())}
+  return {
+      "brick": data.brick(),
+      "grass": data.grass(),
+      "gravel": data.gravel(),
+      "moon": data.moon(),
+      "ihc": grey(data.immunohistochemistry()),
+      "hubble": grey(data.hubble_deep_field()),
+  }
 
 
 def write_textures(root: pathlib.Path, per_class: int = 200, seed: int = 0) -> int:
@@ -80,7 +87,7 @@ def write_textures(root: pathlib.Path, per_class: int = 200, seed: int = 0) -> i
       side = int(rng.integers(64, min(192, h, x_hi - x_lo) + 1))
       y = int(rng.integers(0, h - side + 1))
       x = int(rng.integers(x_lo, x_hi - side + 1))
-      crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((128, 128), Image.BILINEAR)
+      crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((128, 128), Image.BILINEAR)
       name = f"{label}_{i:03d}.png"
       crop.convert("RGB").save(root / name)
       rows.append((name, label, split))
@@ -89,8 +96,9 @@ def write_textures(root: pathlib.Path, per_class: int = 200, seed: int = 0) -> i
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.real_folders",
-                                   description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.real_folders", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--out", required=True, help="the folder to write digits/ and textures/ in")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)

@@ -82,12 +82,16 @@ def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module |
   """The shortcut's strided 1x1 convolution + BatchNorm where the shape changes, else None."""
   if stride == 1 and in_channels == out_channels:
     return None
-  return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                       nn.BatchNorm2d(out_channels))
+  return nn.Sequential(
+      nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+  )
 
 
-ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
-         "resnet50": (Bottleneck, (3, 4, 6, 3))}
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
 
 
 class ResNetTrunk(nn.Module):
@@ -102,11 +106,15 @@ class ResNetTrunk(nn.Module):
   def __init__(self, arch: str, width: int = 64):
     super().__init__()
     block, depths = ARCHS[arch]
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
-                               nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     in_channels = width
     for stage, depth in enumerate(depths):
-      channels = width * 2 ** stage
+      channels = width * 2**stage
       for i in range(depth):
         layers.append(block(in_channels, channels, 2 if stage > 0 and i == 0 else 1))
         in_channels = channels * block.expansion
@@ -123,8 +131,9 @@ class ResNetTrunk(nn.Module):
 class PIRLNet(nn.Module):
   """The shared trunk with the image head f and the jigsaw head g (linear heads)."""
 
-  def __init__(self, arch: str, width: int = 64, embed_dim: int = EMBED_DIM,
-               num_tiles: int = NUM_TILES):
+  def __init__(
+      self, arch: str, width: int = 64, embed_dim: int = EMBED_DIM, num_tiles: int = NUM_TILES
+  ):
     super().__init__()
     self.trunk = ResNetTrunk(arch, width)
     features = self.trunk.num_features
@@ -133,8 +142,9 @@ class PIRLNet(nn.Module):
     self.g_tile = nn.Linear(features, embed_dim)
     self.g_concat = nn.Linear(num_tiles * embed_dim, embed_dim)
 
-  def forward(self, images: torch.Tensor, tiles: torch.Tensor,
-              layout: str = "batched") -> tuple[torch.Tensor, torch.Tensor]:
+  def forward(
+      self, images: torch.Tensor, tiles: torch.Tensor, layout: str = "batched"
+  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeds both views.
 
     Args:
@@ -150,8 +160,9 @@ class PIRLNet(nn.Module):
     if layout == "batched":
       tile_embed = self.g_tile(self.trunk(tiles.flatten(0, 1))).reshape(batch, -1)
     elif layout == "published":
-      tile_embed = torch.cat([self.g_tile(self.trunk(tiles[:, t]))
-                              for t in range(self.num_tiles)], dim=1)
+      tile_embed = torch.cat(
+          [self.g_tile(self.trunk(tiles[:, t])) for t in range(self.num_tiles)], dim=1
+      )
     else:
       raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     f = self.f(self.trunk(images))
@@ -159,33 +170,44 @@ class PIRLNet(nn.Module):
     return F.normalize(f, dim=1), F.normalize(g, dim=1)
 
 
-def draw_negatives(index: torch.Tensor, num_negatives: int, num_rows: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_negatives(
+    index: torch.Tensor, num_negatives: int, num_rows: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
   """(B, K) row indices, each uniform over the num_rows - 1 rows other than the query's index."""
   neg = torch.randint(0, num_rows - 1, (index.shape[0], num_negatives), generator=generator)
   return neg + (neg >= index[:, None]).long()
 
 
-def gather_rows(bank: torch.Tensor, index: torch.Tensor, negatives: torch.Tensor,
-                per_sample: bool = False) -> torch.Tensor:
+def gather_rows(
+    bank: torch.Tensor, index: torch.Tensor, negatives: torch.Tensor, per_sample: bool = False
+) -> torch.Tensor:
   """(B, K + 1, D) bank rows, column 0 the positive (row `index`), then the negatives."""
   if per_sample:
-    return torch.stack([bank[torch.cat([index[b:b + 1], negatives[b]])]
-                        for b in range(index.shape[0])])
+    return torch.stack(
+        [bank[torch.cat([index[b : b + 1], negatives[b]])] for b in range(index.shape[0])]
+    )
   return bank[torch.cat([index[:, None], negatives], dim=1)]
 
 
-def sample_rows(bank: torch.Tensor, index: torch.Tensor, num_negatives: int,
-                layout: str = "batched", generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    num_negatives: int,
+    layout: str = "batched",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
   """(negatives (B, K), rows (B, K + 1, D)): fresh negatives and the rows to score against.
 
   The published layout draws and gathers sample by sample in a Python loop; the draws are the
   same in distribution.
   """
   if layout == "published":
-    negatives = torch.stack([draw_negatives(index[b:b + 1], num_negatives, bank.shape[0],
-                                            generator)[0] for b in range(index.shape[0])])
+    negatives = torch.stack(
+        [
+            draw_negatives(index[b : b + 1], num_negatives, bank.shape[0], generator)[0]
+            for b in range(index.shape[0])
+        ]
+    )
     return negatives, gather_rows(bank, index, negatives, per_sample=True)
   negatives = draw_negatives(index, num_negatives, bank.shape[0], generator)
   return negatives, gather_rows(bank, index, negatives)
@@ -207,19 +229,24 @@ def infonce(query: torch.Tensor, rows: torch.Tensor, temperature: float) -> torc
 
 
 @torch.no_grad()
-def update_bank(bank: torch.Tensor, index: torch.Tensor, f_hat: torch.Tensor,
-                momentum: float = 0.5) -> None:
+def update_bank(
+    bank: torch.Tensor, index: torch.Tensor, f_hat: torch.Tensor, momentum: float = 0.5
+) -> None:
   """Writes m_i <- normalise(momentum * m_i + (1 - momentum) * f_i) into `bank` in place."""
   bank[index] = F.normalize(momentum * bank[index] + (1.0 - momentum) * f_hat.detach(), dim=1)
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 1e-4) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> torch.optim.Optimizer:
   """SGD with momentum; weight decay on conv and linear weights only (not BatchNorm, biases)."""
   decay = [p for p in model.parameters() if p.ndim > 1]
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=momentum)
+  return torch.optim.SGD(
+      [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+      lr=lr,
+      momentum=momentum,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +260,7 @@ class LossConfig:
 @dataclasses.dataclass
 class StepOutputs:
   """What one step computed, detached: the loss, embeddings and negatives of both terms."""
+
   loss: torch.Tensor
   f_hat: torch.Tensor
   g_hat: torch.Tensor
@@ -240,10 +268,17 @@ class StepOutputs:
   negatives_jigsaw: torch.Tensor
 
 
-def train_step(model: PIRLNet, optimizer: torch.optim.Optimizer, bank: torch.Tensor,
-               images: torch.Tensor, tiles: torch.Tensor, index: torch.Tensor,
-               loss_cfg: LossConfig, layout: str = "batched",
-               generator: torch.Generator | None = None) -> StepOutputs:
+def train_step(
+    model: PIRLNet,
+    optimizer: torch.optim.Optimizer,
+    bank: torch.Tensor,
+    images: torch.Tensor,
+    tiles: torch.Tensor,
+    index: torch.Tensor,
+    loss_cfg: LossConfig,
+    layout: str = "batched",
+    generator: torch.Generator | None = None,
+) -> StepOutputs:
   """One PIRL step: embed, score both terms against the old bank rows, update, write the bank.
 
   L = lambda * InfoNCE(g_hat; m) + (1 - lambda) * InfoNCE(f_hat; m), each term with its own K
@@ -253,8 +288,9 @@ def train_step(model: PIRLNet, optimizer: torch.optim.Optimizer, bank: torch.Ten
   neg_j, rows_j = sample_rows(bank, index, loss_cfg.num_negatives, layout, generator)
   neg_i, rows_i = sample_rows(bank, index, loss_cfg.num_negatives, layout, generator)
   lam = loss_cfg.jigsaw_weight
-  loss = (lam * infonce(g_hat, rows_j, loss_cfg.temperature)
-          + (1.0 - lam) * infonce(f_hat, rows_i, loss_cfg.temperature))
+  loss = lam * infonce(g_hat, rows_j, loss_cfg.temperature) + (1.0 - lam) * infonce(
+      f_hat, rows_i, loss_cfg.temperature
+  )
   optimizer.zero_grad(set_to_none=True)
   loss.backward()
   optimizer.step()
@@ -262,9 +298,14 @@ def train_step(model: PIRLNet, optimizer: torch.optim.Optimizer, bank: torch.Ten
   return StepOutputs(loss.detach(), f_hat.detach(), g_hat.detach(), neg_i, neg_j)
 
 
-def random_batch(batch: int, image: int, tile: int, num_rows: int, channels_last: bool = False,
-                 generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_batch(
+    batch: int,
+    image: int,
+    tile: int,
+    num_rows: int,
+    channels_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
   """Random (images (B, 3, S, S), tiles (B, 9, 3, T, T), index (B,) distinct rows).
 
   With `channels_last` the pixels are laid out channels-last in memory (as the JAX pipeline's
@@ -272,8 +313,7 @@ def random_batch(batch: int, image: int, tile: int, num_rows: int, channels_last
   """
   if channels_last:
     images = torch.randn(batch, image, image, 3, generator=generator).permute(0, 3, 1, 2)
-    tiles = torch.randn(batch, NUM_TILES, tile, tile, 3, generator=generator).permute(
-        0, 1, 4, 2, 3)
+    tiles = torch.randn(batch, NUM_TILES, tile, tile, 3, generator=generator).permute(0, 1, 4, 2, 3)
   else:
     images = torch.randn(batch, 3, image, image, generator=generator)
     tiles = torch.randn(batch, NUM_TILES, 3, tile, tile, generator=generator)
@@ -281,15 +321,17 @@ def random_batch(batch: int, image: int, tile: int, num_rows: int, channels_last
   return images, tiles, index
 
 
-def random_bank(num_rows: int, dim: int = EMBED_DIM,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def random_bank(
+    num_rows: int, dim: int = EMBED_DIM, generator: torch.Generator | None = None
+) -> torch.Tensor:
   """A (num_rows, dim) bank of random unit rows."""
   return F.normalize(torch.randn(num_rows, dim, generator=generator), dim=1)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
   p.add_argument("--width", type=int, default=64, help="channels of the stem and first stage")
   p.add_argument("--batch", type=int, default=8)
@@ -304,8 +346,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=3, help="timed steps")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
   p.add_argument("--layout", default="batched", choices=LAYOUTS)
-  p.add_argument("--channels-last", dest="channels_last", action="store_true",
-                 help="channels-last memory format for the inputs and the model")
+  p.add_argument(
+      "--channels-last",
+      dest="channels_last",
+      action="store_true",
+      help="channels-last memory format for the inputs and the model",
+  )
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
@@ -329,8 +375,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   optimizer = make_optimizer(model, a.lr, weight_decay=a.weight_decay)
   bank = random_bank(a.bank, generator=gen)
   images, tiles, index = random_batch(a.batch, a.image, a.tile, a.bank, a.channels_last, gen)
-  loss_cfg = LossConfig(num_negatives=a.negatives, temperature=a.temperature,
-                        jigsaw_weight=a.jigsaw_weight)
+  loss_cfg = LossConfig(
+      num_negatives=a.negatives, temperature=a.temperature, jigsaw_weight=a.jigsaw_weight
+  )
 
   def step():
     return train_step(model, optimizer, bank, images, tiles, index, loss_cfg, a.layout, gen)
@@ -342,11 +389,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = step()
   loss = out.loss.item()  # waits for the last step where the device runs asynchronously
   step_s = (time.perf_counter() - start) / a.steps
-  record = {"impl": "torch", "layout": a.layout, "channels_last": a.channels_last,
-            "arch": a.arch, "width": a.width, "batch": a.batch, "image": a.image,
-            "tile": a.tile, "bank": a.bank, "negatives": a.negatives, "steps": a.steps,
-            "warmup": a.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "loss": loss, "step_s": step_s, "images_per_s": a.batch / step_s}
+  record = {
+      "impl": "torch",
+      "layout": a.layout,
+      "channels_last": a.channels_last,
+      "arch": a.arch,
+      "width": a.width,
+      "batch": a.batch,
+      "image": a.image,
+      "tile": a.tile,
+      "bank": a.bank,
+      "negatives": a.negatives,
+      "steps": a.steps,
+      "warmup": a.warmup,
+      "threads": torch.get_num_threads(),
+      "torch": torch.__version__,
+      "loss": loss,
+      "step_s": step_s,
+      "images_per_s": a.batch / step_s,
+  }
   print(json.dumps(record), flush=True)
   return record
 

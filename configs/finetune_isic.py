@@ -198,8 +198,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.eval_batch_size = 128
     config.log_every_steps = 50
   else:
-    raise ValueError(f"Unknown preset {preset!r} for configs/finetune_isic.py; choose one of "
-                     "default, linear, tiny, isic, isic_linear.")
+    raise ValueError(
+        f"Unknown preset {preset!r} for configs/finetune_isic.py; choose one of "
+        "default, linear, tiny, isic, isic_linear."
+    )
 
   if preset in ("linear", "isic_linear"):
     config.name += "-linear"

@@ -59,7 +59,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   data.include_unlabeled = True  # synthetic: pretrain on train + the unlabelled pool.
   # Images are decoded once, converted to RGB and downscaled to this short side (never up).
   data.max_image_side = 128
-  data.min_image_side = 32  # smaller images are bad input (error, or skipped if on_bad_image='skip')
+  data.min_image_side = (
+      32  # smaller images are bad input (error, or skipped if on_bad_image='skip')
+  )
   data.on_bad_image = "error"  # 'error' | 'skip' (skipped files are counted and logged)
   data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
   data.prefetch_batches = 2
@@ -231,6 +233,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2500
   else:
-    raise ValueError(f"Unknown preset {preset!r} for configs/pirl.py; choose one of "
-                     "default, quality, paper_small, tiny, isic, imagenet.")
+    raise ValueError(
+        f"Unknown preset {preset!r} for configs/pirl.py; choose one of "
+        "default, quality, paper_small, tiny, isic, imagenet."
+    )
   return config

@@ -11,6 +11,7 @@ _PUBLIC = {"load_trunk": "pirl_jax.inference", "embed": "pirl_jax.inference"}
 def __getattr__(name):
   if name in _PUBLIC:
     import importlib  # pylint: disable=g-import-not-at-top
+
     return getattr(importlib.import_module(_PUBLIC[name]), name)
   raise AttributeError(f"module 'pirl_jax' has no attribute {name!r}")
 

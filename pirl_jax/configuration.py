@@ -74,8 +74,11 @@ def unknown_field_message(config, dotted: str) -> str:
     leaf = dotted.rsplit(".", 1)[-1]
     leaves = {n.rsplit(".", 1)[-1]: n for n in names}
     close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.6)]
-  hint = (f" Did you mean {' or '.join('config.' + c for c in close)}?" if close else
-          " Its fields are listed, one comment each, in the config file.")
+  hint = (
+      f" Did you mean {' or '.join('config.' + c for c in close)}?"
+      if close
+      else " Its fields are listed, one comment each, in the config file."
+  )
   return f"config.{dotted} is not a field of this config.{hint}"
 
 
@@ -86,8 +89,9 @@ def _check_choices(config, choices: dict) -> None:
     except (KeyError, AttributeError):
       continue
     if value not in allowed:
-      raise ConfigError(f"config.{field}={value!r} is not one of "
-                        f"{', '.join(repr(c) for c in allowed)}.")
+      raise ConfigError(
+          f"config.{field}={value!r} is not one of " f"{', '.join(repr(c) for c in allowed)}."
+      )
 
 
 def _run_checks(config, checks) -> None:
@@ -107,10 +111,16 @@ def _data_checks(data) -> list:
   return [
       ("data.min_image_side", data.min_image_side >= 1, "must be a positive number of pixels"),
       ("data.max_image_side", data.max_image_side >= 1, "must be a positive number of pixels"),
-      ("data.max_image_side", data.max_image_side >= data.min_image_side,
-       f"must be >= data.min_image_side={data.min_image_side}"),
-      ("data.num_parallel_calls", data.num_parallel_calls == -1 or data.num_parallel_calls >= 1,
-       "must be -1 (tf.data.AUTOTUNE) or a positive number of threads"),
+      (
+          "data.max_image_side",
+          data.max_image_side >= data.min_image_side,
+          f"must be >= data.min_image_side={data.min_image_side}",
+      ),
+      (
+          "data.num_parallel_calls",
+          data.num_parallel_calls == -1 or data.num_parallel_calls >= 1,
+          "must be -1 (tf.data.AUTOTUNE) or a positive number of threads",
+      ),
       ("data.prefetch_batches", data.prefetch_batches >= 0, "must be >= 0"),
   ]
 
@@ -119,8 +129,11 @@ def _common_checks(config) -> list:
   return [
       ("seed", isinstance(config.seed, int) and config.seed >= 0, "must be an integer >= 0"),
       ("global_batch_size", config.global_batch_size > 0, "must be positive"),
-      ("num_epochs", config.num_epochs > 0 or config.num_train_steps > 0,
-       "must be positive (or set num_train_steps)"),
+      (
+          "num_epochs",
+          config.num_epochs > 0 or config.num_train_steps > 0,
+          "must be positive (or set num_train_steps)",
+      ),
       ("log_every_steps", config.log_every_steps >= 1, "must be >= 1"),
       ("num_devices", config.get("num_devices", 0) >= 0, "must be >= 0 (0 = all devices)"),
   ]
@@ -129,23 +142,34 @@ def _common_checks(config) -> list:
 def _probe_checks(probe) -> list:
   return [
       ("probe.knn_k", probe.knn_k >= 1, "must be >= 1"),
-      ("probe.knn_temperature", _finite(probe.knn_temperature) and probe.knn_temperature > 0,
-       "must be a positive number"),
-      ("probe.linear_regularization",
-       _finite(probe.linear_regularization) and probe.linear_regularization > 0,
-       "must be a positive number"),
+      (
+          "probe.knn_temperature",
+          _finite(probe.knn_temperature) and probe.knn_temperature > 0,
+          "must be a positive number",
+      ),
+      (
+          "probe.linear_regularization",
+          _finite(probe.linear_regularization) and probe.linear_regularization > 0,
+          "must be a positive number",
+      ),
       ("probe.batch_size", probe.batch_size >= 1, "must be >= 1"),
-      ("probe.image_size", probe.image_size >= 0,
-       "must be a size in pixels, or 0 for data.views.image_size"),
-      ("probe.eval_crop_fraction",
-       _finite(probe.eval_crop_fraction) and 0.0 < probe.eval_crop_fraction <= 1.0,
-       "must be in (0, 1] (1: the whole image, resized)"),
+      (
+          "probe.image_size",
+          probe.image_size >= 0,
+          "must be a size in pixels, or 0 for data.views.image_size",
+      ),
+      (
+          "probe.eval_crop_fraction",
+          _finite(probe.eval_crop_fraction) and 0.0 < probe.eval_crop_fraction <= 1.0,
+          "must be in (0, 1] (1: the whole image, resized)",
+      ),
       ("probe.query_fraction", 0.0 < probe.query_fraction < 1.0, "must be in (0, 1)"),
   ]
 
 
 def _check_data_path(data) -> None:
   from pirl_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   sources.check_path_field(data)
 
 
@@ -153,52 +177,92 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
   """Checks every pretraining field that needs neither the data nor the devices."""
   from pirl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from pirl_jax.models import resnet  # pylint: disable=g-import-not-at-top
+
   _check_choices(config, _PRETRAIN_CHOICES)
   if config.model.trunk.lower() not in resnet.TRUNKS:
-    raise ConfigError(f"config.model.trunk={config.model.trunk!r} is not one of "
-                      f"{', '.join(sorted(resnet.TRUNKS))}.")
+    raise ConfigError(
+        f"config.model.trunk={config.model.trunk!r} is not one of "
+        f"{', '.join(sorted(resnet.TRUNKS))}."
+    )
   optim, loss = config.optim, config.loss
-  _run_checks(config, _common_checks(config) + _data_checks(config.data) + [
-      ("model.width_multiplier",
-       _finite(config.model.width_multiplier) and config.model.width_multiplier > 0
-       and round(resnet.ResNet.num_filters * config.model.width_multiplier) >= 1,
-       f"must be a finite number with {resnet.ResNet.num_filters} * it >= 1 (the stem's width in "
-       "channels)"),
-      ("model.embed_dim", config.model.embed_dim >= 1, "must be >= 1"),
-      ("loss.temperature", _finite(loss.temperature) and loss.temperature > 0,
-       "must be a positive number"),
-      ("loss.jigsaw_weight", 0.0 <= loss.jigsaw_weight <= 1.0, "must be in [0, 1]"),
-      ("loss.num_negatives", loss.num_negatives >= 1, "must be at least 1"),
-      ("loss.nce_z_ema", 0.0 <= loss.nce_z_ema < 1.0, "must be in [0, 1)"),
-      ("loss.nce_eps", _finite(loss.nce_eps) and loss.nce_eps >= 0.0, "must be a number >= 0"),
-      ("loss.nce_z_from",
-       methods.transformed_view(config.method) is not None or loss.nce_z_from == "both",
-       f"needs the transformed view's term, which config.method={config.method!r} does not "
-       "have: use 'both'"),
-      ("model.bn_running_stats",
-       config.method == "pirl" or config.model.bn_running_stats == "images",
-       f"'tiles_and_images' applies to config.method='pirl' only (the method here is "
-       f"{config.method!r}): use 'images'"),
-      ("data.views.grid", config.method not in methods.NEEDS_3X3_GRID or config.data.views.grid == 3,
-       f"config.method={config.method!r} is defined on a 3x3 grid of tiles: use 3"),
-      ("jigsaw_permutations", 2 <= config.jigsaw_permutations <= math.factorial(9),
-       "must be in [2, 9! = 362880]"),
-      ("memory_bank.momentum", 0.0 <= config.memory_bank.momentum < 1.0, "must be in [0, 1)"),
-      ("memory_bank.score_chunk_size", config.memory_bank.score_chunk_size >= 1, "must be >= 1"),
-      ("optim.base_learning_rate",
-       _finite(optim.base_learning_rate) and optim.base_learning_rate > 0,
-       "must be a positive number"),
-      ("optim.momentum", 0.0 <= optim.momentum < 1.0, "must be in [0, 1)"),
-      ("optim.weight_decay", _finite(optim.weight_decay) and optim.weight_decay >= 0,
-       "must be a number >= 0"),
-      ("optim.warmup_epochs", _finite(optim.warmup_epochs) and optim.warmup_epochs >= 0,
-       "must be a number >= 0"),
-      ("optim.final_learning_rate_fraction", 0.0 <= optim.final_learning_rate_fraction <= 1.0,
-       "must be in [0, 1]"),
-      ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
-      ("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1"),
-      ("eval_every_steps", config.eval_every_steps >= 0, "must be >= 0 (0: at the end only)"),
-  ] + _probe_checks(config.probe))
+  _run_checks(
+      config,
+      _common_checks(config)
+      + _data_checks(config.data)
+      + [
+          (
+              "model.width_multiplier",
+              _finite(config.model.width_multiplier)
+              and config.model.width_multiplier > 0
+              and round(resnet.ResNet.num_filters * config.model.width_multiplier) >= 1,
+              f"must be a finite number with {resnet.ResNet.num_filters} * it >= 1 (the stem's width in "
+              "channels)",
+          ),
+          ("model.embed_dim", config.model.embed_dim >= 1, "must be >= 1"),
+          (
+              "loss.temperature",
+              _finite(loss.temperature) and loss.temperature > 0,
+              "must be a positive number",
+          ),
+          ("loss.jigsaw_weight", 0.0 <= loss.jigsaw_weight <= 1.0, "must be in [0, 1]"),
+          ("loss.num_negatives", loss.num_negatives >= 1, "must be at least 1"),
+          ("loss.nce_z_ema", 0.0 <= loss.nce_z_ema < 1.0, "must be in [0, 1)"),
+          ("loss.nce_eps", _finite(loss.nce_eps) and loss.nce_eps >= 0.0, "must be a number >= 0"),
+          (
+              "loss.nce_z_from",
+              methods.transformed_view(config.method) is not None or loss.nce_z_from == "both",
+              f"needs the transformed view's term, which config.method={config.method!r} does not "
+              "have: use 'both'",
+          ),
+          (
+              "model.bn_running_stats",
+              config.method == "pirl" or config.model.bn_running_stats == "images",
+              f"'tiles_and_images' applies to config.method='pirl' only (the method here is "
+              f"{config.method!r}): use 'images'",
+          ),
+          (
+              "data.views.grid",
+              config.method not in methods.NEEDS_3X3_GRID or config.data.views.grid == 3,
+              f"config.method={config.method!r} is defined on a 3x3 grid of tiles: use 3",
+          ),
+          (
+              "jigsaw_permutations",
+              2 <= config.jigsaw_permutations <= math.factorial(9),
+              "must be in [2, 9! = 362880]",
+          ),
+          ("memory_bank.momentum", 0.0 <= config.memory_bank.momentum < 1.0, "must be in [0, 1)"),
+          (
+              "memory_bank.score_chunk_size",
+              config.memory_bank.score_chunk_size >= 1,
+              "must be >= 1",
+          ),
+          (
+              "optim.base_learning_rate",
+              _finite(optim.base_learning_rate) and optim.base_learning_rate > 0,
+              "must be a positive number",
+          ),
+          ("optim.momentum", 0.0 <= optim.momentum < 1.0, "must be in [0, 1)"),
+          (
+              "optim.weight_decay",
+              _finite(optim.weight_decay) and optim.weight_decay >= 0,
+              "must be a number >= 0",
+          ),
+          (
+              "optim.warmup_epochs",
+              _finite(optim.warmup_epochs) and optim.warmup_epochs >= 0,
+              "must be a number >= 0",
+          ),
+          (
+              "optim.final_learning_rate_fraction",
+              0.0 <= optim.final_learning_rate_fraction <= 1.0,
+              "must be in [0, 1]",
+          ),
+          ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
+          ("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1"),
+          ("eval_every_steps", config.eval_every_steps >= 0, "must be >= 0 (0: at the end only)"),
+      ]
+      + _probe_checks(config.probe),
+  )
   try:
     pipeline.view_config(config.data.views)
   except ValueError as e:
@@ -209,25 +273,46 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
 def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
   """Checks every fine-tuning field that needs neither the data nor the devices."""
   from pirl_jax.data import labelled_views  # pylint: disable=g-import-not-at-top
+
   _check_choices(config, _FINETUNE_CHOICES)
   optim = config.optim
-  _run_checks(config, _common_checks(config) + _data_checks(config.data) + [
-      ("label_fraction", 0.0 < config.label_fraction <= 1.0, "must be in (0, 1]"),
-      ("eval_batch_size", config.eval_batch_size > 0, "must be positive"),
-      ("optim.learning_rate", _finite(optim.learning_rate) and optim.learning_rate > 0,
-       "must be a positive number"),
-      ("optim.momentum", 0.0 <= optim.momentum < 1.0, "must be in [0, 1)"),
-      ("optim.weight_decay", _finite(optim.weight_decay) and optim.weight_decay >= 0,
-       "must be a number >= 0"),
-      ("optim.lr_decay_at", all(0.0 < f < 1.0 for f in optim.lr_decay_at),
-       "must be fractions of training in (0, 1)"),
-      ("optim.lr_decay_factor", _finite(optim.lr_decay_factor) and optim.lr_decay_factor > 0,
-       "must be a positive number"),
-      ("min_train_steps", config.min_train_steps >= 0, "must be >= 0"),
-      ("eval_every_epochs", config.eval_every_epochs > 0 or config.eval_every_steps > 0,
-       "must be positive (or set eval_every_steps)"),
-      ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
-  ])
+  _run_checks(
+      config,
+      _common_checks(config)
+      + _data_checks(config.data)
+      + [
+          ("label_fraction", 0.0 < config.label_fraction <= 1.0, "must be in (0, 1]"),
+          ("eval_batch_size", config.eval_batch_size > 0, "must be positive"),
+          (
+              "optim.learning_rate",
+              _finite(optim.learning_rate) and optim.learning_rate > 0,
+              "must be a positive number",
+          ),
+          ("optim.momentum", 0.0 <= optim.momentum < 1.0, "must be in [0, 1)"),
+          (
+              "optim.weight_decay",
+              _finite(optim.weight_decay) and optim.weight_decay >= 0,
+              "must be a number >= 0",
+          ),
+          (
+              "optim.lr_decay_at",
+              all(0.0 < f < 1.0 for f in optim.lr_decay_at),
+              "must be fractions of training in (0, 1)",
+          ),
+          (
+              "optim.lr_decay_factor",
+              _finite(optim.lr_decay_factor) and optim.lr_decay_factor > 0,
+              "must be a positive number",
+          ),
+          ("min_train_steps", config.min_train_steps >= 0, "must be >= 0"),
+          (
+              "eval_every_epochs",
+              config.eval_every_epochs > 0 or config.eval_every_steps > 0,
+              "must be positive (or set eval_every_steps)",
+          ),
+          ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
+      ],
+  )
   try:
     labelled_views.augment_config(config.augment)
   except ValueError as e:
@@ -235,11 +320,13 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
   if config.init.kind == "scratch" and config.init.checkpoint:
     raise ConfigError(
         f"config.init.kind='scratch' contradicts config.init.checkpoint="
-        f"{config.init.checkpoint!r}; leave one of them empty.")
+        f"{config.init.checkpoint!r}; leave one of them empty."
+    )
   if config.init.kind in ("pirl", "checkpoint", "weights") and not config.init.checkpoint:
     raise ConfigError(
         f"config.init.kind={config.init.kind!r} needs config.init.checkpoint (a PIRL "
-        "pretraining workdir, a checkpoint folder or a .safetensors/.pth weights file).")
+        "pretraining workdir, a checkpoint folder or a .safetensors/.pth weights file)."
+    )
   _check_data_path(config.data)
   if "uda" in config:
     _check_uda(config)
@@ -247,19 +334,33 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_uda(config) -> None:
   from pirl_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+
   uda = config.uda
   ratio = uda.unlabelled_ratio
-  _run_checks(config, [
-      ("uda.weight", _finite(uda.weight) and uda.weight >= 0, "must be a number >= 0"),
-      ("uda.unlabelled_ratio", isinstance(ratio, int) and ratio >= 1,
-       "must be an integer >= 1 (unlabelled images per labelled image in a batch)"),
-      ("uda.confidence_threshold", 0.0 <= uda.confidence_threshold < 1.0,
-       "must be in [0, 1) (0 = every unlabelled image counts)"),
-      ("uda.temperature", _finite(uda.temperature) and uda.temperature > 0,
-       "must be > 0 (1 = no sharpening)"),
-  ])
-  problem = randaugment.config_problem(uda.randaugment_num_ops, uda.randaugment_magnitude,
-                                       uda.randaugment_prob, uda.cutout_fraction)
+  _run_checks(
+      config,
+      [
+          ("uda.weight", _finite(uda.weight) and uda.weight >= 0, "must be a number >= 0"),
+          (
+              "uda.unlabelled_ratio",
+              isinstance(ratio, int) and ratio >= 1,
+              "must be an integer >= 1 (unlabelled images per labelled image in a batch)",
+          ),
+          (
+              "uda.confidence_threshold",
+              0.0 <= uda.confidence_threshold < 1.0,
+              "must be in [0, 1) (0 = every unlabelled image counts)",
+          ),
+          (
+              "uda.temperature",
+              _finite(uda.temperature) and uda.temperature > 0,
+              "must be > 0 (1 = no sharpening)",
+          ),
+      ],
+  )
+  problem = randaugment.config_problem(
+      uda.randaugment_num_ops, uda.randaugment_magnitude, uda.randaugment_prob, uda.cutout_fraction
+  )
   if problem:
     raise ConfigError(f"config.uda: {problem}")
 
@@ -268,8 +369,10 @@ def check_device_count(config, num_devices: int, fields=("global_batch_size",)) 
   """Batch sizes must split evenly over the devices."""
   for field in fields:
     if get_field(config, field) % num_devices:
-      raise ConfigError(f"config.{field}={get_field(config, field)!r} must be divisible by the "
-                        f"number of devices ({num_devices}).")
+      raise ConfigError(
+          f"config.{field}={get_field(config, field)!r} must be divisible by the "
+          f"number of devices ({num_devices})."
+      )
 
 
 def select_devices(config: ml_collections.ConfigDict, devices: list, process_count: int) -> list:
@@ -284,11 +387,15 @@ def select_devices(config: ml_collections.ConfigDict, devices: list, process_cou
   if n == 0:
     return list(devices)
   if n < 0 or n > len(devices):
-    raise ConfigError(f"config.num_devices={n} must be in [0, {len(devices)}] (0 = all "
-                      f"{len(devices)} devices).")
+    raise ConfigError(
+        f"config.num_devices={n} must be in [0, {len(devices)}] (0 = all "
+        f"{len(devices)} devices)."
+    )
   if process_count > 1 and n != len(devices):
-    raise ConfigError(f"config.num_devices={n}: with {process_count} processes every device "
-                      f"takes part; use 0 (all {len(devices)}).")
+    raise ConfigError(
+        f"config.num_devices={n}: with {process_count} processes every device "
+        f"takes part; use 0 (all {len(devices)})."
+    )
   return list(devices)[:n]
 
 
@@ -297,18 +404,21 @@ def validate_dataset_size(config: ml_collections.ConfigDict, num_examples: int) 
   if num_examples < config.global_batch_size:
     raise ConfigError(
         f"The dataset has {num_examples} images, fewer than "
-        f"config.global_batch_size={config.global_batch_size}.")
+        f"config.global_batch_size={config.global_batch_size}."
+    )
   limit = num_examples - 1 if config.loss.exclude_positive else num_examples
   if config.loss.num_negatives > limit:
     raise ConfigError(
         f"config.loss.num_negatives={config.loss.num_negatives} must be < the dataset size "
         f"N={num_examples} (at most {limit} negatives with "
-        f"loss.exclude_positive={config.loss.exclude_positive}).")
+        f"loss.exclude_positive={config.loss.exclude_positive})."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Durations resolved from the config and the dataset size."""
+
   steps_per_epoch: int
   total_steps: int
   warmup_steps: int
@@ -323,7 +433,9 @@ def resolve_schedule(config: ml_collections.ConfigDict, num_examples: int) -> Sc
     total = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
   warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
   if warmup >= total:
-    raise ConfigError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} covers "
-                      f"{warmup} steps, not fewer than the {total} training steps.")
+    raise ConfigError(
+        f"config.optim.warmup_epochs={config.optim.warmup_epochs} covers "
+        f"{warmup} steps, not fewer than the {total} training steps."
+    )
   lr = config.optim.base_learning_rate * config.global_batch_size / 256
   return Schedule(steps_per_epoch, total, warmup, lr)

@@ -23,8 +23,12 @@ def _int_or_none(value, name: str) -> int | None:
     raise ValueError(f"{name}={value!r} is not an integer.") from None
 
 
-def initialize(mode: str = "flags", coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None) -> bool:
+def initialize(
+    mode: str = "flags",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
   """Connects this process to the others, if configured.
 
   Args:
@@ -51,16 +55,28 @@ def initialize(mode: str = "flags", coordinator_address: str | None = None,
   if mode == "flags":
     if coordinator_address is None:
       return False
-    missing = [name for name, value in (("--num_processes (or $JAX_NUM_PROCESSES)", num_processes),
-                                        ("--process_id (or $JAX_PROCESS_ID)", process_id))
-               if value is None]
+    missing = [
+        name
+        for name, value in (
+            ("--num_processes (or $JAX_NUM_PROCESSES)", num_processes),
+            ("--process_id (or $JAX_PROCESS_ID)", process_id),
+        )
+        if value is None
+    ]
     if missing:
-      raise ValueError(f"--coordinator_address={coordinator_address} also needs "
-                       f"{' and '.join(missing)}; or use --distributed=auto where JAX can detect "
-                       "the cluster.")
-  logging.info("jax.distributed.initialize(coordinator_address=%s, num_processes=%s, "
-               "process_id=%s)%s", coordinator_address, num_processes, process_id,
-               " with cluster auto-detection" if mode == "auto" else "")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+      raise ValueError(
+          f"--coordinator_address={coordinator_address} also needs "
+          f"{' and '.join(missing)}; or use --distributed=auto where JAX can detect "
+          "the cluster."
+      )
+  logging.info(
+      "jax.distributed.initialize(coordinator_address=%s, num_processes=%s, " "process_id=%s)%s",
+      coordinator_address,
+      num_processes,
+      process_id,
+      " with cluster auto-detection" if mode == "auto" else "",
+  )
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   return True

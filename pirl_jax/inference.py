@@ -33,6 +33,7 @@ _SHAPE_IMAGE_SIZE = 64
 @dataclasses.dataclass(frozen=True)
 class LoadedTrunk:
   """What `restore` found: the module, its variables and where they came from."""
+
   trunk: resnet.ResNet
   variables: dict
   name: str
@@ -41,8 +42,14 @@ class LoadedTrunk:
   step: int | None
 
 
-def restore(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk: str = "",
-            width_multiplier: float = 0.0, field: str = "checkpoint") -> LoadedTrunk:
+def restore(
+    checkpoint: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    trunk: str = "",
+    width_multiplier: float = 0.0,
+    field: str = "checkpoint",
+) -> LoadedTrunk:
   """Restores a trunk with its provenance; `load_trunk` returns the first two fields.
 
   Args:
@@ -60,8 +67,9 @@ def restore(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk: s
   """
   if not str(checkpoint):
     raise checkpointing.CheckpointMismatchError("load_trunk needs a checkpoint path.")
-  init = trunk_init.resolve_init(str(checkpoint), step=-1 if step is None else int(step),
-                                 field=field)
+  init = trunk_init.resolve_init(
+      str(checkpoint), step=-1 if step is None else int(step), field=field
+  )
   model = dict((init.source_config or {}).get("model") or {})
   if trunk:
     model["trunk"] = trunk
@@ -69,19 +77,30 @@ def restore(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk: s
   if "trunk" not in model:
     raise checkpointing.CheckpointMismatchError(
         f"{init.checkpoint}: no config.json of the run that wrote it was found, so the trunk's "
-        f"architecture is unknown; pass trunk= (one of {', '.join(sorted(resnet.TRUNKS))}).")
+        f"architecture is unknown; pass trunk= (one of {', '.join(sorted(resnet.TRUNKS))})."
+    )
   module = trunk_init.trunk_from_config(model)
   abstract = trunk_init.abstract_trunk_variables(module, _SHAPE_IMAGE_SIZE)
   described = f"{model['trunk']} at width {float(model.get('width_multiplier', 1.0)):g}"
   trunk_init.check_trunk(init, abstract, described)
   variables = trunk_init.restore_trunk(init, abstract)
-  return LoadedTrunk(trunk=module, variables=variables, name=model["trunk"],
-                     width_multiplier=float(model.get("width_multiplier", 1.0)),
-                     checkpoint=init.checkpoint, step=init.step)
+  return LoadedTrunk(
+      trunk=module,
+      variables=variables,
+      name=model["trunk"],
+      width_multiplier=float(model.get("width_multiplier", 1.0)),
+      checkpoint=init.checkpoint,
+      step=init.step,
+  )
 
 
-def load_trunk(checkpoint: str | pathlib.Path, step: int | None = None, *, trunk: str = "",
-               width_multiplier: float = 0.0) -> tuple[resnet.ResNet, dict]:
+def load_trunk(
+    checkpoint: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    trunk: str = "",
+    width_multiplier: float = 0.0,
+) -> tuple[resnet.ResNet, dict]:
   """(trunk module, {'params', 'batch_stats'}) of a checkpoint; see `restore` for the arguments."""
   loaded = restore(checkpoint, step, trunk=trunk, width_multiplier=width_multiplier)
   return loaded.trunk, loaded.variables
@@ -97,8 +116,9 @@ def normalize_images(images) -> np.ndarray:
   return ((images.astype(np.float32) * scale - mean) / std).astype(np.float32)
 
 
-def embed(trunk: resnet.ResNet, variables: dict, images, *, normalize: bool = True,
-          batch_size: int = 256) -> np.ndarray:
+def embed(
+    trunk: resnet.ResNet, variables: dict, images, *, normalize: bool = True, batch_size: int = 256
+) -> np.ndarray:
   """Pooled trunk features of `images`, BatchNorm in inference mode: (N, F) float32 NumPy.
 
   Args:
@@ -115,12 +135,11 @@ def embed(trunk: resnet.ResNet, variables: dict, images, *, normalize: bool = Tr
   batch_size = max(1, min(batch_size, len(images)))
   outputs = []
   for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
+    chunk = images[start : start + batch_size]
     chunk = normalize_images(chunk) if normalize else chunk.astype(np.float32)
     count = len(chunk)
     if count < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:],
-                                              np.float32)])
+      chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:], np.float32)])
     outputs.append(np.asarray(apply(variables, jnp.asarray(chunk)))[:count])
   if not outputs:
     return np.zeros((0, trunk.num_features), np.float32)

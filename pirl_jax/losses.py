@@ -48,8 +48,9 @@ def infonce_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
 
 
-def nce_loss(logits: jax.Array, z: jax.Array | float, num_examples: int,
-             eps: float = 0.0) -> jax.Array:
+def nce_loss(
+    logits: jax.Array, z: jax.Array | float, num_examples: int, eps: float = 0.0
+) -> jax.Array:
   """NCE loss of the paper / VISSL ``nce_loss_with_memory`` (negatives summed, batch averaged).
 
   With ``x_j = exp(s_j) / Z``, ``P_n = 1/N`` and ``K`` negatives:
@@ -127,14 +128,22 @@ def update_z(z_old: jax.Array | float, z_batch: jax.Array, ema: float) -> jax.Ar
 
 class PIRLLoss(NamedTuple):
   """PIRL loss and its two terms (a pytree, usable as ``has_aux`` output)."""
+
   total: jax.Array
   jigsaw: jax.Array | None  # L(m_i, g_hat(v_It)); None without a jigsaw view
   image: jax.Array  # L(m_i, f_hat(v_I))
 
 
-def pirl_loss(logits_g: jax.Array, logits_f: jax.Array, *, kind: str = 'nce',
-              z: jax.Array | float | None = None, num_examples: int | None = None,
-              lam: float = 0.5, nce_eps: float = 0.0) -> PIRLLoss:
+def pirl_loss(
+    logits_g: jax.Array,
+    logits_f: jax.Array,
+    *,
+    kind: str = 'nce',
+    z: jax.Array | float | None = None,
+    num_examples: int | None = None,
+    lam: float = 0.5,
+    nce_eps: float = 0.0,
+) -> PIRLLoss:
   """``lam * L(g) + (1 - lam) * L(f)``, both terms scored against the memory rows.
 
   Args:

@@ -41,12 +41,13 @@ def padded_size(num_examples: int, num_shards: int) -> int:
     num_shards: Number of row shards (devices on the data axis).
   """
   if num_examples < 1 or num_shards < 1:
-    raise ValueError(f'num_examples and num_shards must be >= 1, got {num_examples}, {num_shards}')
+    raise ValueError(f"num_examples and num_shards must be >= 1, got {num_examples}, {num_shards}")
   return -(-num_examples // num_shards) * num_shards
 
 
-def init_bank(rng: jax.Array, num_examples: int, dim: int = 128,
-              num_rows: int | None = None) -> jax.Array:
+def init_bank(
+    rng: jax.Array, num_examples: int, dim: int = 128, num_rows: int | None = None
+) -> jax.Array:
   """Initial bank: rows uniform in [-1, 1)^dim then L2-normalised; padding rows zero.
 
   A symmetric range matters: uniform [0, 1) rows would all lie in one orthant and start out highly
@@ -63,15 +64,20 @@ def init_bank(rng: jax.Array, num_examples: int, dim: int = 128,
   """
   num_rows = num_examples if num_rows is None else num_rows
   if num_rows < num_examples:
-    raise ValueError(f'num_rows ({num_rows}) must be >= num_examples ({num_examples})')
+    raise ValueError(f"num_rows ({num_rows}) must be >= num_examples ({num_examples})")
   rows = jax.random.uniform(rng, (num_rows, dim), jnp.float32, minval=-1.0, maxval=1.0)
   rows = l2_normalize(rows)
   real = (jnp.arange(num_rows) < num_examples)[:, None]
   return jnp.where(real, rows, 0.0)
 
 
-def sample_negatives(rng: jax.Array, positives: jax.Array, num_negatives: int, num_examples: int,
-                     exclude_positive: bool = True) -> jax.Array:
+def sample_negatives(
+    rng: jax.Array,
+    positives: jax.Array,
+    num_negatives: int,
+    num_examples: int,
+    exclude_positive: bool = True,
+) -> jax.Array:
   """Draws K negative row indices per query, uniformly and with replacement from ``[0, N)``.
 
   With ``exclude_positive`` each draw is uniform over the N - 1 rows other than the query's positive:
@@ -126,8 +132,9 @@ def _partial_scores(bank_rows, first_row, query, idx, chunk_size, precision):
     rows = jnp.take(bank_rows, local, axis=0).astype(jnp.float32)  # (B, chunk, D)
     dots = jnp.einsum("bkd,bd->bk", rows, query, precision=precision)
     current = jax.lax.dynamic_slice_in_dim(scores, start, chunk, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(scores, jnp.where(mine, dots, current), start,
-                                               axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(
+        scores, jnp.where(mine, dots, current), start, axis=1
+    )
 
   return jax.lax.fori_loop(0, num_chunks, body, jnp.zeros((batch, total), jnp.float32))
 
@@ -143,8 +150,7 @@ def _partial_query_gradient(bank_rows, first_row, idx, d_scores, chunk_size, pre
     d_chunk = jnp.where(mine, jax.lax.dynamic_slice_in_dim(d_scores, start, chunk, axis=1), 0.0)
     return d_query + jnp.einsum("bkd,bk->bd", rows, d_chunk, precision=precision)
 
-  return jax.lax.fori_loop(0, num_chunks, body,
-                           jnp.zeros((batch, bank_rows.shape[1]), jnp.float32))
+  return jax.lax.fori_loop(0, num_chunks, body, jnp.zeros((batch, bank_rows.shape[1]), jnp.float32))
 
 
 def _num_blocks(local_batch: int, most: int = 8) -> int:
@@ -161,6 +167,7 @@ def _scorer(axis, rows_per_device: int, chunk_size: int, precision):
   rows (B x (K+1) x D, 4.2 GB per term at ImageNet size) for the backward pass; this backward
   pass keeps only the local inputs and gathers each chunk's rows again.
   """
+
   def gather(x):
     return x if axis is None else jax.lax.all_gather(x, axis, tiled=True)
 
@@ -175,10 +182,13 @@ def _scorer(axis, rows_per_device: int, chunk_size: int, precision):
 
   def forward(query, idx, bank_rows):
     n = _num_blocks(query.shape[0])
+
     def one_block(block):
       q, i = block
-      return scatter(_partial_scores(bank_rows, first_row(), gather(q), gather(i), chunk_size,
-                                     precision))
+      return scatter(
+          _partial_scores(bank_rows, first_row(), gather(q), gather(i), chunk_size, precision)
+      )
+
     out = jax.lax.map(one_block, (blocks(query, n), blocks(idx, n)))
     return out.reshape((query.shape[0],) + out.shape[2:])
 
@@ -192,10 +202,15 @@ def _scorer(axis, rows_per_device: int, chunk_size: int, precision):
   def scores_bwd(residuals, d_logits):
     idx, bank_rows = residuals
     n = _num_blocks(idx.shape[0])
+
     def one_block(block):
       i, d = block
-      return scatter(_partial_query_gradient(bank_rows, first_row(), gather(i), gather(d),
-                                             chunk_size, precision))
+      return scatter(
+          _partial_query_gradient(
+              bank_rows, first_row(), gather(i), gather(d), chunk_size, precision
+          )
+      )
+
     d_query = jax.lax.map(one_block, (blocks(idx, n), blocks(d_logits, n)))
     return d_query.reshape((idx.shape[0],) + d_query.shape[2:]), None, None
 
@@ -203,9 +218,16 @@ def _scorer(axis, rows_per_device: int, chunk_size: int, precision):
   return scores
 
 
-def score(query: jax.Array, bank: jax.Array, positives: jax.Array, negatives: jax.Array,
-          temperature: float, mesh=None, chunk_size: int = 1024,
-          precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+def score(
+    query: jax.Array,
+    bank: jax.Array,
+    positives: jax.Array,
+    negatives: jax.Array,
+    temperature: float,
+    mesh=None,
+    chunk_size: int = 1024,
+    precision=jax.lax.Precision.HIGHEST,
+) -> jax.Array:
   """Scores ``s_j = <m_j, q> / tau`` of each query against its positive row and its negatives.
 
   Args:
@@ -226,8 +248,7 @@ def score(query: jax.Array, bank: jax.Array, positives: jax.Array, negatives: ja
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  idx = jnp.concatenate([positives[:, None].astype(jnp.int32), negatives.astype(jnp.int32)],
-                        axis=1)
+  idx = jnp.concatenate([positives[:, None].astype(jnp.int32), negatives.astype(jnp.int32)], axis=1)
   bank = jax.lax.stop_gradient(bank)
   if mesh is None:
     return _scorer(None, bank.shape[0], chunk_size, precision)(query, idx, bank) / temperature
@@ -235,13 +256,19 @@ def score(query: jax.Array, bank: jax.Array, positives: jax.Array, negatives: ja
   scores = _scorer(axis, bank.shape[0] // mesh.shape[axis], chunk_size, precision)
   # check_vma=False: the loops' carries start as constants but hold per-device values, and the
   # backward pass (written by hand) does not need JAX to track that.
-  logits = jax.shard_map(scores, mesh=mesh, in_specs=(P(axis), P(axis), P(axis, None)),
-                         out_specs=P(axis), check_vma=False)(query, idx, bank)
+  logits = jax.shard_map(
+      scores,
+      mesh=mesh,
+      in_specs=(P(axis), P(axis), P(axis, None)),
+      out_specs=P(axis),
+      check_vma=False,
+  )(query, idx, bank)
   return logits / temperature
 
 
-def update(bank: jax.Array, indices: jax.Array, embeddings: jax.Array,
-           momentum: float = 0.5, mesh=None) -> jax.Array:
+def update(
+    bank: jax.Array, indices: jax.Array, embeddings: jax.Array, momentum: float = 0.5, mesh=None
+) -> jax.Array:
   """Writes embeddings into their rows: ``m_i <- normalise(momentum * m_i + (1 - momentum) * f_i)``.
 
   Only the image embedding f_hat is written (at stable dataset indices), after both loss terms have
@@ -276,9 +303,14 @@ def update(bank: jax.Array, indices: jax.Array, embeddings: jax.Array,
 
   def per_device(rows, idx, emb):
     first_row = jax.lax.axis_index(axis) * rows_per_device
-    return write(rows, first_row, jax.lax.all_gather(idx, axis, tiled=True),
-                 jax.lax.all_gather(emb, axis, tiled=True))
+    return write(
+        rows,
+        first_row,
+        jax.lax.all_gather(idx, axis, tiled=True),
+        jax.lax.all_gather(emb, axis, tiled=True),
+    )
 
-  new_bank = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis, None), P(axis), P(axis)),
-                           out_specs=P(axis, None))(bank, indices, embeddings)
+  new_bank = jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(axis, None), P(axis), P(axis)), out_specs=P(axis, None)
+  )(bank, indices, embeddings)
   return jax.lax.stop_gradient(new_bank)

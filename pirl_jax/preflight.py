@@ -37,18 +37,20 @@ from pirl_jax import user_errors
 # where and how often things are written, how many devices and input threads are used, and the
 # recovery knobs themselves. `num_devices` may change because checkpoints restore on any device
 # count; `skip_nonfinite_steps` is what one turns on to get past a step that diverged.
-RESUMABLE_FIELDS = frozenset({
-    "resume",
-    "num_devices",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "skip_nonfinite_steps",
-    "data.cache_dir",
-    "data.num_parallel_calls",
-    "data.prefetch_batches",
-    "memory_bank.score_chunk_size",
-})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "resume",
+        "num_devices",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "skip_nonfinite_steps",
+        "data.cache_dir",
+        "data.num_parallel_calls",
+        "data.prefetch_batches",
+        "memory_bank.score_chunk_size",
+    }
+)
 # Pretraining only: the probes watch training, they do not change it.
 RESUMABLE_IN_PRETRAINING = frozenset({"eval_every_steps", "probe"})
 
@@ -86,7 +88,8 @@ def check_workdir_writable(workdir: str | os.PathLike) -> None:
       what, reason = "not a writable directory", e.strerror or e
     raise PreflightError(
         f"The workdir {workdir} is {what} ({reason}); checkpoints, logs and config.json go "
-        "there. Pass another --workdir.") from e
+        "there. Pass another --workdir."
+    ) from e
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:
@@ -99,16 +102,23 @@ def free_disk_bytes(path: str | os.PathLike) -> int:
 
 def state_bytes(abstract_state) -> int:
   """Bytes of all arrays in a pytree of arrays or `jax.ShapeDtypeStruct`s (global shapes)."""
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(abstract_state))
+  return sum(
+      math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state)
+  )
 
 
-_KEEP_ADVICE = ("config.keep_checkpoints + 1 at most). Free some space, lower "
-                "config.keep_checkpoints or pass another --workdir.")
+_KEEP_ADVICE = (
+    "config.keep_checkpoints + 1 at most). Free some space, lower "
+    "config.keep_checkpoints or pass another --workdir."
+)
 
 
-def check_free_disk(checkpoint_dir: str | os.PathLike, bytes_per_checkpoint: int,
-                    num_checkpoints: int, advice: str = _KEEP_ADVICE) -> None:
+def check_free_disk(
+    checkpoint_dir: str | os.PathLike,
+    bytes_per_checkpoint: int,
+    num_checkpoints: int,
+    advice: str = _KEEP_ADVICE,
+) -> None:
   """Checks there is room for `num_checkpoints` more checkpoints of `bytes_per_checkpoint`.
 
   Orbax deletes the oldest checkpoint only after the newest is complete, so a run keeping k needs
@@ -118,16 +128,20 @@ def check_free_disk(checkpoint_dir: str | os.PathLike, bytes_per_checkpoint: int
   """
   needed = int(num_checkpoints * bytes_per_checkpoint * 1.05) + 16 * _MIB
   if storage.is_url(checkpoint_dir):
-    logging.info("Preflight: skipped the free-disk check for %s (object storage has no free-"
-                 "space figure; about %.1f MiB will be written there).", checkpoint_dir,
-                 needed / _MIB)
+    logging.info(
+        "Preflight: skipped the free-disk check for %s (object storage has no free-"
+        "space figure; about %.1f MiB will be written there).",
+        checkpoint_dir,
+        needed / _MIB,
+    )
     return
   free = free_disk_bytes(checkpoint_dir)
   if free < needed:
     raise PreflightError(
         f"Not enough free disk for checkpoints in {checkpoint_dir}: {free / _MIB:.1f} MiB free, "
         f"about {needed / _MIB:.1f} MiB needed ({num_checkpoints} checkpoint(s) of "
-        f"{bytes_per_checkpoint / _MIB:.1f} MiB each, {advice}")
+        f"{bytes_per_checkpoint / _MIB:.1f} MiB each, {advice}"
+    )
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -157,9 +171,12 @@ def config_differences(saved: dict, new: dict) -> list[str]:
 
   # A block switched off on both sides, or absent from the saved config (which then ran with it
   # off): only its switch can differ.
-  off = {block for block in SWITCHED_BLOCKS
-         if value(saved, f"{block}.enabled") is False and (
-             value(new, f"{block}.enabled") is False or f"{block}.enabled" not in saved)}
+  off = {
+      block
+      for block in SWITCHED_BLOCKS
+      if value(saved, f"{block}.enabled") is False
+      and (value(new, f"{block}.enabled") is False or f"{block}.enabled" not in saved)
+  }
   lines = []
   for field in sorted(set(saved) | set(new)):
     top = field.split(".")[0]
@@ -192,34 +209,47 @@ def check_resume(config, workdir: str | os.PathLike, latest_step: int | None) ->
     raise PreflightError(
         f"config.resume='never' but {workdir / 'checkpoints'} holds checkpoints (latest step "
         f"{latest_step}); starting over there would mix two runs. Pass a new --workdir, delete "
-        "the checkpoints, or resume with config.resume='auto'.")
+        "the checkpoints, or resume with config.resume='auto'."
+    )
   saved_path = workdir / "config.json"
   if not saved_path.is_file():
-    logging.warning("%s has checkpoints but no config.json; cannot check that they come from "
-                    "the same experiment.", workdir)
+    logging.warning(
+        "%s has checkpoints but no config.json; cannot check that they come from "
+        "the same experiment.",
+        workdir,
+    )
     return
   try:
     saved = json.loads(saved_path.read_text())
   except (OSError, ValueError) as e:
-    raise PreflightError(f"Cannot read {saved_path} ({e}); fix or delete it, or pass "
-                         "--config.resume=force.") from e
+    raise PreflightError(
+        f"Cannot read {saved_path} ({e}); fix or delete it, or pass " "--config.resume=force."
+    ) from e
   differences = config_differences(saved, config_as_dict(config))
   if not differences:
     return
   listing = "\n  ".join(differences)
   if config.resume == "force":
-    logging.warning("config.resume='force': resuming from step %d in %s although the config "
-                    "differs from %s:\n  %s", latest_step, workdir, saved_path, listing)
+    logging.warning(
+        "config.resume='force': resuming from step %d in %s although the config "
+        "differs from %s:\n  %s",
+        latest_step,
+        workdir,
+        saved_path,
+        listing,
+    )
     return
   raise PreflightError(
       f"{workdir} holds checkpoints (latest step {latest_step}) of a run whose config "
       f"({saved_path}) differs from this one in {len(differences)} field(s):\n  {listing}\n"
       "Resuming would continue another experiment. Pass a new --workdir, or "
-      "--config.resume=force to resume anyway.")
+      "--config.resume=force to resume anyway."
+  )
 
 
-def dataset_fingerprint(num_examples: int, names: Sequence[str],
-                        contents: Sequence[bytes] | None = None) -> dict:
+def dataset_fingerprint(
+    num_examples: int, names: Sequence[str], contents: Sequence[bytes] | None = None
+) -> dict:
   """What a run's checkpoints refer to: the image at each dataset index and a digest of it.
 
   Names are kept relative to their common folder, so that moving the data (or the cache the
@@ -247,8 +277,9 @@ def dataset_differences(saved: dict, new: dict) -> list[str]:
   """Readable differences between two `dataset_fingerprint`s (empty when they agree)."""
   lines = []
   if saved.get("num_examples") != new.get("num_examples"):
-    lines.append(f"{new.get('num_examples')} images now, {saved.get('num_examples')} when the "
-                 "run started")
+    lines.append(
+        f"{new.get('num_examples')} images now, {saved.get('num_examples')} when the " "run started"
+    )
   old_names, new_names = saved.get("names", []), new.get("names", [])
   if old_names and new_names and set(old_names) != set(new_names):
     removed = sorted(set(old_names) - set(new_names))
@@ -256,12 +287,18 @@ def dataset_differences(saved: dict, new: dict) -> list[str]:
     lines += [f"removed: {name}" for name in removed[:5]]
     lines += [f"added: {name}" for name in added[:5]]
   elif old_names and new_names:  # the same images in another order
-    lines += [f"index {i}: {after} now, {before} before"
-              for i, (before, after) in enumerate(zip(old_names, new_names)) if before != after]
+    lines += [
+        f"index {i}: {after} now, {before} before"
+        for i, (before, after) in enumerate(zip(old_names, new_names))
+        if before != after
+    ]
   old_digests, new_digests = saved.get("digests", []), new.get("digests", [])
   if not lines and old_digests and new_digests:
-    lines += [f"index {i}: {name} has other content" for i, (name, before, after)
-              in enumerate(zip(new_names, old_digests, new_digests)) if before != after]
+    lines += [
+        f"index {i}: {name} has other content"
+        for i, (name, before, after) in enumerate(zip(new_names, old_digests, new_digests))
+        if before != after
+    ]
   return lines
 
 
@@ -276,11 +313,15 @@ def agree(*checks: Callable[[], None]) -> None:
       break
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    failed = np.asarray(multihost_utils.process_allgather(
-        np.asarray(error is not None, np.int32))).reshape(-1)
+
+    failed = np.asarray(
+        multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
+    ).reshape(-1)
     others = [i for i in np.flatnonzero(failed) if i != jax.process_index()]
     if error is None and others:
-      raise PreflightError(f"Preflight checks failed on process(es) "
-                           f"{', '.join(map(str, others))}; see their logs.")
+      raise PreflightError(
+          f"Preflight checks failed on process(es) "
+          f"{', '.join(map(str, others))}; see their logs."
+      )
   if error is not None:
     raise error

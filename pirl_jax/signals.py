@@ -42,6 +42,7 @@ def install_startup_sigterm_handler() -> None:
     # The flag carries the request on: no "Exception ignored" traceback for it.
     if not isinstance(unraisable.exc_value, StartupInterrupted):
       default_hook(unraisable)
+
   _STARTUP_SIGTERM.clear()
   sys.unraisablehook = quiet_when_swallowed
   signal.signal(signal.SIGTERM, handle)

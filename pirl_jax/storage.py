@@ -89,9 +89,13 @@ class TensorBoardWriter(metric_writers.MetricWriter):
 
   def __init__(self, logdir: str | os.PathLike):
     from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+
     self._target = path(logdir) if is_url(logdir) else None
-    self._local = (tempfile.mkdtemp(prefix="pirl_jax_events_") if self._target is not None
-                   else os.fspath(logdir))
+    self._local = (
+        tempfile.mkdtemp(prefix="pirl_jax_events_")
+        if self._target is not None
+        else os.fspath(logdir)
+    )
     os.makedirs(self._local, exist_ok=True)
     self._scalars = event_file_writer.EventFileWriter(self._local)
     self._clu_writer = None
@@ -105,10 +109,16 @@ class TensorBoardWriter(metric_writers.MetricWriter):
   def write_scalars(self, step, scalars):
     from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
     from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
-              for tag, value in scalars.items()]
-    self._scalars.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                            summary=summary_pb2.Summary(value=values)))
+
+    values = [
+        summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+        for tag, value in scalars.items()
+    ]
+    self._scalars.add_event(
+        event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+        )
+    )
 
   def write_summaries(self, step, values, metadata=None):
     self._writer.write_summaries(step, values, metadata)
@@ -129,8 +139,7 @@ class TensorBoardWriter(metric_writers.MetricWriter):
     self._writer.write_histograms(step, arrays, num_buckets)
 
   def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-    self._writer.write_pointcloud(step, point_clouds, point_colors=point_colors,
-                                  configs=configs)
+    self._writer.write_pointcloud(step, point_clouds, point_colors=point_colors, configs=configs)
 
   def write_hparams(self, hparams):
     self._writer.write_hparams(hparams)

@@ -41,6 +41,7 @@ class Init:
       its architecture as {'model': {'trunk', 'width_multiplier'}}.
     weights: a weights file's state dict (torchvision keys -> NumPy arrays).
   """
+
   kind: str
   checkpoint: str = ""
   item_dir: str | None = None
@@ -59,12 +60,14 @@ def find_workdir_config(item_dir: pathlib.Path, given: pathlib.Path) -> dict | N
       except json.JSONDecodeError as e:
         raise checkpointing.CheckpointMismatchError(
             f"{path} is not valid JSON ({e}); it should be the resolved config the "
-            "checkpoint's run wrote.") from e
+            "checkpoint's run wrote."
+        ) from e
   return None
 
 
-def resolve_init(checkpoint: str, kind: str = "", step: int = -1,
-                 field: str = "init.checkpoint") -> Init:
+def resolve_init(
+    checkpoint: str, kind: str = "", step: int = -1, field: str = "init.checkpoint"
+) -> Init:
   """Finds the checkpoint a user named and infers its kind when `kind` is empty.
 
   Args:
@@ -80,14 +83,20 @@ def resolve_init(checkpoint: str, kind: str = "", step: int = -1,
   given = storage.path(checkpoint)
   if kind == "weights" or (not kind and torch_weights.is_weights_file(given)):
     return _resolve_weights_file(given, field)
-  item_dir, found_step = checkpointing.resolve_checkpoint(given, None if step < 0 else int(step),
-                                                          field=field)
+  item_dir, found_step = checkpointing.resolve_checkpoint(
+      given, None if step < 0 else int(step), field=field
+  )
   source_config = find_workdir_config(item_dir, given)
   if not kind:
     is_pirl = source_config is not None and source_config.get("mode") == "pretrain"
     kind = "pirl" if is_pirl else "checkpoint"
-  return Init(kind=kind, checkpoint=str(given), item_dir=str(item_dir), step=found_step,
-              source_config=source_config)
+  return Init(
+      kind=kind,
+      checkpoint=str(given),
+      item_dir=str(item_dir),
+      step=found_step,
+      source_config=source_config,
+  )
 
 
 def _resolve_weights_file(path: pathlib.Path, field: str) -> Init:
@@ -96,12 +105,20 @@ def _resolve_weights_file(path: pathlib.Path, field: str) -> Init:
     trunk, width = torch_weights.infer_architecture(weights, source=str(path))
   except torch_weights.WeightsError as e:
     raise torch_weights.WeightsError(f"{field}: {e}") from None
-  logging.info("%s: a %s weights file (%s at width %g, %d tensors).", field,
-               "safetensors" if path.suffix == ".safetensors" else "PyTorch", trunk, width,
-               len(weights))
-  return Init(kind="weights", checkpoint=str(path),
-              source_config={"model": {"trunk": trunk, "width_multiplier": width}},
-              weights=weights)
+  logging.info(
+      "%s: a %s weights file (%s at width %g, %d tensors).",
+      field,
+      "safetensors" if path.suffix == ".safetensors" else "PyTorch",
+      trunk,
+      width,
+      len(weights),
+  )
+  return Init(
+      kind="weights",
+      checkpoint=str(path),
+      source_config={"model": {"trunk": trunk, "width_multiplier": width}},
+      weights=weights,
+  )
 
 
 def inherit_trunk(config: ml_collections.ConfigDict, init: Init) -> ml_collections.ConfigDict:
@@ -112,28 +129,38 @@ def inherit_trunk(config: ml_collections.ConfigDict, init: Init) -> ml_collectio
   if init.kind != "scratch" and config.init.inherit_trunk and "trunk" in model:
     trunk, width = model["trunk"], float(model.get("width_multiplier", 1.0))
     if (trunk, width) != (config.model.trunk, float(config.model.width_multiplier)):
-      logging.info("Using the checkpoint's trunk %s at width %g (from its %s) instead "
-                   "of model.trunk=%s, model.width_multiplier=%g (init.inherit_trunk=True).",
-                   trunk, width, "tensors" if init.kind == "weights" else "config.json",
-                   config.model.trunk, config.model.width_multiplier)
+      logging.info(
+          "Using the checkpoint's trunk %s at width %g (from its %s) instead "
+          "of model.trunk=%s, model.width_multiplier=%g (init.inherit_trunk=True).",
+          trunk,
+          width,
+          "tensors" if init.kind == "weights" else "config.json",
+          config.model.trunk,
+          config.model.width_multiplier,
+      )
     config.model.trunk, config.model.width_multiplier = trunk, width
   return config
 
 
 def abstract_trunk_variables(trunk, image_size: int) -> dict:
   """{'params', 'batch_stats'} of `trunk` as shapes; nothing is computed."""
-  return jax.eval_shape(lambda: trunk.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32),
-      train=False))
+  return jax.eval_shape(
+      lambda: trunk.init(
+          jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False
+      )
+  )
 
 
 def _targets(item_dir: str, variables: dict) -> dict:
   # A state of this project keeps the trunk under 'trunk'; a bare trunk sits at the top level.
-  nested = checkpointing.subtree(checkpointing.array_metadata(item_dir),
-                                 ("params", TRUNK)) is not None
+  nested = (
+      checkpointing.subtree(checkpointing.array_metadata(item_dir), ("params", TRUNK)) is not None
+  )
   prefix = (TRUNK,) if nested else ()
-  return {("params",) + prefix: variables["params"],
-          ("batch_stats",) + prefix: variables["batch_stats"]}
+  return {
+      ("params",) + prefix: variables["params"],
+      ("batch_stats",) + prefix: variables["batch_stats"],
+  }
 
 
 def check_trunk(init: Init, variables: dict, model_fields: str) -> None:
@@ -149,18 +176,24 @@ def check_trunk(init: Init, variables: dict, model_fields: str) -> None:
     torch_weights.WeightsError: a weights file that does not fit, naming the keys.
   """
   if init.kind == "weights":
-    torch_weights.from_state_dict(init.weights, variables, source=init.checkpoint,
-                                  model=model_fields)
+    torch_weights.from_state_dict(
+        init.weights, variables, source=init.checkpoint, model=model_fields
+    )
     return
   try:
     checkpointing.check_subtrees(init.item_dir, _targets(init.item_dir, variables))
   except checkpointing.CheckpointMismatchError as e:
-    saved = ((init.source_config or {}).get("model") or {})
-    told = (f" Its run's config.json has model.trunk={saved.get('trunk')!r}, "
-            f"model.width_multiplier={saved.get('width_multiplier')!r}." if saved else "")
+    saved = (init.source_config or {}).get("model") or {}
+    told = (
+        f" Its run's config.json has model.trunk={saved.get('trunk')!r}, "
+        f"model.width_multiplier={saved.get('width_multiplier')!r}."
+        if saved
+        else ""
+    )
     raise checkpointing.CheckpointMismatchError(
         f"{e}\nThe model is {model_fields}; {init.checkpoint!r} holds another "
-        f"architecture.{told}") from None
+        f"architecture.{told}"
+    ) from None
 
 
 def restore_trunk(init: Init, variables: dict, sharding=None) -> dict:
@@ -182,5 +215,6 @@ def restore_trunk(init: Init, variables: dict, sharding=None) -> dict:
 
 def trunk_from_config(model_cfg: dict | ml_collections.ConfigDict):
   """The trunk module a run's `model` config block describes."""
-  return resnet.get_trunk(model_cfg["trunk"],
-                          width_multiplier=float(model_cfg.get("width_multiplier", 1.0)))
+  return resnet.get_trunk(
+      model_cfg["trunk"], width_multiplier=float(model_cfg.get("width_multiplier", 1.0))
+  )

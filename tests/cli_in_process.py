@@ -10,6 +10,7 @@ import pytest
 def main_in_process(args, capsys, monkeypatch):
   """cli.main as `python main.py ARGS` runs it, in this process: (exit status, stdout, stderr)."""
   from pirl_jax.commands import cli  # pylint: disable=g-import-not-at-top
+
   flags.FLAGS.unparse_flags()
   # config_flags defines one flag per overridden field while parsing; an earlier run's would
   # clash with this one's.

@@ -6,8 +6,9 @@ XLA reads the flag when jax initialises its backend, so it is set before any tes
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests compile many small programs and run each a few steps: XLA's optimisation passes cost more
 # than they save here (the suite takes about half the time without them). Tests that inspect a
@@ -17,6 +18,7 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # preset's step is compiled once instead of in every test that trains.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile  # pylint: disable=g-import-not-at-top
+
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pirl_jax_test_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
@@ -27,6 +29,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 def small_isic_root(tmp_path_factory):
   """A small synthetic set in the ISIC 2017 layout, generated once per test session."""
   from pirl_jax.data import synthetic
+
   root = tmp_path_factory.mktemp("small_isic")
   synthetic.generate(root, seed=0, num_train=120, num_val=30, num_test=60)
   return root
@@ -45,11 +48,19 @@ def tiny_pretraining(tmp_path_factory, small_isic_root, shared_cache_dir):
   import types  # pylint: disable=g-import-not-at-top
   from configs import pirl as pirl_configs  # pylint: disable=g-import-not-at-top
   from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
+
   config = pirl_configs.get_config("tiny")
-  config.update_from_flattened_dict({
-      "data.source": "isic", "data.path": str(small_isic_root),
-      "data.cache_dir": str(shared_cache_dir), "num_train_steps": 4,
-      "checkpoint_every_steps": 2, "log_every_steps": 4, "eval_every_steps": 2})
+  config.update_from_flattened_dict(
+      {
+          "data.source": "isic",
+          "data.path": str(small_isic_root),
+          "data.cache_dir": str(shared_cache_dir),
+          "num_train_steps": 4,
+          "checkpoint_every_steps": 2,
+          "log_every_steps": 4,
+          "eval_every_steps": 2,
+      }
+  )
   workdir = tmp_path_factory.mktemp("tiny_pretraining") / "run"
   summary = pretrain.train_and_evaluate(config, str(workdir))
   return types.SimpleNamespace(config=config, workdir=workdir, summary=summary)
@@ -63,11 +74,18 @@ def tiny_finetuning(tmp_path_factory, tiny_pretraining, small_isic_root, shared_
   import types  # pylint: disable=g-import-not-at-top
   from configs import finetune_isic  # pylint: disable=g-import-not-at-top
   from pirl_jax.tasks import finetune  # pylint: disable=g-import-not-at-top
+
   config = finetune_isic.get_config("tiny")
-  config.update_from_flattened_dict({
-      "data.source": "isic", "data.path": str(small_isic_root),
-      "data.cache_dir": str(shared_cache_dir), "init.checkpoint": str(tiny_pretraining.workdir),
-      "num_train_steps": 4, "eval_every_steps": 2})
+  config.update_from_flattened_dict(
+      {
+          "data.source": "isic",
+          "data.path": str(small_isic_root),
+          "data.cache_dir": str(shared_cache_dir),
+          "init.checkpoint": str(tiny_pretraining.workdir),
+          "num_train_steps": 4,
+          "eval_every_steps": 2,
+      }
+  )
   workdir = tmp_path_factory.mktemp("tiny_finetuning") / "run"
   summary = finetune.train_and_evaluate(config, str(workdir))
   return types.SimpleNamespace(config=config, workdir=workdir, summary=summary)
@@ -78,6 +96,7 @@ def gcs():
   """A local Cloud Storage emulator with one bucket, the clients pointed at it
   (tests/gcs_emulator.py); the tests that use it are skipped, saying why, when it cannot start."""
   import gcs_emulator  # pylint: disable=g-import-not-at-top
+
   try:
     emulator = gcs_emulator.start()
   except RuntimeError as e:

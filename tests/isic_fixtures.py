@@ -14,8 +14,12 @@ from pirl_jax.data import isic
 
 # split -> (image_id, melanoma, seborrheic_keratosis); deliberately not sorted by id.
 ROWS = {
-    "train": [("ISIC_0000003", 1, 0), ("ISIC_0000001", 0, 1), ("ISIC_0000000", 0, 0),
-              ("ISIC_0000002", 0, 0)],
+    "train": [
+        ("ISIC_0000003", 1, 0),
+        ("ISIC_0000001", 0, 1),
+        ("ISIC_0000000", 0, 0),
+        ("ISIC_0000002", 0, 0),
+    ],
     "validation": [("ISIC_0000011", 1, 0), ("ISIC_0000010", 0, 0)],
     "test": [("ISIC_0000020", 0, 1), ("ISIC_0000022", 1, 0), ("ISIC_0000021", 0, 0)],
 }
@@ -28,8 +32,9 @@ def jpeg_bytes(image_id: str, size: tuple[int, int] = (24, 16)) -> bytes:
   n = int(image_id[-7:])
   width, height = size
   yy, xx = np.mgrid[0:height, 0:width]
-  rgb = np.stack([(xx * 5 + n * 40) % 256, (yy * 7 + n * 90) % 256,
-                  np.full_like(xx, (n * 23) % 256)], axis=-1).astype(np.uint8)
+  rgb = np.stack(
+      [(xx * 5 + n * 40) % 256, (yy * 7 + n * 90) % 256, np.full_like(xx, (n * 23) % 256)], axis=-1
+  ).astype(np.uint8)
   out = io.BytesIO()
   Image.fromarray(rgb).save(out, format="JPEG", quality=90)
   return out.getvalue()

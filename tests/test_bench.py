@@ -19,8 +19,21 @@ from pirl_jax.data import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-REQUIRED = ("benchmark", "name", "value", "unit", "status", "settings", "jax", "jaxlib", "flax",
-            "torch", "platform", "device_count", "timestamp")
+REQUIRED = (
+    "benchmark",
+    "name",
+    "value",
+    "unit",
+    "status",
+    "settings",
+    "jax",
+    "jaxlib",
+    "flax",
+    "torch",
+    "platform",
+    "device_count",
+    "timestamp",
+)
 SENTINEL = {"sentinel": "written before the run"}
 
 
@@ -31,8 +44,16 @@ def quick_run(tmp_path_factory):
   synthetic.generate(root, seed=0, num_train=48, num_val=3, num_test=3)
   results = tmp_path_factory.mktemp("bench") / "results.jsonl"
   results.write_text(json.dumps(SENTINEL) + "\n")
-  argv = ["all", "--quick", "--devices=1", "--reps=2", f"--results={results}",
-          f"--data_path={root}", "--pipeline_images=0", "--compile_cache"]
+  argv = [
+      "all",
+      "--quick",
+      "--devices=1",
+      "--reps=2",
+      f"--results={results}",
+      f"--data_path={root}",
+      "--pipeline_images=0",
+      "--compile_cache",
+  ]
   with pytest.MonkeyPatch.context() as mp:
     mp.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     mp.setattr(train_step, "_MEASURED", {})
@@ -44,17 +65,32 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 def test_every_benchmark_reports(quick_run):
   records, _ = quick_run
-  assert {r["benchmark"] for r in records} == {"step", "mfu", "overhead", "pipeline", "bank",
-                                               "compile"}
+  assert {r["benchmark"] for r in records} == {
+      "step",
+      "mfu",
+      "overhead",
+      "pipeline",
+      "bank",
+      "compile",
+  }
   names = {(r["benchmark"], r["name"]) for r in records}
-  for expected in [("step", "jax_images_per_s"), ("mfu", "mfu"), ("mfu", "peak_matmul_xla"),
-                   ("mfu", "peak_matmul_numpy"), ("overhead", "step_over_trunk"),
-                   ("pipeline", "tfdata_examples_per_s"), ("pipeline", "pil_examples_per_s"),
-                   ("pipeline", "step_consumes_images_per_s"), ("bank", "bank_bytes_per_device"),
-                   ("bank", "sharded_step_s"), ("bank", "sharded_largest_collective_bytes"),
-                   ("bank", "sharded_collective_bytes_per_step"),
-                   ("bank", "sharded_gathered_peak_bytes_per_term"),
-                   ("compile", "compile_s"), ("compile", "first_call_s")]:
+  for expected in [
+      ("step", "jax_images_per_s"),
+      ("mfu", "mfu"),
+      ("mfu", "peak_matmul_xla"),
+      ("mfu", "peak_matmul_numpy"),
+      ("overhead", "step_over_trunk"),
+      ("pipeline", "tfdata_examples_per_s"),
+      ("pipeline", "pil_examples_per_s"),
+      ("pipeline", "step_consumes_images_per_s"),
+      ("bank", "bank_bytes_per_device"),
+      ("bank", "sharded_step_s"),
+      ("bank", "sharded_largest_collective_bytes"),
+      ("bank", "sharded_collective_bytes_per_step"),
+      ("bank", "sharded_gathered_peak_bytes_per_term"),
+      ("compile", "compile_s"),
+      ("compile", "first_call_s"),
+  ]:
     assert expected in names
 
 
@@ -107,19 +143,36 @@ def test_torch_args_match_the_presets():
   args, status = train_step.torch_args(train_step.get_config("default"), 2000)
   assert status == "ok"
   flags = dict(zip(args[::2], args[1::2]))
-  assert flags == {"--arch": "resnet18", "--width": "16", "--batch": "64", "--image": "64",
-                   "--tile": "19", "--bank": "2000", "--negatives": "1000"}
+  assert flags == {
+      "--arch": "resnet18",
+      "--width": "16",
+      "--batch": "64",
+      "--image": "64",
+      "--tile": "19",
+      "--bank": "2000",
+      "--negatives": "1000",
+  }
   args, _ = train_step.torch_args(train_step.get_config("resnet50"), 2000)
   flags = dict(zip(args[::2], args[1::2]))
-  assert (flags["--arch"], flags["--width"], flags["--batch"], flags["--image"],
-          flags["--tile"]) == ("resnet50", "64", "8", "224", "64")
+  assert (
+      flags["--arch"],
+      flags["--width"],
+      flags["--batch"],
+      flags["--image"],
+      flags["--tile"],
+  ) == ("resnet50", "64", "8", "224", "64")
   args, status = train_step.torch_args(train_step.get_config("tiny"), 256)
   assert args is None and status.startswith("skipped")
 
 
 def test_cli_help():
-  out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True,
-                       text=True, check=True, cwd=REPO)
+  out = subprocess.run(
+      [sys.executable, "-m", "benchmarks", "--help"],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=REPO,
+  )
   assert "--results" in out.stdout and "--quick" in out.stdout
 
 

@@ -32,8 +32,10 @@ def _host_state(seed, rows=REAL_ROWS):
   bank = np.zeros((rows, 16), np.float32)
   bank[:REAL_ROWS] = rng.standard_normal((REAL_ROWS, 16))
   return {
-      "params": {"w": rng.integers(0, 2**32, (64, 16), dtype=np.uint32).view(np.float32),
-                 "bias": rng.standard_normal(16).astype(ml_dtypes.bfloat16)},
+      "params": {
+          "w": rng.integers(0, 2**32, (64, 16), dtype=np.uint32).view(np.float32),
+          "bias": rng.standard_normal(16).astype(ml_dtypes.bfloat16),
+      },
       "batch_stats": {"mean": rng.standard_normal(16).astype(np.float32)},
       "bank": bank,
       "step": np.asarray(seed, np.int32),
@@ -45,7 +47,10 @@ def _shardings(state, num_devices):
   rows = {"bank", "params.w"}  # sharded by rows, the rest replicated
   return jax.tree_util.tree_map_with_path(
       lambda path, _: NamedSharding(
-          mesh, P("data") if checkpointing.fingerprint.path_name(path) in rows else P()), state)
+          mesh, P("data") if checkpointing.fingerprint.path_name(path) in rows else P()
+      ),
+      state,
+  )
 
 
 def _place(host_state, num_devices):
@@ -64,8 +69,10 @@ def _target(num_devices):
 
 def _bits(tree):
   """Dotted path -> the array's bytes, for bitwise comparisons (params.w holds NaN patterns)."""
-  return {name: np.asarray(x).tobytes() for name, x in checkpointing.fingerprint.named_leaves(
-      jax.device_get(tree))}
+  return {
+      name: np.asarray(x).tobytes()
+      for name, x in checkpointing.fingerprint.named_leaves(jax.device_get(tree))
+  }
 
 
 def _assert_same(restored, host_state):
@@ -89,11 +96,16 @@ def _save(directory, steps, num_devices=8, keep=3):
 
 def _warnings(caplog):
   """The warnings pirl_jax/checkpointing/ logged (not Orbax's own)."""
-  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and
-          pathlib.Path(r.pathname).match("pirl_jax/checkpointing/*.py")]
+  return [
+      r.getMessage()
+      for r in caplog.records
+      if r.levelno == logging.WARNING
+      and pathlib.Path(r.pathname).match("pirl_jax/checkpointing/*.py")
+  ]
 
 
 # --- Damage done on disk --------------------------------------------------------------------------
+
 
 def _crc32c(data: bytes) -> int:
   crc = 0xFFFFFFFF
@@ -111,7 +123,7 @@ def _flip_bit_of_w(step_dir, w, fix_crc):
   reads the flipped value without complaint (as if the data was damaged before it was written).
   """
   index = FLIPPED[0] * w.shape[1] + FLIPPED[1]
-  window = w.tobytes()[4 * index - 16:4 * index + 20]  # within one row, so within one chunk
+  window = w.tobytes()[4 * index - 16 : 4 * index + 20]  # within one row, so within one chunk
   hits = 0
   for path in sorted((step_dir / "default").rglob("*")):
     data = bytearray(path.read_bytes()) if path.is_file() else b""
@@ -128,7 +140,7 @@ def _flip_bit_of_w(step_dir, w, fix_crc):
 
 
 def _truncate(path):
-  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
 DAMAGES = {
@@ -136,20 +148,25 @@ DAMAGES = {
     "bit flipped": lambda d, w: _flip_bit_of_w(d, w, fix_crc=False),
     "_METADATA removed": lambda d, w: (d / "default" / "_METADATA").unlink(),
     "_METADATA truncated": lambda d, w: _truncate(d / "default" / "_METADATA"),
-    "array file truncated": lambda d, w: [_truncate(p) for p in (d / "default").rglob("*")
-                                          if p.is_file() and p.parent.name == "d"],
-    "array file removed": lambda d, w: [p.unlink() for p in (d / "default").rglob("*")
-                                        if p.is_file() and p.parent.name == "d"],
+    "array file truncated": lambda d, w: [
+        _truncate(p) for p in (d / "default").rglob("*") if p.is_file() and p.parent.name == "d"
+    ],
+    "array file removed": lambda d, w: [
+        p.unlink() for p in (d / "default").rglob("*") if p.is_file() and p.parent.name == "d"
+    ],
     "checksums garbled": lambda d, w: (d / "fingerprints" / "metadata").write_text('{"arr'),
     "checksums removed": lambda d, w: shutil.rmtree(d / "fingerprints"),
     # What a checkpoint saved before checksums looks like, but the state item says it had them.
     "checksums and step metadata removed, bit flipped": lambda d, w: (
-        shutil.rmtree(d / "fingerprints"), (d / "_CHECKPOINT_METADATA").unlink(),
-        _flip_bit_of_w(d, w, fix_crc=True)),
+        shutil.rmtree(d / "fingerprints"),
+        (d / "_CHECKPOINT_METADATA").unlink(),
+        _flip_bit_of_w(d, w, fix_crc=True),
+    ),
 }
 
 
 # --- Fingerprints ---------------------------------------------------------------------------------
+
 
 def _fmix32(h: int) -> int:
   h ^= h >> 16
@@ -169,15 +186,19 @@ def _reference_fingerprint(x: np.ndarray) -> int:
 
 def test_fingerprints_do_not_depend_on_sharding_or_device_count():
   host = _host_state(1)
-  expected = {name: _reference_fingerprint(np.asarray(x))
-              for name, x in checkpointing.fingerprint.named_leaves(dict(host, bank=host["bank"]))}
+  expected = {
+      name: _reference_fingerprint(np.asarray(x))
+      for name, x in checkpointing.fingerprint.named_leaves(dict(host, bank=host["bank"]))
+  }
   assert checkpointing.fingerprints(host) == expected  # host arrays
   for n in (8, 4, 1):
     # The bank has 24, 20 and 20 rows: zero rows add nothing.
     assert checkpointing.fingerprints(_place(host, n)) == expected, n
   # Arrays on different device sets in one tree, and another row sharding.
-  mixed = dict(jax.device_put(host, _shardings(host, 1)),
-               bank=jax.device_put(host["bank"], NamedSharding(_mesh(2), P("data"))))
+  mixed = dict(
+      jax.device_put(host, _shardings(host, 1)),
+      bank=jax.device_put(host["bank"], NamedSharding(_mesh(2), P("data"))),
+  )
   assert checkpointing.fingerprints(mixed) == expected
 
 
@@ -186,8 +207,12 @@ def test_fingerprints_ignore_zero_padding_rows_and_see_every_bit():
   padded = np.concatenate([bank, np.zeros((7, 16), np.float32)])
   one = checkpointing.fingerprints({"bank": bank})
   assert checkpointing.fingerprints({"bank": padded}) == one
-  assert checkpointing.fingerprints(
-      {"bank": jax.device_put(padded[:24], NamedSharding(_mesh(8), P("data")))}) == one
+  assert (
+      checkpointing.fingerprints(
+          {"bank": jax.device_put(padded[:24], NamedSharding(_mesh(8), P("data")))}
+      )
+      == one
+  )
   for dtype in (np.float32, ml_dtypes.bfloat16, np.uint8):
     x = np.arange(40).astype(dtype).reshape(5, 8)
     words = x.view({4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize])
@@ -197,10 +222,14 @@ def test_fingerprints_ignore_zero_padding_rows_and_see_every_bit():
         flipped = words.copy()
         flipped.reshape(-1)[element] ^= np.asarray(1 << bit, words.dtype)
         assert checkpointing.fingerprints({"x": flipped.view(dtype)})["x"] != base, (
-            dtype, element, bit)
+            dtype,
+            element,
+            bit,
+        )
 
 
 # --- Restore and verification ---------------------------------------------------------------------
+
 
 def test_verified_restore_across_device_counts(tmp_path, caplog):
   saved = _save(tmp_path / "eight", [1])
@@ -229,9 +258,11 @@ def test_nonzero_trimmed_rows_fail_verification(tmp_path):
   ckpt = checkpointing.Checkpointer(tmp_path / "ckpt")
   ckpt.save(1, state)
   ckpt.wait_until_finished()
-  with pytest.raises(checkpointing.DamagedCheckpointError,
-                     match=r"bank \(checksum .*restored with 20 of its 24 rows, so non-zero "
-                           r"trimmed rows would also cause this"):
+  with pytest.raises(
+      checkpointing.DamagedCheckpointError,
+      match=r"bank \(checksum .*restored with 20 of its 24 rows, so non-zero "
+      r"trimmed rows would also cause this",
+  ):
     ckpt.restore(1, _target(1), resize=("bank",))
   ckpt.close()
 
@@ -246,16 +277,22 @@ def test_bit_flip_in_array_data_is_caught_by_the_checksum(tmp_path, caplog):
   assert differs.tolist() == [list(FLIPPED)]
 
   ckpt = checkpointing.Checkpointer(tmp_path / "ckpt")
-  with pytest.raises(checkpointing.DamagedCheckpointError,
-                     match=rf"Checkpoint {step_dir} is damaged: 1 array\(s\) differ from the "
-                           r"checksums saved with it: params\.w \(checksum"):
+  with pytest.raises(
+      checkpointing.DamagedCheckpointError,
+      match=rf"Checkpoint {step_dir} is damaged: 1 array\(s\) differ from the "
+      r"checksums saved with it: params\.w \(checksum",
+  ):
     ckpt.restore(2, _target(8))
   with caplog.at_level(logging.WARNING):
     state, step = ckpt.restore_latest(_target(1), resize=("bank",))
   assert step == 1
   _assert_same(state, saved[1])
-  assert any(f"Checkpoint {step_dir} is damaged" in w and "params.w" in w and
-             "Trying the step before it" in w for w in _warnings(caplog))
+  assert any(
+      f"Checkpoint {step_dir} is damaged" in w
+      and "params.w" in w
+      and "Trying the step before it" in w
+      for w in _warnings(caplog)
+  )
   ckpt.close()
 
 
@@ -294,11 +331,13 @@ def test_every_checkpoint_damaged_raises_listing_them(tmp_path, caplog):
   _flip_bit_of_w(folder / "2", saved[2]["params"]["w"], fix_crc=True)
   ckpt = checkpointing.Checkpointer(folder)
   with caplog.at_level(logging.WARNING):
-    with pytest.raises(checkpointing.DamagedCheckpointError,
-                       match=rf"(?s)No checkpoint in {folder} can be restored:\n  step 2: "
-                             rf"Checkpoint {folder / '2'} is damaged: .*params\.w.*\n  step 1: "
-                             rf"Checkpoint {folder / '1'} is damaged: it cannot be read "
-                             r"\(FileNotFoundError"):
+    with pytest.raises(
+        checkpointing.DamagedCheckpointError,
+        match=rf"(?s)No checkpoint in {folder} can be restored:\n  step 2: "
+        rf"Checkpoint {folder / '2'} is damaged: .*params\.w.*\n  step 1: "
+        rf"Checkpoint {folder / '1'} is damaged: it cannot be read "
+        r"\(FileNotFoundError",
+    ):
       ckpt.restore_latest(_target(8))
   assert len(_warnings(caplog)) == 2
   assert sorted(p.name for p in folder.iterdir()) == ["1", "2"]  # nothing moved or deleted
@@ -316,13 +355,16 @@ def test_empty_directory_and_errors_that_are_not_damage(tmp_path):
 
   _save(tmp_path / "ckpt", [1, 2])
   ckpt = checkpointing.Checkpointer(tmp_path / "ckpt")
+
   def refuse(step, shapes):
     raise checkpointing.CheckpointMismatchError(f"step {step}: bank {shapes['bank']}")
+
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"step 2: bank \(24, 16\)"):
     ckpt.restore_latest(_target(8), resize=("bank",), check=refuse)
   # Without resize the padded bank does not fit 1 device: a mismatch, not damage.
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"bank: saved \(24, 16\), expected \(20, 16\)"):
+  with pytest.raises(
+      checkpointing.CheckpointMismatchError, match=r"bank: saved \(24, 16\), expected \(20, 16\)"
+  ):
     ckpt.restore_latest(_target(1))
   assert ckpt.all_steps() == [1, 2] and ckpt.damaged_steps == []
   ckpt.close()
@@ -340,17 +382,25 @@ def test_checkpoint_without_checksums_restores_with_a_warning(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     _assert_same(ckpt.restore(1, _target(1), resize=("bank",)), host)
     state, step = ckpt.restore_latest(_target(8))
-    restored = checkpointing.restore_subtrees(folder / "1" / "default",
-                                              {("params",): host["params"]})
+    restored = checkpointing.restore_subtrees(
+        folder / "1" / "default", {("params",): host["params"]}
+    )
   assert step == 1
   _assert_same(state, host)
   assert _bits(restored[("params",)]) == _bits(host["params"])
-  assert _warnings(caplog) == [f"Checkpoint {folder / '1'} has no checksums (it was saved before "
-                               "checkpoints had them): restored without verification."] * 3
+  assert (
+      _warnings(caplog)
+      == [
+          f"Checkpoint {folder / '1'} has no checksums (it was saved before "
+          "checkpoints had them): restored without verification."
+      ]
+      * 3
+  )
   ckpt.save(2, state)  # and the directory takes checkpoints with fingerprints from then on
   ckpt.close()
   assert json.loads((folder / "2" / "fingerprints" / "metadata").read_text())["arrays"] == (
-      checkpointing.fingerprints(state))
+      checkpointing.fingerprints(state)
+  )
 
 
 def test_restore_subtrees_verifies_what_it_restores(tmp_path, caplog):
@@ -363,8 +413,10 @@ def test_restore_subtrees_verifies_what_it_restores(tmp_path, caplog):
   assert _bits(restored[("params",)]) == _bits(saved[1]["params"])
 
   _flip_bit_of_w(item.parent, saved[1]["params"]["w"], fix_crc=True)
-  with pytest.raises(checkpointing.DamagedCheckpointError,
-                     match=rf"Checkpoint {item.parent} is damaged: .*params\.w"):
+  with pytest.raises(
+      checkpointing.DamagedCheckpointError,
+      match=rf"Checkpoint {item.parent} is damaged: .*params\.w",
+  ):
     checkpointing.restore_subtrees(item, targets)
   # A subtree the damage is not in still restores; dtypes are cast to the target's.
   as_bf16 = {"mean": saved[1]["batch_stats"]["mean"].astype(ml_dtypes.bfloat16)}

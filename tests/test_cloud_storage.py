@@ -35,8 +35,15 @@ import tree_arrays  # tests/tree_arrays.py
 
 def _pretraining_overrides(tiny_pretraining):
   """The `tiny_pretraining` fixture's overrides of the tiny preset, as config fields."""
-  keys = ("data.source", "data.path", "data.cache_dir", "num_train_steps",
-          "checkpoint_every_steps", "log_every_steps", "eval_every_steps")
+  keys = (
+      "data.source",
+      "data.path",
+      "data.cache_dir",
+      "num_train_steps",
+      "checkpoint_every_steps",
+      "log_every_steps",
+      "eval_every_steps",
+  )
   config = tiny_pretraining.config
   return {k: config[k.split(".")[0]][k.split(".")[1]] if "." in k else config[k] for k in keys}
 
@@ -65,19 +72,35 @@ def gs_pretraining(gcs, tiny_pretraining, capsys_module):
     stopped = pretrain.train_and_evaluate(config, workdir)
   with pytest.MonkeyPatch.context() as patch:
     status, out, err = main_in_process(
-        ["--config=configs/pirl.py:tiny", f"--workdir={workdir}",
-         *(f"--config.{k}={v}" for k, v in overrides.items())], capsys_module, patch)
-  return dict(workdir=workdir, data=data, local_data=local_data, stopped=stopped, status=status,
-              out=out, err=err)
+        [
+            "--config=configs/pirl.py:tiny",
+            f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items()),
+        ],
+        capsys_module,
+        patch,
+    )
+  return dict(
+      workdir=workdir,
+      data=data,
+      local_data=local_data,
+      stopped=stopped,
+      status=status,
+      out=out,
+      err=err,
+  )
 
 
 @pytest.fixture(scope="module")
 def capsys_module():
   """What `main_in_process` reads the output from, for a module-scoped run (no capture here:
   absl's log goes to the real stderr and the printed summary is checked from summary.json)."""
+
   class _Capture:
+
     def readouterr(self):
       return type("Captured", (), {"out": "", "err": ""})()
+
   return _Capture()
 
 
@@ -113,8 +136,11 @@ def test_gs_outputs_are_readable_back(gs_pretraining, tiny_pretraining):
   local = tiny_pretraining.workdir
   config = json.loads((workdir / "config.json").read_text())
   assert config["data"]["path"] == gs_pretraining["data"]
-  assert config == json.loads((local / "config.json").read_text().replace(
-      gs_pretraining["local_data"], gs_pretraining["data"]))
+  assert config == json.loads(
+      (local / "config.json")
+      .read_text()
+      .replace(gs_pretraining["local_data"], gs_pretraining["data"])
+  )
   # The same images.
   got = json.loads((workdir / "dataset.json").read_text())
   expected = json.loads((local / "dataset.json").read_text())
@@ -131,6 +157,7 @@ def test_gs_outputs_are_readable_back(gs_pretraining, tiny_pretraining):
 
 def test_tensorboard_events_and_learning_curves_from_gs(gs_pretraining, tmp_path):
   from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+
   workdir = storage.path(gs_pretraining["workdir"])
   steps = {}
   for event_file in sorted(p for p in workdir.iterdir() if p.name.startswith("events.out")):
@@ -150,16 +177,23 @@ def test_tensorboard_events_and_learning_curves_from_gs(gs_pretraining, tmp_path
   assert storage.path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_fine_tuning_from_a_gs_checkpoint_into_gs(gcs, gs_pretraining, tiny_pretraining,
-                                                 shared_cache_dir):
+def test_fine_tuning_from_a_gs_checkpoint_into_gs(
+    gcs, gs_pretraining, tiny_pretraining, shared_cache_dir
+):
   """Data, initial checkpoint and workdir all in the bucket."""
   init = trunk_init.resolve_init(gs_pretraining["workdir"])
   assert init.kind == "pirl" and init.step == 4  # its config.json says pretraining
   config = finetune_isic.get_config("tiny")
-  config.update_from_flattened_dict({
-      "data.source": "isic", "data.path": gs_pretraining["data"],
-      "data.cache_dir": str(shared_cache_dir), "init.checkpoint": gs_pretraining["workdir"],
-      "num_train_steps": 2, "eval_every_steps": 2})
+  config.update_from_flattened_dict(
+      {
+          "data.source": "isic",
+          "data.path": gs_pretraining["data"],
+          "data.cache_dir": str(shared_cache_dir),
+          "init.checkpoint": gs_pretraining["workdir"],
+          "num_train_steps": 2,
+          "eval_every_steps": 2,
+      }
+  )
   workdir = f"gs://{gcs.bucket}/finetune"
   summary = finetune.train_and_evaluate(config, workdir)
   assert summary["complete"] and summary["step"] == 2
@@ -182,13 +216,22 @@ def test_fine_tuning_from_a_gs_checkpoint_into_gs(gcs, gs_pretraining, tiny_pret
 
 def test_preflight_on_object_storage(gcs, caplog, capsys, monkeypatch):
   # A bucket that does not exist: the error names the path ...
-  with pytest.raises(preflight.PreflightError,
-                     match=r"The workdir gs://no-such-bucket/run is not a writable location"):
+  with pytest.raises(
+      preflight.PreflightError,
+      match=r"The workdir gs://no-such-bucket/run is not a writable location",
+  ):
     preflight.check_workdir_writable("gs://no-such-bucket/run")
   # ... and the command says so in one line, exit status 2, before reading any data.
   status, _, err = main_in_process(
-      ["--config=configs/pirl.py:tiny", "--workdir=gs://no-such-bucket/run",
-       "--config.data.source=folder", "--config.data.path=/nonexistent"], capsys, monkeypatch)
+      [
+          "--config=configs/pirl.py:tiny",
+          "--workdir=gs://no-such-bucket/run",
+          "--config.data.source=folder",
+          "--config.data.path=/nonexistent",
+      ],
+      capsys,
+      monkeypatch,
+  )
   assert status == 2, err[-3000:]
   assert "The workdir gs://no-such-bucket/run is not a writable location" in err
   preflight.check_workdir_writable(f"gs://{gcs.bucket}/preflight")
@@ -198,8 +241,9 @@ def test_preflight_on_object_storage(gcs, caplog, capsys, monkeypatch):
   assert "skipped the free-disk check for gs://bucket/preflight/checkpoints" in caplog.text
 
 
-def test_export_from_gs_to_gs_equals_the_local_export(gcs, gs_pretraining, tiny_pretraining,
-                                                      tmp_path):
+def test_export_from_gs_to_gs_equals_the_local_export(
+    gcs, gs_pretraining, tiny_pretraining, tmp_path
+):
   out = f"gs://{gcs.bucket}/export/trunk.safetensors"
   written = export.export(gs_pretraining["workdir"], out)
   assert written["out"] == out and written["source"] == gs_pretraining["workdir"]
@@ -212,14 +256,14 @@ def test_export_from_gs_to_gs_equals_the_local_export(gcs, gs_pretraining, tiny_
 
 def _upload(local_root, url):
   for path in storage.files_under(storage.path(local_root)):
-    storage.path(f"{url}/{path.relative_to(local_root).as_posix()}").write_bytes(
-        path.read_bytes())
+    storage.path(f"{url}/{path.relative_to(local_root).as_posix()}").write_bytes(path.read_bytes())
 
 
 def test_readers_and_weights_files_on_gs(gcs, tmp_path):
   """The ISIC reader (flat, nested and zip layouts), the folder source and weights files read
   from the bucket give what they give from a local copy."""
   import isic_fixtures  # pylint: disable=g-import-not-at-top
+
   for layout in ("flat", "nested", "zip"):
     local = isic_fixtures.write_tree(tmp_path / layout, layout)
     url = f"gs://{gcs.bucket}/readers/{layout}"
@@ -231,8 +275,9 @@ def test_readers_and_weights_files_on_gs(gcs, tmp_path):
       assert [load() for _, load in got.items()] == [load() for _, load in expected.items()]
   local_items = sources.folder_items(str(tmp_path / "flat"))
   gs_items = sources.folder_items(f"gs://{gcs.bucket}/readers/flat")
-  assert ([n.rsplit("/flat/", 1)[1] for n, _ in gs_items] ==
-          [n.rsplit("/flat/", 1)[1] for n, _ in local_items])
+  assert [n.rsplit("/flat/", 1)[1] for n, _ in gs_items] == [
+      n.rsplit("/flat/", 1)[1] for n, _ in local_items
+  ]
   assert [load() for _, load in gs_items] == [load() for _, load in local_items]
 
   weights = {"conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)}
@@ -245,8 +290,11 @@ def _finished_steps(workdir: str) -> list[int]:
   folder = storage.path(workdir) / "checkpoints"
   if not folder.is_dir():
     return []
-  return sorted(int(p.name) for p in folder.iterdir()
-                if p.name.isdigit() and (p / "commit_success.txt").is_file())
+  return sorted(
+      int(p.name)
+      for p in folder.iterdir()
+      if p.name.isdigit() and (p / "commit_success.txt").is_file()
+  )
 
 
 @pytest.mark.slow
@@ -256,21 +304,30 @@ def test_sigkill_and_resume_from_gs_bitwise_identical(gcs, tmp_path, small_isic_
   local run's final state."""
   import fsspec  # pylint: disable=g-import-not-at-top
   import test_scale  # pylint: disable=g-import-not-at-top  (tests/test_scale.py: _Run, _env)
+
   total, every = 12, 3
   env = test_scale._env(tmp_path, compilation_cache=tmp_path / "jax_cache")  # one device
 
   def command(workdir):
-    return test_scale._flags(small_isic_root, workdir, f"--config.num_train_steps={total}",
-                             f"--config.checkpoint_every_steps={every}",
-                             "--config.log_every_steps=1")
+    return test_scale._flags(
+        small_isic_root,
+        workdir,
+        f"--config.num_train_steps={total}",
+        f"--config.checkpoint_every_steps={every}",
+        "--config.log_every_steps=1",
+    )
 
   code, _, log = test_scale._Run(command(tmp_path / "straight"), env).finish()
   assert code == 0, log[-4000:]
 
   workdir = f"gs://{gcs.bucket}/killed"
   run = test_scale._Run(command(workdir), env)
-  run.wait_until(lambda: run.logged_step() > 0 and (steps := _finished_steps(workdir)) and
-                 run.logged_step() > max(steps), what="a checkpoint and a step after it")
+  run.wait_until(
+      lambda: run.logged_step() > 0
+      and (steps := _finished_steps(workdir))
+      and run.logged_step() > max(steps),
+      what="a checkpoint and a step after it",
+  )
   run.proc.send_signal(signal.SIGKILL)
   code, _, log = run.finish()
   assert code == -signal.SIGKILL
@@ -289,8 +346,9 @@ def test_sigkill_and_resume_from_gs_bitwise_identical(gcs, tmp_path, small_isic_
   assert f"Resumed from {workdir}/checkpoints at step {resume_from} " in log
   assert f"Pretraining finished at step {total}" in stdout
   assert _finished_steps(workdir)[-1] == total
-  straight = tree_arrays.flat(checkpointing.load_arrays(test_scale._item(tmp_path / "straight",
-                                                                         total)))
+  straight = tree_arrays.flat(
+      checkpointing.load_arrays(test_scale._item(tmp_path / "straight", total))
+  )
   resumed = tree_arrays.flat(checkpointing.load_arrays(f"{workdir}/checkpoints/{total}/default"))
   assert straight.keys() == resumed.keys()
   for name, array in straight.items():

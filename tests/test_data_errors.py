@@ -59,34 +59,65 @@ def _too_few_images(tmp_path):
 
 
 CASES = {
-    "bad image": (lambda tmp_path: images.prepare_image(b"", "x.jpg", min_side=1, max_side=None),
-                  ValueError),
+    "bad image": (
+        lambda tmp_path: images.prepare_image(b"", "x.jpg", min_side=1, max_side=None),
+        ValueError,
+    ),
     "bad CSV": (_bad_csv, ValueError),
-    "missing ISIC root": (lambda tmp_path: isic.read_split(tmp_path / "nowhere", "train"),
-                          ValueError),
+    "missing ISIC root": (
+        lambda tmp_path: isic.read_split(tmp_path / "nowhere", "train"),
+        ValueError,
+    ),
     "missing split": (_missing_split, ValueError),
-    "missing folder": (lambda tmp_path: sources.create_source(_pretrain_data(
-        tmp_path, source="folder", path=str(tmp_path / "nowhere"))), FileNotFoundError),
+    "missing folder": (
+        lambda tmp_path: sources.create_source(
+            _pretrain_data(tmp_path, source="folder", path=str(tmp_path / "nowhere"))
+        ),
+        FileNotFoundError,
+    ),
     "folder without images": (_empty_folder, ValueError),
-    "data.path with synthetic": (lambda tmp_path: sources.create_source(_pretrain_data(
-        tmp_path, source="synthetic", path=str(tmp_path))), ValueError),
-    "unknown source": (lambda tmp_path: sources.create_source(_pretrain_data(
-        tmp_path, source="imagenet")), ValueError),
+    "data.path with synthetic": (
+        lambda tmp_path: sources.create_source(
+            _pretrain_data(tmp_path, source="synthetic", path=str(tmp_path))
+        ),
+        ValueError,
+    ),
+    "unknown source": (
+        lambda tmp_path: sources.create_source(_pretrain_data(tmp_path, source="imagenet")),
+        ValueError,
+    ),
     "unknown view field": (_unknown_view_field, ValueError),
     "bad view field": (lambda tmp_path: jigsaw.ViewConfig(grid=0), ValueError),
-    "unknown augment field": (lambda tmp_path: labelled_views.augment_config({"hfilp": True}),
-                              ValueError),
-    "bad label fraction": (lambda tmp_path: labelled.stratified_subset(np.zeros(4, int), 0.0, 0),
-                           ValueError),
-    "bad on_bad_image": (lambda tmp_path: images.prepare_all([], min_side=1, max_side=None,
-                                                             on_bad="ignore"), ValueError),
+    "unknown augment field": (
+        lambda tmp_path: labelled_views.augment_config({"hfilp": True}),
+        ValueError,
+    ),
+    "bad label fraction": (
+        lambda tmp_path: labelled.stratified_subset(np.zeros(4, int), 0.0, 0),
+        ValueError,
+    ),
+    "bad on_bad_image": (
+        lambda tmp_path: images.prepare_all([], min_side=1, max_side=None, on_bad="ignore"),
+        ValueError,
+    ),
     "fewer images than a batch": (_too_few_images, ValueError),
-    "missing tfds dataset (pretraining)": (lambda tmp_path: sources.create_source(_pretrain_data(
-        tmp_path, source="tfds", tfds_name="isic2017", tfds_data_dir=str(tmp_path / "no"))),
-                                           ValueError),
-    "missing tfds dataset (fine-tuning)": (lambda tmp_path: labelled.load_split(_finetune_data(
-        tmp_path, source="tfds", tfds_name="isic2017", tfds_data_dir=str(tmp_path / "no")),
-        "train"), ValueError),
+    "missing tfds dataset (pretraining)": (
+        lambda tmp_path: sources.create_source(
+            _pretrain_data(
+                tmp_path, source="tfds", tfds_name="isic2017", tfds_data_dir=str(tmp_path / "no")
+            )
+        ),
+        ValueError,
+    ),
+    "missing tfds dataset (fine-tuning)": (
+        lambda tmp_path: labelled.load_split(
+            _finetune_data(
+                tmp_path, source="tfds", tfds_name="isic2017", tfds_data_dir=str(tmp_path / "no")
+            ),
+            "train",
+        ),
+        ValueError,
+    ),
 }
 
 

@@ -46,6 +46,7 @@ def _write_images(folder, n=3):
 
 # ------------------------------------------------------------------------------- cache root ----
 
+
 def test_cache_root_expands_home_in_the_field_the_environment_and_the_default(home, monkeypatch):
   assert paths.cache_root() == home / ".cache" / "pirl_jax"
   assert paths.cache_root("~/mine") == home / "mine"
@@ -74,10 +75,12 @@ def test_ensure_synthetic_default_is_where_the_sources_look(home, monkeypatch):
 
 # ------------------------------------------------------------------------- ~ in path fields ----
 
+
 def test_folder_and_isic_sources_expand_home_in_path_and_cache_dir(home):
   _write_images(home / "imgs")
-  folder = sources.create_source(_pretrain_data(source="folder", path="~/imgs",
-                                                cache_dir="~/cache"))
+  folder = sources.create_source(
+      _pretrain_data(source="folder", path="~/imgs", cache_dir="~/cache")
+  )
   assert folder.num_examples == 3
   assert len(list((home / "cache" / "prepared").glob("*.npz"))) == 1
   isic_fixtures.write_tree(home / "isic", "flat")
@@ -91,25 +94,45 @@ def test_tfds_data_dir_expands_home(home):
   isic_fixtures.write_tree(home / "manual", "zip")
   builder = tfds.builder("isic2017/resized_256", data_dir=str(home / "tfds"))
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(home / "manual")))
-  source = sources.create_source(_pretrain_data(
-      source="tfds", tfds_name="isic2017/resized_256", tfds_split="test", tfds_data_dir="~/tfds",
-      cache_dir="~/cache"))
+      download_config=tfds.download.DownloadConfig(manual_dir=str(home / "manual"))
+  )
+  source = sources.create_source(
+      _pretrain_data(
+          source="tfds",
+          tfds_name="isic2017/resized_256",
+          tfds_split="test",
+          tfds_data_dir="~/tfds",
+          cache_dir="~/cache",
+      )
+  )
   assert source.num_examples == 3 and source.data_dir == str(home / "tfds")
-  split = labelled.load_split(_finetune_data(
-      source="tfds", tfds_name="isic2017/resized_256", tfds_data_dir="~/tfds",
-      cache_dir="~/cache"), "validation")
+  split = labelled.load_split(
+      _finetune_data(
+          source="tfds",
+          tfds_name="isic2017/resized_256",
+          tfds_data_dir="~/tfds",
+          cache_dir="~/cache",
+      ),
+      "validation",
+  )
   assert len(split) == 2
 
 
 # ---------------------------------------------------------------------- data.path vs source ----
 
+
 @pytest.mark.parametrize("source", ["synthetic", "tfds"])
 def test_data_path_with_a_source_that_does_not_read_it_is_an_error(tmp_path, source):
-  overrides = dict(source=source, path=str(tmp_path / "my_isic"), cache_dir=str(tmp_path / "c"),
-                   tfds_name="isic2017")
-  calls = [lambda: sources.create_source(_pretrain_data(**overrides)),
-           lambda: labelled.load_split(_finetune_data(**overrides), "train")]
+  overrides = dict(
+      source=source,
+      path=str(tmp_path / "my_isic"),
+      cache_dir=str(tmp_path / "c"),
+      tfds_name="isic2017",
+  )
+  calls = [
+      lambda: sources.create_source(_pretrain_data(**overrides)),
+      lambda: labelled.load_split(_finetune_data(**overrides), "train"),
+  ]
   if source == "synthetic":
     calls.append(lambda: labelled.isic_root(_finetune_data(**overrides)))
   for call in calls:

@@ -46,7 +46,8 @@ def outcome_report():
   yield
   if os.environ.get("PIRL_JAX_FAULT_REPORT"):
     pathlib.Path(os.environ["PIRL_JAX_FAULT_REPORT"]).write_text(
-        json.dumps(dict(sorted(OUTCOMES.items())), indent=2))
+        json.dumps(dict(sorted(OUTCOMES.items())), indent=2)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,16 @@ def setting(tmp_path_factory, small_isic_root):
   env = main_runs.env(root / "cache", compilation_cache=root / "jax_cache")
 
   def flags(workdir, *extra):
-    return ["--config=configs/pirl.py:tiny", f"--workdir={workdir}",
-            "--config.data.source=isic", f"--config.data.path={data}",
-            f"--config.num_train_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=2",
-            "--config.eval_every_steps=3", *extra]
+    return [
+        "--config=configs/pirl.py:tiny",
+        f"--workdir={workdir}",
+        "--config.data.source=isic",
+        f"--config.data.path={data}",
+        f"--config.num_train_steps={TOTAL_STEPS}",
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_every_steps=3",
+        *extra,
+    ]
 
   reference = root / "reference"
   code, stdout, log = main_runs.Run(flags(reference), env).finish()
@@ -73,8 +80,7 @@ def setting(tmp_path_factory, small_isic_root):
   code, stdout, log = main_runs.Run(flags(root / "timed"), env).finish()
   assert code == 0, log[-3000:]
   wall = time.time() - started
-  return dict(root=root, data=data, env=env, flags=flags, wall=wall, final=final,
-              summary=summary)
+  return dict(root=root, data=data, env=env, flags=flags, wall=wall, final=final, summary=summary)
 
 
 def _crashed(code, log) -> str | None:
@@ -98,7 +104,8 @@ def _finish_and_compare(setting, workdir) -> str:
     return "resume: never finished"
   final = tree_arrays.flat(checkpointing.load_arrays(main_runs.item(workdir, TOTAL_STEPS)))
   if final.keys() != setting["final"].keys() or any(
-      not np.array_equal(final[k], setting["final"][k]) for k in final):
+      not np.array_equal(final[k], setting["final"][k]) for k in final
+  ):
     return "resume: differs from the uninterrupted run"
   summary = json.loads((pathlib.Path(workdir) / "summary.json").read_text())
   if summary["metrics"]["loss"] != setting["summary"]["metrics"]["loss"]:
@@ -160,7 +167,9 @@ def test_sigkill_at_a_random_moment(setting, tmp_path, trial):
 
 
 def _flip_a_data_byte(step_dir):
-  files = sorted(p for p in (step_dir / "default").rglob("*") if p.is_file() and p.parent.name == "d")
+  files = sorted(
+      p for p in (step_dir / "default").rglob("*") if p.is_file() and p.parent.name == "d"
+  )
   data = bytearray(files[0].read_bytes())
   data[len(data) // 2] ^= 0x01
   files[0].write_bytes(bytes(data))
@@ -169,11 +178,14 @@ def _flip_a_data_byte(step_dir):
 DAMAGES = {
     "a data byte flipped": _flip_a_data_byte,
     "checksums and step metadata removed, a data byte flipped": lambda d: (
-        shutil.rmtree(d / "fingerprints"), (d / "_CHECKPOINT_METADATA").unlink(),
-        _flip_a_data_byte(d)),
+        shutil.rmtree(d / "fingerprints"),
+        (d / "_CHECKPOINT_METADATA").unlink(),
+        _flip_a_data_byte(d),
+    ),
     "manifest removed": lambda d: (d / "default" / "manifest.ocdbt").unlink(),
-    "data file truncated": lambda d: [p.write_bytes(p.read_bytes()[:10])
-                                      for p in (d / "default" / "d").iterdir()],
+    "data file truncated": lambda d: [
+        p.write_bytes(p.read_bytes()[:10]) for p in (d / "default" / "d").iterdir()
+    ],
     "state metadata removed": lambda d: (d / "default" / "_METADATA").unlink(),
 }
 
@@ -227,8 +239,10 @@ BAD_COMMAND_LINES = {
     "nce_eps=inf": ("--config.loss.nce_eps=inf", "nce_eps"),
     "probe.batch_size=0": ("--config.probe.batch_size=0", "probe.batch_size"),
     "probe.image_size=-5": ("--config.probe.image_size=-5", "probe.image_size"),
-    "probe.eval_crop_fraction=0": ("--config.probe.eval_crop_fraction=0",
-                                   "probe.eval_crop_fraction"),
+    "probe.eval_crop_fraction=0": (
+        "--config.probe.eval_crop_fraction=0",
+        "probe.eval_crop_fraction",
+    ),
     "missing config file": ("--config=configs/absent.py", "configs/absent.py"),
 }
 
@@ -243,10 +257,10 @@ def test_a_bad_command_line_is_one_line_naming_it(setting, tmp_path, case):
     flags.append(flag)
   code, _, log = main_runs.Run(flags, setting["env"]).finish()
   # Besides the progress log (time-stamped lines such as the JAX start-up line): one line.
-  lines = [line for line in log.splitlines()
-           if line.strip() and not re.match(r"\d\d:\d\d:\d\d ", line)]
-  one_line = (code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
-              and named in lines[0])
+  lines = [
+      line for line in log.splitlines() if line.strip() and not re.match(r"\d\d:\d\d:\d\d ", line)
+  ]
+  one_line = code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
   OUTCOMES[f"bad command line / {'one line, exit 2' if one_line else 'other'}"] += 1
   assert one_line, f"exit status {code}:\n{log[-3000:]}"
   assert not (tmp_path / "run").exists()

@@ -41,8 +41,15 @@ def _set(config, overrides):
 
 def _tiny(isic_root, cache_dir, **overrides):
   config = finetune_isic.get_config("tiny")
-  return _set(config, {"data.source": "isic", "data.path": str(isic_root),
-                       "data.cache_dir": str(cache_dir), **overrides})
+  return _set(
+      config,
+      {
+          "data.source": "isic",
+          "data.path": str(isic_root),
+          "data.cache_dir": str(cache_dir),
+          **overrides,
+      },
+  )
 
 
 def _no_data(*args, **kwargs):
@@ -58,9 +65,13 @@ def splits(small_isic_root, shared_cache_dir):
 def _trunk_arrays(item_dir, like):
   """The checkpoint's trunk params and batch stats as host arrays, in the structure of `like`
   (a state or a checkpoint's `array_metadata`)."""
-  restored = checkpointing.restore_subtrees(item_dir, {
-      ("params", "trunk"): like["params"]["trunk"],
-      ("batch_stats", "trunk"): like["batch_stats"]["trunk"]})
+  restored = checkpointing.restore_subtrees(
+      item_dir,
+      {
+          ("params", "trunk"): like["params"]["trunk"],
+          ("batch_stats", "trunk"): like["batch_stats"]["trunk"],
+      },
+  )
   return restored[("params", "trunk")], restored[("batch_stats", "trunk")]
 
 
@@ -69,26 +80,35 @@ def _assert_trees_equal(a, b):
 
 
 def _trees_differ(a, b) -> bool:
-  return any(jax.tree.leaves(jax.tree.map(
-      lambda x, y: not np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+  return any(
+      jax.tree.leaves(
+          jax.tree.map(lambda x, y: not np.array_equal(np.asarray(x), np.asarray(y)), a, b)
+      )
+  )
 
 
 def _with_trunk(state, init, mesh):
   """`state` with the trunk of `init` restored, replicated on `mesh` (as the run does)."""
   restored = trunk_init.restore_trunk(
-      init, {"params": state.params["trunk"], "batch_stats": state.batch_stats["trunk"]},
-      sharding=sharding_lib.replicated(mesh))
-  return state.replace(params=dict(state.params, trunk=restored["params"]),
-                       batch_stats=dict(state.batch_stats, trunk=restored["batch_stats"]))
+      init,
+      {"params": state.params["trunk"], "batch_stats": state.batch_stats["trunk"]},
+      sharding=sharding_lib.replicated(mesh),
+  )
+  return state.replace(
+      params=dict(state.params, trunk=restored["params"]),
+      batch_stats=dict(state.batch_stats, trunk=restored["batch_stats"]),
+  )
 
 
 def _build(config, mesh, total_steps=4, init=None):
   """(model, tx, schedule, state, shardings), the trunk restored from `init` if given."""
   model = classifier.create_model(config)
-  tx, schedule = classifier.create_optimizer(config.optim, total_steps,
-                                             probe=config.protocol == "linear")
-  state, shardings = classifier.create_state(model, tx, config.augment.image_size, mesh,
-                                             config.seed)
+  tx, schedule = classifier.create_optimizer(
+      config.optim, total_steps, probe=config.protocol == "linear"
+  )
+  state, shardings = classifier.create_state(
+      model, tx, config.augment.image_size, mesh, config.seed
+  )
   if init is not None:
     state = _with_trunk(state, init, mesh)
   return model, tx, schedule, state, shardings
@@ -115,15 +135,26 @@ def built(tiny_pretraining, small_isic_root, shared_cache_dir):
   model, tx, schedule, scratch, shardings = _build(config, mesh)
   init = trunk_init.resolve_init(str(tiny_pretraining.workdir))
   restored = _with_trunk(scratch, init, mesh)
-  return dict(config=config, mesh=mesh, model=model, tx=tx, schedule=schedule,
-              scratch=scratch, restored=restored, shardings=shardings, init=init)
+  return dict(
+      config=config,
+      mesh=mesh,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      scratch=scratch,
+      restored=restored,
+      shardings=shardings,
+      init=init,
+  )
 
 
 def _random_batch(config, seed, batch_size=None):
   rng = np.random.default_rng(seed)
   b, s = batch_size or config.global_batch_size, config.augment.image_size
-  return {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
-          "label": rng.integers(0, 3, size=b).astype(np.int32)}
+  return {
+      "image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
+      "label": rng.integers(0, 3, size=b).astype(np.int32),
+  }
 
 
 # --- Label subsets and sampling -------------------------------------------------------------------
@@ -139,8 +170,9 @@ def test_label_fraction_subsets_are_stratified_and_deterministic():
   # Nested: a smaller fraction of the same seed is inside the larger one.
   assert set(labelled.stratified_subset(labels, 0.01, seed=0)) <= set(subset)
   # Every class keeps at least one example; fraction 1 keeps all.
-  np.testing.assert_array_equal(np.bincount(labels[labelled.stratified_subset(labels, 1e-4, 0)]),
-                                [1, 1, 1])
+  np.testing.assert_array_equal(
+      np.bincount(labels[labelled.stratified_subset(labels, 1e-4, 0)]), [1, 1, 1]
+  )
   np.testing.assert_array_equal(labelled.stratified_subset(labels, 1.0, 3), np.arange(2000))
   with pytest.raises(ValueError, match=r"config\.label_fraction=0"):
     labelled.stratified_subset(labels, 0.0, 0)
@@ -157,8 +189,9 @@ def test_class_weights_balance_the_classes():
 def test_balanced_sampling_evens_out_the_classes(splits):
   train = splits["train"]
   cfg = labelled_views.AugmentConfig(image_size=32)
-  data = labelled_input.TrainInput(train, np.arange(len(train)), cfg, seed=0, global_batch_size=16,
-                             balanced=True)
+  data = labelled_input.TrainInput(
+      train, np.arange(len(train)), cfg, seed=0, global_batch_size=16, balanced=True
+  )
   drawn = np.concatenate([data.epoch_order(e).ravel() for e in range(30)])
   fractions = np.bincount(train.label[drawn], minlength=3) / len(drawn)
   np.testing.assert_allclose(fractions, 1 / 3, atol=0.05)
@@ -185,8 +218,14 @@ def test_train_input_is_deterministic_and_visits_the_subset(splits):
   other_epoch = next(data.epoch_dataset(1).as_numpy_iterator())
   assert not np.array_equal(first["image"], other_epoch["image"])
   # Two processes each take their half of the same global batch.
-  halves = [next(labelled_input.TrainInput(train, positions, cfg, process_index=p, process_count=2,
-                                     **kwargs).iterate(0)) for p in (0, 1)]
+  halves = [
+      next(
+          labelled_input.TrainInput(
+              train, positions, cfg, process_index=p, process_count=2, **kwargs
+          ).iterate(0)
+      )
+      for p in (0, 1)
+  ]
   np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), first["image"])
 
 
@@ -208,15 +247,24 @@ def test_tfds_source_gives_the_same_split_as_the_files(tmp_path):
   import tensorflow_datasets as tfds
   import isic_fixtures
   import pirl_jax.data.tfds_isic2017  # noqa: F401  (registers 'isic2017')
+
   manual = isic_fixtures.write_tree(tmp_path / "manual", "zip")
   tfds.builder("isic2017/resized_256", data_dir=str(tmp_path / "tfds")).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+  )
   common = {"data.min_image_side": 8, "data.cache_dir": str(tmp_path / "cache")}
-  from_tfds = _set(finetune_isic.get_config("tiny").data, {
-      "source": "tfds", "tfds_data_dir": str(tmp_path / "tfds"),
-      **{k.split(".")[1]: v for k, v in common.items()}})
-  from_files = _set(finetune_isic.get_config("tiny").data, {
-      "source": "isic", "path": str(manual), **{k.split(".")[1]: v for k, v in common.items()}})
+  from_tfds = _set(
+      finetune_isic.get_config("tiny").data,
+      {
+          "source": "tfds",
+          "tfds_data_dir": str(tmp_path / "tfds"),
+          **{k.split(".")[1]: v for k, v in common.items()},
+      },
+  )
+  from_files = _set(
+      finetune_isic.get_config("tiny").data,
+      {"source": "isic", "path": str(manual), **{k.split(".")[1]: v for k, v in common.items()}},
+  )
   for split in ("train", "test"):
     a, b = labelled.load_split(from_tfds, split), labelled.load_split(from_files, split)
     assert a.image_ids == b.image_ids == sorted(i for i, *_ in isic_fixtures.ROWS[split])
@@ -232,8 +280,9 @@ def test_restoring_a_pretraining_checkpoint_sets_the_trunk(built, tiny_pretraini
   init, scratch, restored = built["init"], built["scratch"], built["restored"]
   # Inferred from the workdir's config.json; the latest step.
   assert init.kind == "pirl" and init.step == tiny_pretraining.summary["step"] == 4
-  params, stats = _trunk_arrays(init.item_dir, {"params": scratch.params,
-                                                "batch_stats": scratch.batch_stats})
+  params, stats = _trunk_arrays(
+      init.item_dir, {"params": scratch.params, "batch_stats": scratch.batch_stats}
+  )
   _assert_trees_equal(restored.params["trunk"], params)
   _assert_trees_equal(restored.batch_stats["trunk"], stats)
   assert _trees_differ(restored.params["trunk"], scratch.params["trunk"])
@@ -244,22 +293,34 @@ def test_restoring_a_pretraining_checkpoint_sets_the_trunk(built, tiny_pretraini
   assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
 
 
-def test_architecture_mismatch_names_the_parameter(tiny_pretraining, small_isic_root,
-                                                   shared_cache_dir, tmp_path, monkeypatch):
-  config = _tiny(small_isic_root, shared_cache_dir, **{
-      "model.trunk": "resnet_tiny", "model.width_multiplier": 2.0,
-      "init.checkpoint": str(tiny_pretraining.workdir), "init.inherit_trunk": False})
+def test_architecture_mismatch_names_the_parameter(
+    tiny_pretraining, small_isic_root, shared_cache_dir, tmp_path, monkeypatch
+):
+  config = _tiny(
+      small_isic_root,
+      shared_cache_dir,
+      **{
+          "model.trunk": "resnet_tiny",
+          "model.width_multiplier": 2.0,
+          "init.checkpoint": str(tiny_pretraining.workdir),
+          "init.inherit_trunk": False,
+      },
+  )
   init = trunk_init.resolve_init(str(tiny_pretraining.workdir))
   variables = trunk_init.abstract_trunk_variables(classifier.create_model(config).trunk, 32)
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"params/trunk/BasicBlock_0/Conv_0/kernel: checkpoint shape "
-                           r"\(3, 3, 8, 8\) != model shape \(3, 3, 16, 16\)"):
+  with pytest.raises(
+      checkpointing.CheckpointMismatchError,
+      match=r"params/trunk/BasicBlock_0/Conv_0/kernel: checkpoint shape "
+      r"\(3, 3, 8, 8\) != model shape \(3, 3, 16, 16\)",
+  ):
     trunk_init.restore_trunk(init, variables)
   # The run checks before reading any data, and names the config fields too.
   monkeypatch.setattr(labelled, "load_split", _no_data)
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"(?s)BasicBlock_0/Conv_0/kernel.*config\.model\.width_multiplier=2\.0.*"
-                           r"model\.trunk='resnet_tiny', model\.width_multiplier=1\.0"):
+  with pytest.raises(
+      checkpointing.CheckpointMismatchError,
+      match=r"(?s)BasicBlock_0/Conv_0/kernel.*config\.model\.width_multiplier=2\.0.*"
+      r"model\.trunk='resnet_tiny', model\.width_multiplier=1\.0",
+  ):
     finetune.train_and_evaluate(config, str(tmp_path / "run"))
   # With init.inherit_trunk (the default) the run takes the checkpoint's own trunk instead.
   inherited = trunk_init.inherit_trunk(_set(config, {"init.inherit_trunk": True}), init)
@@ -271,8 +332,9 @@ def test_linear_probe_leaves_the_trunk_untouched(built, class_weights):
   mesh = sharding_lib.create_mesh(jax.devices()[:1])  # as the CLI run (num_devices=1)
   model, tx, schedule, state, shardings = _build(config, mesh, init=built["init"])
   before = jax.device_get(state)
-  step = classifier.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
-                                   class_weights=class_weights)
+  step = classifier.jit_train_step(
+      mesh, shardings, model=model, tx=tx, schedule=schedule, class_weights=class_weights
+  )
   for i in range(3):
     state, metrics = step(state, sharding_lib.global_batch(_random_batch(config, i), mesh))
   after = jax.device_get(state)
@@ -289,8 +351,9 @@ def test_linear_probe_leaves_the_trunk_untouched(built, class_weights):
 def test_fine_tuning_trains_the_trunk_and_eight_devices_equal_one(built, class_weights):
   config, initial = built["config"], jax.device_get(built["restored"])
   assert len(set(class_weights.tolist())) == 3  # a weighted loss
-  kwargs = dict(model=built["model"], tx=built["tx"], schedule=built["schedule"],
-                class_weights=class_weights)
+  kwargs = dict(
+      model=built["model"], tx=built["tx"], schedule=built["schedule"], class_weights=class_weights
+  )
   results = []
   for num_devices in (1, 8):
     mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
@@ -304,17 +367,21 @@ def test_fine_tuning_trains_the_trunk_and_eight_devices_equal_one(built, class_w
   assert _trees_differ(one.params["trunk"], initial.params["trunk"])
   assert _trees_differ(one.batch_stats["trunk"], initial.batch_stats["trunk"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), one.params, eight.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), one.batch_stats,
-               eight.batch_stats)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), one.batch_stats, eight.batch_stats
+  )
 
 
 def test_batchnorm_statistics_do_not_change_during_evaluation(built, splits):
   config, mesh, state = built["config"], built["mesh"], built["restored"]
   before = jax.device_get(state)
   evaluator = isic.IsicEvaluator(
-      splits["validation"], labelled_views.augment_config(config.augment),
-      classifier.jit_eval_step(mesh, built["shardings"], built["model"]), mesh,
-      eval_batch_size=config.eval_batch_size)
+      splits["validation"],
+      labelled_views.augment_config(config.augment),
+      classifier.jit_eval_step(mesh, built["shardings"], built["model"]),
+      mesh,
+      eval_batch_size=config.eval_batch_size,
+  )
   probs = evaluator.predict(state)
   metrics = evaluator.run(state)
   _assert_trees_equal(jax.device_get(state), before)
@@ -334,9 +401,11 @@ def test_learning_rate_steps_at_8_16_24_of_28_epochs():
   optim = finetune_isic.get_config("linear").optim
   schedule = classifier.lr_schedule(optim, total_steps=280)
   lr = optim.learning_rate
-  np.testing.assert_allclose([schedule(s) for s in (0, 79, 80, 159, 160, 239, 240, 279)],
-                             [lr, lr, lr / 10, lr / 10, lr / 100, lr / 100, lr / 1000,
-                              lr / 1000], rtol=1e-6)
+  np.testing.assert_allclose(
+      [schedule(s) for s in (0, 79, 80, 159, 160, 239, 240, 279)],
+      [lr, lr, lr / 10, lr / 10, lr / 100, lr / 100, lr / 1000, lr / 1000],
+      rtol=1e-6,
+  )
 
 
 def test_small_label_fractions_train_at_least_min_train_steps():
@@ -353,43 +422,55 @@ def test_small_label_fractions_train_at_least_min_train_steps():
   assert finetune.training_length(fresh({"eval_every_steps": -1}), 7) == (800, 7)
   with pytest.raises(configuration.ConfigError, match=r"config\.min_train_steps=-1"):
     configuration.validate_finetune_config(
-        _set(finetune_isic.get_config("tiny"), {"min_train_steps": -1}))
+        _set(finetune_isic.get_config("tiny"), {"min_train_steps": -1})
+    )
 
 
 # --- Config errors --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"label_fraction": 0.0}, r"config\.label_fraction=0\.0 must be in \(0, 1\]"),
-    ({"init.kind": "pirl"}, r"config\.init\.kind='pirl' needs config\.init\.checkpoint"),
-    ({"protocol": "probe"}, r"config\.protocol='probe' is not one of"),
-    ({"optim.weight_decay": -1e-4}, r"config\.optim\.weight_decay=-0\.0001 must be a number >= 0"),
-    ({"optim.learning_rate": float("nan")},
-     r"config\.optim\.learning_rate=nan must be a positive number"),
-    ({"seed": -1}, r"config\.seed=-1 must be an integer >= 0"),
-    ({"data.max_image_side": 0}, r"config\.data\.max_image_side=0 must be a positive number"),
-    ({"data.num_parallel_calls": 0}, r"config\.data\.num_parallel_calls=0 must be -1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"label_fraction": 0.0}, r"config\.label_fraction=0\.0 must be in \(0, 1\]"),
+        ({"init.kind": "pirl"}, r"config\.init\.kind='pirl' needs config\.init\.checkpoint"),
+        ({"protocol": "probe"}, r"config\.protocol='probe' is not one of"),
+        (
+            {"optim.weight_decay": -1e-4},
+            r"config\.optim\.weight_decay=-0\.0001 must be a number >= 0",
+        ),
+        (
+            {"optim.learning_rate": float("nan")},
+            r"config\.optim\.learning_rate=nan must be a positive number",
+        ),
+        ({"seed": -1}, r"config\.seed=-1 must be an integer >= 0"),
+        ({"data.max_image_side": 0}, r"config\.data\.max_image_side=0 must be a positive number"),
+        ({"data.num_parallel_calls": 0}, r"config\.data\.num_parallel_calls=0 must be -1"),
+    ],
+)
 def test_config_errors_name_the_field(overrides, message):
   config = _set(finetune_isic.get_config("tiny"), overrides)
   with pytest.raises(configuration.ConfigError, match=message):
     configuration.validate_finetune_config(config)
 
 
-def test_batch_sizes_must_divide_over_the_devices(tmp_path, small_isic_root, shared_cache_dir,
-                                                  monkeypatch):
+def test_batch_sizes_must_divide_over_the_devices(
+    tmp_path, small_isic_root, shared_cache_dir, monkeypatch
+):
   config = _set(finetune_isic.get_config("tiny"), {"eval_batch_size": 12})
   configuration.validate_finetune_config(config)  # fine until the device count is known
-  with pytest.raises(configuration.ConfigError,
-                     match=r"config\.eval_batch_size=12 must be divisible by the number of "
-                           r"devices \(8\)"):
+  with pytest.raises(
+      configuration.ConfigError,
+      match=r"config\.eval_batch_size=12 must be divisible by the number of " r"devices \(8\)",
+  ):
     configuration.check_device_count(config, 8, ("global_batch_size", "eval_batch_size"))
   configuration.check_device_count(config, 4, ("global_batch_size", "eval_batch_size"))
   # The run checks it on its own mesh (the 8 test devices) before reading any data.
   monkeypatch.setattr(labelled, "load_split", _no_data)
   with pytest.raises(configuration.ConfigError, match=r"config\.eval_batch_size=12"):
-    finetune.train_and_evaluate(_tiny(small_isic_root, shared_cache_dir, eval_batch_size=12),
-                                str(tmp_path / "run"))
+    finetune.train_and_evaluate(
+        _tiny(small_isic_root, shared_cache_dir, eval_batch_size=12), str(tmp_path / "run")
+    )
 
 
 def test_a_missing_checkpoint_names_the_field():
@@ -409,16 +490,20 @@ def _outputs(workdir):
       metrics[split].pop(key)
   best_item, best_step = checkpointing.resolve_checkpoint(workdir / "best")
   last_item, last_step = checkpointing.resolve_checkpoint(workdir / "checkpoints")
-  return dict(csv={s: (workdir / f"predictions_{s}.csv").read_bytes()
-                   for s in finetune.EVAL_SPLITS},
-              best_json=json.loads((workdir / "best.json").read_text()),
-              metrics=metrics, best_step=best_step, last_step=last_step,
-              best_state=tree_arrays.flat(checkpointing.load_arrays(best_item)),
-              last_state=tree_arrays.flat(checkpointing.load_arrays(last_item)))
+  return dict(
+      csv={s: (workdir / f"predictions_{s}.csv").read_bytes() for s in finetune.EVAL_SPLITS},
+      best_json=json.loads((workdir / "best.json").read_text()),
+      metrics=metrics,
+      best_step=best_step,
+      last_step=last_step,
+      best_state=tree_arrays.flat(checkpointing.load_arrays(best_item)),
+      last_state=tree_arrays.flat(checkpointing.load_arrays(last_item)),
+  )
 
 
 def test_fine_tuning_resumes_after_sigterm_with_the_same_result(
-    tmp_path, tiny_finetuning, monkeypatch):
+    tmp_path, tiny_finetuning, monkeypatch
+):
   """SIGTERM after step 2 stops the run at step 3 with a checkpoint; the same call resumes it,
   and the selected state and every output equal those of the uninterrupted session run, bit
   for bit."""
@@ -429,11 +514,13 @@ def test_fine_tuning_resumes_after_sigterm_with_the_same_result(
 
   workdir = tmp_path / "interrupted"
   evaluate = isic.IsicEvaluator.run
+
   def evaluate_then_sigterm(self, state):
     metrics = evaluate(self, state)
     if int(jax.device_get(state.step)) == 2:
       signal.raise_signal(signal.SIGTERM)  # as a preemption would, during the evaluation
     return metrics
+
   monkeypatch.setattr(isic.IsicEvaluator, "run", evaluate_then_sigterm)
   stopped = finetune.train_and_evaluate(config(), str(workdir))
   monkeypatch.setattr(isic.IsicEvaluator, "run", evaluate)
@@ -459,35 +546,45 @@ def test_fine_tuning_resumes_after_sigterm_with_the_same_result(
       np.testing.assert_array_equal(got[key][name], array, err_msg=f"{key} {name}")
 
 
-def test_preflight_unwritable_workdir_and_full_disk(tmp_path, small_isic_root, shared_cache_dir,
-                                                    monkeypatch):
+def test_preflight_unwritable_workdir_and_full_disk(
+    tmp_path, small_isic_root, shared_cache_dir, monkeypatch
+):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   monkeypatch.setattr(labelled, "load_split", _no_data)
-  with pytest.raises(preflight.PreflightError,
-                     match=f"The workdir {blocker / 'run'} is not a writable directory"):
+  with pytest.raises(
+      preflight.PreflightError, match=f"The workdir {blocker / 'run'} is not a writable directory"
+  ):
     finetune.train_and_evaluate(_tiny(small_isic_root, shared_cache_dir), str(blocker / "run"))
   monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 1 << 20)
-  with pytest.raises(preflight.PreflightError,
-                     match=r"Not enough free disk for checkpoints in .*: 1\.0 MiB free, "
-                           r"about .* MiB needed \(.*Free some space.* pass another --workdir\."):
+  with pytest.raises(
+      preflight.PreflightError,
+      match=r"Not enough free disk for checkpoints in .*: 1\.0 MiB free, "
+      r"about .* MiB needed \(.*Free some space.* pass another --workdir\.",
+  ):
     finetune.train_and_evaluate(_tiny(small_isic_root, shared_cache_dir), str(tmp_path / "run"))
 
 
-def test_preflight_counts_the_best_state_too(tmp_path, small_isic_root, shared_cache_dir,
-                                             monkeypatch):
+def test_preflight_counts_the_best_state_too(
+    tmp_path, small_isic_root, shared_cache_dir, monkeypatch
+):
   """best/ holds a copy of the state (and briefly its replacement) next to checkpoints/: room
   for checkpoints/ alone is not enough to finish the run."""
   config = _tiny(small_isic_root, shared_cache_dir)
   model = classifier.create_model(config)
   tx, _ = classifier.create_optimizer(config.optim, 1, probe=False)
-  state_bytes = preflight.state_bytes(jax.eval_shape(
-      lambda: classifier.create_state_variables(model, tx, config.augment.image_size)))
+  state_bytes = preflight.state_bytes(
+      jax.eval_shape(
+          lambda: classifier.create_state_variables(model, tx, config.augment.image_size)
+      )
+  )
   # Exactly the room for keep_checkpoints + 1 = 2 checkpoints in checkpoints/ and nothing more.
   room = int(2 * state_bytes * 1.05) + (16 << 20)
   monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: room)
+
   def no_state(*args, **kwargs):
     raise AssertionError("the run started with no room on disk for its best state")
+
   monkeypatch.setattr(classifier, "create_state", no_state)
   with pytest.raises(preflight.PreflightError, match=r"Not enough free disk"):
     finetune.train_and_evaluate(config, str(tmp_path / "run"))
@@ -501,8 +598,14 @@ def _main_py(args, cache, timeout=600):
   compilation cache it shares with the in-process tests); the commands ask for one."""
   env = dict(os.environ)
   env["PIRL_JAX_CACHE"] = str(cache)
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "main.py", *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -511,10 +614,15 @@ def cli_run(tmp_path_factory, tiny_pretraining, small_isic_root, shared_cache_di
   checkpoint was written on 8), shared by the tests that only read its outputs.
   Returns (workdir, args, cache, result)."""
   workdir = tmp_path_factory.mktemp("cli") / "probe"
-  args = ["--config=configs/finetune_isic.py:tiny",
-          f"--config.init.checkpoint={tiny_pretraining.workdir}", f"--workdir={workdir}",
-          "--config.data.source=isic", f"--config.data.path={small_isic_root}",
-          "--config.protocol=linear", "--config.num_devices=1"]
+  args = [
+      "--config=configs/finetune_isic.py:tiny",
+      f"--config.init.checkpoint={tiny_pretraining.workdir}",
+      f"--workdir={workdir}",
+      "--config.data.source=isic",
+      f"--config.data.path={small_isic_root}",
+      "--config.protocol=linear",
+      "--config.num_devices=1",
+  ]
   result = _main_py(args, shared_cache_dir)
   assert result.returncode == 0, result.stderr[-4000:]
   return workdir, args, shared_cache_dir, result
@@ -532,14 +640,31 @@ def test_cli_end_to_end_writes_every_output(cli_run):
   assert "ETA" in result.stderr  # the progress line
   assert "on 1 device(s)" in result.stderr  # config.num_devices=1 of the 8
   assert "Traceback" not in result.stderr
-  for name in ("predictions_validation.csv", "predictions_test.csv", "metrics.json", "roc.png",
-               "config.json", "summary.json", "best.json"):
+  for name in (
+      "predictions_validation.csv",
+      "predictions_test.csv",
+      "metrics.json",
+      "roc.png",
+      "config.json",
+      "summary.json",
+      "best.json",
+  ):
     assert (workdir / name).is_file(), name
   assert (workdir / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert list(workdir.glob("events.out.tfevents.*"))
   metrics = json.loads((workdir / "metrics.json").read_text())
-  assert {"validation", "test", "selected", "protocol", "init", "trunk", "label_fraction", "seed",
-          "num_train_images", "total_steps"} <= metrics.keys()
+  assert {
+      "validation",
+      "test",
+      "selected",
+      "protocol",
+      "init",
+      "trunk",
+      "label_fraction",
+      "seed",
+      "num_train_images",
+      "total_steps",
+  } <= metrics.keys()
   assert metrics["init"]["kind"] == "pirl" and metrics["protocol"] == "linear"
   assert metrics["total_steps"] == 4 and metrics["selected"]["step"] in (2, 4)
   best = json.loads((workdir / "best.json").read_text())
@@ -557,6 +682,7 @@ def test_cli_end_to_end_writes_every_output(cli_run):
 @pytest.mark.parametrize("split", ["validation", "test"])
 def test_written_auc_equals_sklearn_on_the_written_csv(cli_run, split):
   from sklearn.metrics import roc_auc_score
+
   workdir = cli_run[0]
   metrics = json.loads((workdir / "metrics.json").read_text())[split]
   header, rows = _read_csv(workdir / f"predictions_{split}.csv")
@@ -587,9 +713,14 @@ def test_cli_linear_probe_keeps_the_pretrained_trunk(cli_run, tiny_pretraining):
 
 def _snapshot(workdir: pathlib.Path) -> dict:
   """Every file under `workdir`: relative path -> (mtime in ns, content digest)."""
-  return {str(p.relative_to(workdir)): (p.stat().st_mtime_ns,
-                                        hashlib.sha256(p.read_bytes()).hexdigest())
-          for p in sorted(workdir.rglob("*")) if p.is_file()}
+  return {
+      str(p.relative_to(workdir)): (
+          p.stat().st_mtime_ns,
+          hashlib.sha256(p.read_bytes()).hexdigest(),
+      )
+      for p in sorted(workdir.rglob("*"))
+      if p.is_file()
+  }
 
 
 @pytest.mark.slow
@@ -609,6 +740,7 @@ def test_rerunning_a_finished_command_changes_nothing(cli_run):
 def test_the_roc_title_names_the_data_and_the_share_of_labels(small_isic_root, shared_cache_dir):
   config = _tiny(small_isic_root, shared_cache_dir, **{"label_fraction": 0.1})
   assert finetune.roc_title(config, "pirl") == (
-      f"ISIC 2017, test split: pirl init, {config.protocol}, 10% of the training labels")
+      f"ISIC 2017, test split: pirl init, {config.protocol}, 10% of the training labels"
+  )
   config.data.source = "synthetic"
   assert finetune.roc_title(config, "scratch").startswith("synthetic ISIC-layout set, test split")

@@ -22,8 +22,9 @@ def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def _gradient(width: int, height: int) -> np.ndarray:
   yy, xx = np.mgrid[0:height, 0:width]
-  return np.stack([xx * 255 // max(1, width - 1), yy * 255 // max(1, height - 1),
-                   np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+  return np.stack(
+      [xx * 255 // max(1, width - 1), yy * 255 // max(1, height - 1), np.full_like(xx, 90)], axis=-1
+  ).astype(np.uint8)
 
 
 def _rgb_jpeg(width=40, height=30) -> bytes:
@@ -46,7 +47,7 @@ def test_truncated_jpeg():
   data = _rgb_jpeg(64, 64)
   assert ImageFile.LOAD_TRUNCATED_IMAGES is False
   with pytest.raises(images.BadImageError, match=r"^/data/ISIC_0000001\.jpg: truncated") as err:
-    images.load_rgb(data[:len(data) // 2], "/data/ISIC_0000001.jpg")
+    images.load_rgb(data[: len(data) // 2], "/data/ISIC_0000001.jpg")
   assert err.value.name == "/data/ISIC_0000001.jpg"
 
 
@@ -56,7 +57,9 @@ def test_zero_byte_file():
 
 
 def test_non_image_with_jpg_name():
-  with pytest.raises(images.BadImageError, match=r"^a\.zip:ISIC_0000002\.jpg: not a recognised image"):
+  with pytest.raises(
+      images.BadImageError, match=r"^a\.zip:ISIC_0000002\.jpg: not a recognised image"
+  ):
     images.load_rgb(b"<html>404 Not Found</html>", "a.zip:ISIC_0000002.jpg")
 
 
@@ -135,10 +138,12 @@ def test_prepare_image_without_max_side_keeps_clean_jpegs():
 
 
 def test_prepare_all_skip_keeps_order_and_logs_bad_names(caplog):
-  items = [("good0.jpg", lambda: _rgb_jpeg(40, 30)),
-           ("empty.jpg", lambda: b""),
-           ("good2.jpg", lambda: _rgb_jpeg(30, 40)),
-           ("tiny.jpg", lambda: _rgb_jpeg(8, 8))]
+  items = [
+      ("good0.jpg", lambda: _rgb_jpeg(40, 30)),
+      ("empty.jpg", lambda: b""),
+      ("good2.jpg", lambda: _rgb_jpeg(30, 40)),
+      ("tiny.jpg", lambda: _rgb_jpeg(8, 8)),
+  ]
   with pytest.raises(images.BadImageError, match="^empty.jpg"):
     images.prepare_all(items, min_side=16, max_side=20)
   with caplog.at_level(logging.WARNING):
@@ -191,7 +196,7 @@ def test_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, monkeypatch, cap
     return real_prepare(*args, **kwargs)
 
   monkeypatch.setattr(images, "prepare_image", counting_prepare)
-  for damaged in (b"", intact[:len(intact) // 2]):
+  for damaged in (b"", intact[: len(intact) // 2]):
     cache.write_bytes(damaged)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -218,7 +223,9 @@ def test_a_folder_where_the_cache_file_goes_is_one_error_naming_it(tmp_path):
   items = [("img0.jpg", lambda: _rgb_jpeg(40, 30))]
   cache = tmp_path / "prepared" / "0123.npz"
   (cache / "something").mkdir(parents=True)
-  with pytest.raises(errors.DataSourceError,
-                     match=rf"cache file {re.escape(str(cache))} is a folder.*data.cache_dir"):
+  with pytest.raises(
+      errors.DataSourceError,
+      match=rf"cache file {re.escape(str(cache))} is a folder.*data.cache_dir",
+  ):
     images.prepare_all(items, min_side=1, max_side=24, cache_path=cache)
   assert (cache / "something").is_dir()  # nothing in it deleted

@@ -34,7 +34,7 @@ def _cycle(graph):
     stack.append(node)
     for target in sorted(graph[node]):
       if state.get(target) == "open":
-        return stack[stack.index(target):] + [target]
+        return stack[stack.index(target) :] + [target]
       if target not in state:
         found = visit(target)
         if found:
@@ -88,8 +88,13 @@ def _layer(module: str) -> int:
 def test_every_module_has_a_layer():
   for name in _module_graph():
     _layer(name)
-  assert _layer("pirl_jax.data.jigsaw") < _layer("pirl_jax.train.loop") < _layer(
-      "pirl_jax.eval.probe") < _layer("pirl_jax.tasks.pretrain") < _layer("pirl_jax.commands.cli")
+  assert (
+      _layer("pirl_jax.data.jigsaw")
+      < _layer("pirl_jax.train.loop")
+      < _layer("pirl_jax.eval.probe")
+      < _layer("pirl_jax.tasks.pretrain")
+      < _layer("pirl_jax.commands.cli")
+  )
 
 
 def test_imports_point_from_the_commands_down_to_the_data_and_models():

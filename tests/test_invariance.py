@@ -37,37 +37,52 @@ def test_normalised_distances_equal_a_numpy_loop():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
   unit = lambda x: x / np.linalg.norm(x)
-  between = np.mean([np.linalg.norm(unit(a[i]) - unit(a[j]))
-                     for i in range(7) for j in range(7) if i != j])
+  between = np.mean(
+      [np.linalg.norm(unit(a[i]) - unit(a[j])) for i in range(7) for j in range(7) if i != j]
+  )
   expected = [np.linalg.norm(unit(a[i]) - unit(b[i])) / between for i in range(7)]
   np.testing.assert_allclose(invariance.normalised_distances(a, b), expected, rtol=1e-8)
   np.testing.assert_allclose(invariance.normalised_distances(a, 3 * a), 0.0, atol=1e-7)
   np.testing.assert_allclose(invariance.distances(a, -a), 2.0)
-  cross = [np.linalg.norm(unit(a[i]) - unit(b[i])) / np.mean(
-      [np.linalg.norm(unit(a[k]) - unit(b[j])) for k in range(7) for j in range(7) if k != j])
-           for i in range(7)]
+  cross = [
+      np.linalg.norm(unit(a[i]) - unit(b[i]))
+      / np.mean(
+          [np.linalg.norm(unit(a[k]) - unit(b[j])) for k in range(7) for j in range(7) if k != j]
+      )
+      for i in range(7)
+  ]
   np.testing.assert_allclose(invariance.cross_normalised_distances(a, b), cross, rtol=1e-8)
   np.testing.assert_allclose(invariance.cross_normalised_distances(a, 2 * a), 0.0, atol=1e-6)
   summary = invariance.summarize(np.asarray(expected))
   assert sum(summary["histogram"]) == 7 and summary["mean"] == pytest.approx(np.mean(expected))
 
 
-def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pretraining,
-                                                              shared_cache_dir, capsys,
-                                                              monkeypatch):
+def test_command_scores_a_pretraining_run_and_a_random_model(
+    tmp_path, tiny_pretraining, shared_cache_dir, capsys, monkeypatch
+):
   out = tmp_path / "inv"
   code, stdout, err = cli_in_process.command_in_process(
       invariance.main,
-      ["invariance.py", f"--checkpoint={tiny_pretraining.workdir}",
-       f"--checkpoint={tiny_pretraining.workdir / 'checkpoints' / '2'}", f"--out={out}",
-       "--num_images=24", f"--cache_dir={shared_cache_dir}"], capsys, monkeypatch)
+      [
+          "invariance.py",
+          f"--checkpoint={tiny_pretraining.workdir}",
+          f"--checkpoint={tiny_pretraining.workdir / 'checkpoints' / '2'}",
+          f"--out={out}",
+          "--num_images=24",
+          f"--cache_dir={shared_cache_dir}",
+      ],
+      capsys,
+      monkeypatch,
+  )
   assert code == 0, err[-3000:]
   written = json.loads((out / "invariance.json").read_text())
   assert written["num_images"] == 24
   rows = written["results"]
-  assert list(rows) == [f"{tiny_pretraining.workdir} (step 4)",
-                        f"{tiny_pretraining.workdir / 'checkpoints' / '2'} (step 2)",
-                        "random init"]
+  assert list(rows) == [
+      f"{tiny_pretraining.workdir} (step 4)",
+      f"{tiny_pretraining.workdir / 'checkpoints' / '2'} (step 2)",
+      "random init",
+  ]
   for scores in rows.values():
     assert set(scores) == {"trunk/tiles", "trunk/rotation", "embedding/jigsaw"}
     for summary in scores.values():
@@ -82,6 +97,7 @@ def test_command_scores_a_pretraining_run_and_a_random_model(tmp_path, tiny_pret
 
 def test_legends_name_runs_by_their_folder():
   from pirl_jax.commands import invariance as command  # pylint: disable=g-import-not-at-top
+
   assert command.short_name("/work/runs/pirl-s0 (step 620)") == "pirl-s0 (step 620)"
   assert command.short_name("runs/pirl/checkpoints/620") == "pirl"
   assert command.short_name("gs://bucket/runs/jigsaw-s1/ (step 4)") == "jigsaw-s1 (step 4)"

@@ -26,11 +26,17 @@ def _write_train_csv(root, text, encoding="utf-8"):
 
 
 def test_flat_nested_and_zip_layouts_read_identically(tmp_path):
-  splits = {layout: isic.read_isic2017(isic_fixtures.write_tree(tmp_path / layout, layout))
-            for layout in ("flat", "nested", "zip")}
+  splits = {
+      layout: isic.read_isic2017(isic_fixtures.write_tree(tmp_path / layout, layout))
+      for layout in ("flat", "nested", "zip")
+  }
   reference = splits["flat"]
   assert reference["train"].image_ids == [
-      "ISIC_0000000", "ISIC_0000001", "ISIC_0000002", "ISIC_0000003"]
+      "ISIC_0000000",
+      "ISIC_0000001",
+      "ISIC_0000002",
+      "ISIC_0000003",
+  ]
   np.testing.assert_array_equal(reference["train"].melanoma, [0, 0, 0, 1])
   np.testing.assert_array_equal(reference["train"].seborrheic_keratosis, [0, 1, 0, 0])
   np.testing.assert_array_equal(reference["train"].label, [2, 1, 2, 0])
@@ -44,11 +50,14 @@ def test_flat_nested_and_zip_layouts_read_identically(tmp_path):
       np.testing.assert_array_equal(ours.seborrheic_keratosis, ref.seborrheic_keratosis)
       np.testing.assert_array_equal(ours.label, ref.label)
       assert [ours.read_bytes(i) for i in range(len(ours))] == [
-          ref.read_bytes(i) for i in range(len(ref))], (layout, split)
-  assert splits["nested"]["train"].refs[0].path.endswith(
-      f"{TRAIN_STEM}/{TRAIN_STEM}/ISIC_0000000.jpg")
+          ref.read_bytes(i) for i in range(len(ref))
+      ], (layout, split)
+  assert (
+      splits["nested"]["train"].refs[0].path.endswith(f"{TRAIN_STEM}/{TRAIN_STEM}/ISIC_0000000.jpg")
+  )
   assert splits["zip"]["train"].refs[0] == isic.ImageRef(
-      str(tmp_path / "zip" / f"{TRAIN_STEM}.zip"), f"{TRAIN_STEM}/ISIC_0000000.jpg")
+      str(tmp_path / "zip" / f"{TRAIN_STEM}.zip"), f"{TRAIN_STEM}/ISIC_0000000.jpg"
+  )
 
 
 def test_all_splits_counts_and_labels(flat_root):
@@ -90,16 +99,20 @@ def test_image_without_csv_row_warns_or_fails_when_strict(flat_root, caplog):
   with caplog.at_level(logging.WARNING):
     split = isic.read_split(flat_root, "train")
   assert "ISIC_0000099" not in split.image_ids and len(split) == 4
-  assert any("ISIC_0000099" in r.getMessage() and TRAIN_CSV in r.getMessage()
-             for r in caplog.records)
+  assert any(
+      "ISIC_0000099" in r.getMessage() and TRAIN_CSV in r.getMessage() for r in caplog.records
+  )
   with pytest.raises(isic.IsicFormatError, match=r"ISIC_0000099") as err:
     isic.read_split(flat_root, "train", strict=True)
   assert str(flat_root / TRAIN_CSV) in str(err.value)
 
 
 def test_error_duplicate_id(flat_root):
-  _write_train_csv(flat_root, "image_id,melanoma,seborrheic_keratosis\n"
-                   "ISIC_0000000,0,0\nISIC_0000001,0,1\nISIC_0000000,0,0\n")
+  _write_train_csv(
+      flat_root,
+      "image_id,melanoma,seborrheic_keratosis\n"
+      "ISIC_0000000,0,0\nISIC_0000001,0,1\nISIC_0000000,0,0\n",
+  )
   with pytest.raises(isic.IsicFormatError) as err:
     isic.read_split(flat_root, "train")
   message = str(err.value)
@@ -116,8 +129,10 @@ def test_error_missing_columns(flat_root):
 
 
 def test_error_label_outside_0_1(flat_root):
-  _write_train_csv(flat_root, "image_id,melanoma,seborrheic_keratosis\n"
-                   "ISIC_0000000,0.0,0.0\nISIC_0000001,2.0,0.0\n")
+  _write_train_csv(
+      flat_root,
+      "image_id,melanoma,seborrheic_keratosis\n" "ISIC_0000000,0.0,0.0\nISIC_0000001,2.0,0.0\n",
+  )
   with pytest.raises(isic.IsicFormatError) as err:
     isic.read_split(flat_root, "train")
   message = str(err.value)
@@ -126,8 +141,7 @@ def test_error_label_outside_0_1(flat_root):
 
 
 def test_error_both_labels_set(flat_root):
-  _write_train_csv(flat_root, "image_id,melanoma,seborrheic_keratosis\n"
-                   "ISIC_0000000,1,1\n")
+  _write_train_csv(flat_root, "image_id,melanoma,seborrheic_keratosis\n" "ISIC_0000000,1,1\n")
   with pytest.raises(isic.IsicFormatError, match="both melanoma and seborrheic_keratosis") as err:
     isic.read_split(flat_root, "train")
   assert f"{flat_root / TRAIN_CSV} line 2" in str(err.value)
@@ -141,8 +155,11 @@ def test_error_empty_split(flat_root):
 
 
 def test_error_csv_not_utf8(flat_root):
-  _write_train_csv(flat_root, "image_id,melanoma,seborrheic_keratosis\n"
-                   "ISIC_0000000,0,0 # Bénin\n", encoding="latin-1")
+  _write_train_csv(
+      flat_root,
+      "image_id,melanoma,seborrheic_keratosis\n" "ISIC_0000000,0,0 # Bénin\n",
+      encoding="latin-1",
+  )
   with pytest.raises(isic.IsicFormatError, match="not valid UTF-8") as err:
     isic.read_split(flat_root, "train")
   assert str(flat_root / TRAIN_CSV) in str(err.value)

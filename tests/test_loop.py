@@ -85,9 +85,15 @@ def test_a_truncated_array_file_falls_back_in_one_warning_without_tracebacks(tmp
   each of those printed a traceback (about 700 lines) before the restore dropped them."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PIRL_JAX_CACHE"] = str(tmp_path / "cache")
-  args = [sys.executable, "main.py", "--config=configs/pirl.py:tiny", f"--workdir={tmp_path / 'run'}",
-          "--config.num_train_steps=4", "--config.checkpoint_every_steps=2",
-          "--config.probe.enabled=False"]
+  args = [
+      sys.executable,
+      "main.py",
+      "--config=configs/pirl.py:tiny",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.num_train_steps=4",
+      "--config.checkpoint_every_steps=2",
+      "--config.probe.enabled=False",
+  ]
   first = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stderr[-3000:]
   (tmp_path / "run" / "summary.json").unlink()
@@ -96,12 +102,12 @@ def test_a_truncated_array_file_falls_back_in_one_warning_without_tracebacks(tmp
   second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "is damaged" in second.stderr and "Trying the step before it" in second.stderr
-  assert "Event loop is closed" not in second.stderr and "Traceback" not in second.stderr, (
-      second.stderr[-3000:])
+  assert (
+      "Event loop is closed" not in second.stderr and "Traceback" not in second.stderr
+  ), second.stderr[-3000:]
 
 
-def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_pretraining,
-                                                               caplog):
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_pretraining, caplog):
   """The run was cut off after writing checkpoint 4 and before its summary, and checkpoint 4 is
   damaged: the same command resumes from step 2 (not from scratch), saying which step it skipped,
   and ends bitwise where the uninterrupted run ended."""
@@ -119,16 +125,24 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_pr
   damaged = workdir / "checkpoints" / "4"
   kept = workdir / "checkpoints" / "4.damaged"
   warnings = _messages(caplog, logging.WARNING)
-  assert any(f"Checkpoint {damaged} is damaged" in w and "Trying the step before it" in w
-             for w in warnings), warnings
+  assert any(
+      f"Checkpoint {damaged} is damaged" in w and "Trying the step before it" in w for w in warnings
+  ), warnings
   infos = _messages(caplog)
-  assert any(m.startswith(f"Resumed from {workdir / 'checkpoints'} at step 2 on 8 device(s); "
-                          f"skipped damaged step 4 (") and f"kept as {kept}" in m
-             for m in infos), infos
+  assert any(
+      m.startswith(
+          f"Resumed from {workdir / 'checkpoints'} at step 2 on 8 device(s); "
+          f"skipped damaged step 4 ("
+      )
+      and f"kept as {kept}" in m
+      for m in infos
+  ), infos
   assert any(m.startswith("Pretraining: steps 2..4 ") for m in infos), infos  # not 0..4
   assert kept.is_dir() and _steps(workdir) == [2, 4]
-  _assert_bitwise_equal(checkpointing.load_arrays(_item(workdir, 4)),
-                        checkpointing.load_arrays(_item(tiny_pretraining.workdir, 4)))
+  _assert_bitwise_equal(
+      checkpointing.load_arrays(_item(workdir, 4)),
+      checkpointing.load_arrays(_item(tiny_pretraining.workdir, 4)),
+  )
   assert summary["metrics"]["loss"] == tiny_pretraining.summary["metrics"]["loss"]
 
 
@@ -147,10 +161,19 @@ def _write_jpeg(path, seed):
 
 def _folder_config(root, cache_dir):
   config = pirl_configs.get_config("tiny")
-  config.update_from_flattened_dict({
-      "data.source": "folder", "data.path": str(root), "data.cache_dir": str(cache_dir),
-      "probe.enabled": False, "loss.num_negatives": 16, "num_devices": 1,
-      "num_train_steps": 4, "checkpoint_every_steps": 2, "log_every_steps": 2})
+  config.update_from_flattened_dict(
+      {
+          "data.source": "folder",
+          "data.path": str(root),
+          "data.cache_dir": str(cache_dir),
+          "probe.enabled": False,
+          "loss.num_negatives": 16,
+          "num_devices": 1,
+          "num_train_steps": 4,
+          "checkpoint_every_steps": 2,
+          "log_every_steps": 2,
+      }
+  )
   return config
 
 
@@ -167,6 +190,7 @@ def _crash_at(monkeypatch, crash_step):
       if step == crash_step:
         raise _Crash()
       yield batch
+
   monkeypatch.setattr(pipeline.PretrainInput, "iterate", iterate)
 
 
@@ -203,20 +227,27 @@ def interrupted_folder_run(tmp_path_factory):
 
 
 _CHANGES = {
-    "content": (lambda f: _write_jpeg(f / "img_07.jpg", seed=1000),
-                [r"index 7: img_07\.jpg has other content"]),
-    "removed": (lambda f: (f / "img_11.jpg").unlink(),
-                [r"39 images now, 40 when the run started", r"removed: img_11\.jpg"]),
+    "content": (
+        lambda f: _write_jpeg(f / "img_07.jpg", seed=1000),
+        [r"index 7: img_07\.jpg has other content"],
+    ),
+    "removed": (
+        lambda f: (f / "img_11.jpg").unlink(),
+        [r"39 images now, 40 when the run started", r"removed: img_11\.jpg"],
+    ),
     # Renamed so that it sorts last: every index from 3 on now holds another image. The message
     # must name the image that went and the one that came.
-    "renamed": (lambda f: (f / "img_03.jpg").rename(f / "zz_renamed.jpg"),
-                [r"img_03\.jpg", r"zz_renamed\.jpg"]),
+    "renamed": (
+        lambda f: (f / "img_03.jpg").rename(f / "zz_renamed.jpg"),
+        [r"img_03\.jpg", r"zz_renamed\.jpg"],
+    ),
 }
 
 
 @pytest.mark.parametrize("change", sorted(_CHANGES))
-def test_changed_dataset_is_refused_before_training(tmp_path, interrupted_folder_run, change,
-                                                    monkeypatch):
+def test_changed_dataset_is_refused_before_training(
+    tmp_path, interrupted_folder_run, change, monkeypatch
+):
   run = interrupted_folder_run
   workdir = tmp_path / "run"
   shutil.copytree(run.workdir, workdir)
@@ -224,14 +255,16 @@ def test_changed_dataset_is_refused_before_training(tmp_path, interrupted_folder
 
   def nothing_built(*args, **kwargs):
     raise AssertionError("the train state was built before the dataset check")
+
   monkeypatch.setattr(state_lib, "create_train_state", nothing_built)
   monkeypatch.setattr(state_lib, "abstract_train_state", nothing_built)
 
   alter, expected = _CHANGES[change]
   _swap_in(run.folder, run.pristine, alter)
   try:
-    with pytest.raises(preflight.PreflightError,
-                       match=r"The dataset changed since .* \(step 2\)") as raised:
+    with pytest.raises(
+        preflight.PreflightError, match=r"The dataset changed since .* \(step 2\)"
+    ) as raised:
       pretrain.train_and_evaluate(run.config, str(workdir))
   finally:
     _swap_in(run.folder, run.pristine)
@@ -241,14 +274,21 @@ def test_changed_dataset_is_refused_before_training(tmp_path, interrupted_folder
   assert (workdir / "dataset.json").read_text() == recorded
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("missing", r"dataset\.json is missing: it records which image each of the checkpoints' rows "
-     r"refers to \(latest step 2\).*--config\.resume=force"),
-    ("truncated", r"dataset\.json is damaged \(.*\); it records which images"),
-    ("not an object", r"dataset\.json is damaged \(a JSON list, not an object\)"),
-])
-def test_a_missing_or_damaged_dataset_record_is_refused(tmp_path, interrupted_folder_run, damage,
-                                                        message):
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            "missing",
+            r"dataset\.json is missing: it records which image each of the checkpoints' rows "
+            r"refers to \(latest step 2\).*--config\.resume=force",
+        ),
+        ("truncated", r"dataset\.json is damaged \(.*\); it records which images"),
+        ("not an object", r"dataset\.json is damaged \(a JSON list, not an object\)"),
+    ],
+)
+def test_a_missing_or_damaged_dataset_record_is_refused(
+    tmp_path, interrupted_folder_run, damage, message
+):
   run = interrupted_folder_run
   workdir = tmp_path / "run"
   shutil.copytree(run.workdir, workdir)
@@ -270,7 +310,8 @@ def test_a_missing_or_damaged_dataset_record_is_refused(tmp_path, interrupted_fo
 
 
 def test_a_missing_dataset_record_resumes_with_force_and_is_written_again(
-    tmp_path, interrupted_folder_run, caplog):
+    tmp_path, interrupted_folder_run, caplog
+):
   run = interrupted_folder_run
   workdir = tmp_path / "run"
   shutil.copytree(run.workdir, workdir)
@@ -294,8 +335,9 @@ def test_unchanged_dataset_resumes(tmp_path, interrupted_folder_run, caplog):
   with caplog.at_level(logging.INFO, logger="absl"):
     summary = pretrain.train_and_evaluate(run.config, str(workdir))
   assert summary["complete"] and summary["step"] == 4
-  assert any(m.startswith(f"Resumed from {workdir / 'checkpoints'} at step 2 ")
-             for m in _messages(caplog)), _messages(caplog)
+  assert any(
+      m.startswith(f"Resumed from {workdir / 'checkpoints'} at step 2 ") for m in _messages(caplog)
+  ), _messages(caplog)
   assert _steps(workdir) == [2, 4]
 
 
@@ -304,9 +346,10 @@ def test_unchanged_dataset_resumes(tmp_path, interrupted_folder_run, caplog):
 
 def _snapshot(folder):
   """Every path under `folder`: file -> (bytes, mtime_ns), folder -> None."""
-  return {str(p.relative_to(folder)): ((p.read_bytes(), p.stat().st_mtime_ns) if p.is_file()
-                                       else None)
-          for p in sorted(pathlib.Path(folder).rglob("*"))}
+  return {
+      str(p.relative_to(folder)): ((p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None)
+      for p in sorted(pathlib.Path(folder).rglob("*"))
+  }
 
 
 def test_finished_run_is_not_run_again(tmp_path, tiny_pretraining, monkeypatch):
@@ -317,14 +360,17 @@ def test_finished_run_is_not_run_again(tmp_path, tiny_pretraining, monkeypatch):
 
   def nothing_built(*args, **kwargs):
     raise AssertionError("a finished run built its train state again")
+
   monkeypatch.setattr(state_lib, "create_train_state", nothing_built)
 
-  summary = pretrain.train_and_evaluate(tiny_pretraining.config.copy_and_resolve_references(),
-                                        str(workdir))
+  summary = pretrain.train_and_evaluate(
+      tiny_pretraining.config.copy_and_resolve_references(), str(workdir)
+  )
   assert summary["already_complete"] is True
   places = ("workdir", "checkpoint_dir")  # test_finished_run_moved_elsewhere_reports_its_...
-  assert ({k: v for k, v in summary.items() if k not in places} ==
-          {k: v for k, v in dict(saved_summary, already_complete=True).items() if k not in places})
+  assert {k: v for k, v in summary.items() if k not in places} == {
+      k: v for k, v in dict(saved_summary, already_complete=True).items() if k not in places
+  }
   assert _snapshot(workdir) == before  # no file added, removed, rewritten or touched
 
 
@@ -333,8 +379,9 @@ def test_finished_run_moved_elsewhere_reports_its_new_place(tmp_path, tiny_pretr
   there again: the summary, and the CLI's message and next-step commands built from it, name
   where the run is now, not where it was written."""
   workdir = _copy_run(tiny_pretraining, tmp_path / "moved")
-  summary = pretrain.train_and_evaluate(tiny_pretraining.config.copy_and_resolve_references(),
-                                        str(workdir))
+  summary = pretrain.train_and_evaluate(
+      tiny_pretraining.config.copy_and_resolve_references(), str(workdir)
+  )
   assert summary["already_complete"] is True
   assert summary["workdir"] == str(workdir)
   assert summary["checkpoint_dir"] == str(workdir / "checkpoints")
@@ -344,24 +391,29 @@ class _WouldTrain(Exception):
   """Raised where the run builds its train state: it is going on to train."""
 
 
-def test_forced_resume_with_more_steps_is_not_already_complete(tmp_path, tiny_pretraining,
-                                                               monkeypatch):
+def test_forced_resume_with_more_steps_is_not_already_complete(
+    tmp_path, tiny_pretraining, monkeypatch
+):
   """A finished 4-step workdir, resumed with num_train_steps=6 and --config.resume=force, is not
   the run that finished: it goes on to train (it does not report 'already complete')."""
   workdir = _copy_run(tiny_pretraining, tmp_path / "run")
   config = tiny_pretraining.config.copy_and_resolve_references()
-  config.update_from_flattened_dict({"num_train_steps": 6, "resume": "force",
-                                     "probe.enabled": False})
+  config.update_from_flattened_dict(
+      {"num_train_steps": 6, "resume": "force", "probe.enabled": False}
+  )
 
   def would_train(*args, **kwargs):
     raise _WouldTrain()
+
   monkeypatch.setattr(state_lib, "create_train_state", would_train)
   try:
     summary = pretrain.train_and_evaluate(config, str(workdir))
   except _WouldTrain:
     return
-  pytest.fail(f"returned without training: already_complete={summary.get('already_complete')}, "
-              f"step {summary['step']}/{summary['total_steps']} (6 steps asked for)")
+  pytest.fail(
+      f"returned without training: already_complete={summary.get('already_complete')}, "
+      f"step {summary['step']}/{summary['total_steps']} (6 steps asked for)"
+  )
 
 
 def _cli_env(tmp_path):
@@ -378,13 +430,27 @@ def test_cli_reports_an_already_complete_run(tmp_path, tiny_pretraining, small_i
   workdir = _copy_run(tiny_pretraining, tmp_path / "run")
   before = _snapshot(workdir)
   result = subprocess.run(
-      [sys.executable, "main.py", "--config=configs/pirl.py:tiny", f"--workdir={workdir}",
-       "--config.data.source=isic", f"--config.data.path={small_isic_root}",
-       "--config.num_train_steps=4"],
-      cwd=REPO, env=_cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          "main.py",
+          "--config=configs/pirl.py:tiny",
+          f"--workdir={workdir}",
+          "--config.data.source=isic",
+          f"--config.data.path={small_isic_root}",
+          "--config.num_train_steps=4",
+      ],
+      cwd=REPO,
+      env=_cli_env(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert re.search(r"Pretraining in \S+ is already complete \(step 4/4, final loss [\d.]+\); "
-                   r"nothing was changed\.", result.stdout), result.stdout
+  assert re.search(
+      r"Pretraining in \S+ is already complete \(step 4/4, final loss [\d.]+\); "
+      r"nothing was changed\.",
+      result.stdout,
+  ), result.stdout
   assert "Traceback" not in result.stderr
   assert _snapshot(workdir) == before
 
@@ -395,30 +461,48 @@ def test_cli_reports_an_already_complete_run(tmp_path, tiny_pretraining, small_i
 def test_sigterm_while_a_command_imports_is_a_message_and_exit_status_0(tmp_path):
   # As while TensorFlow loads: fd 2 points at a scratch file (program.import_tensorflow), and
   # the message must still reach the real stderr.
-  script = ("import os, signal, sys, time\n"
-            "import pirl_jax.commands\n"
-            f"scratch = os.open({str(tmp_path / 'scratch')!r}, os.O_WRONLY | os.O_CREAT)\n"
-            "os.dup2(scratch, 2)\n"
-            "os.kill(os.getpid(), signal.SIGTERM)\n"
-            "time.sleep(60)\n"
-            "sys.exit(7)\n")
-  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+  script = (
+      "import os, signal, sys, time\n"
+      "import pirl_jax.commands\n"
+      f"scratch = os.open({str(tmp_path / 'scratch')!r}, os.O_WRONLY | os.O_CREAT)\n"
+      "os.dup2(scratch, 2)\n"
+      "os.kill(os.getpid(), signal.SIGTERM)\n"
+      "time.sleep(60)\n"
+      "sys.exit(7)\n"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+  )
   assert result.returncode == 0, result.stderr
-  assert result.stderr == ("Stopped by SIGTERM while starting up; nothing was written: run the "
-                           "same command again to start.\n")
+  assert result.stderr == (
+      "Stopped by SIGTERM while starting up; nothing was written: run the "
+      "same command again to start.\n"
+  )
 
 
 @pytest.mark.slow
 def test_sigterm_during_startup_exits_cleanly(tmp_path, small_isic_root):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-      [sys.executable, "main.py", "--config=configs/pirl.py:tiny", f"--workdir={workdir}",
-       "--config.data.source=isic", f"--config.data.path={small_isic_root}"],
-      cwd=REPO, env=_cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "main.py",
+          "--config=configs/pirl.py:tiny",
+          f"--workdir={workdir}",
+          "--config.data.source=isic",
+          f"--config.data.path={small_isic_root}",
+      ],
+      cwd=REPO,
+      env=_cli_env(tmp_path),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   lines, stdout = [], []
-  readers = [threading.Thread(target=lambda pipe=pipe, out=out: out.extend(pipe), daemon=True)
-             for pipe, out in ((proc.stderr, lines), (proc.stdout, stdout))]
+  readers = [
+      threading.Thread(target=lambda pipe=pipe, out=out: out.extend(pipe), daemon=True)
+      for pipe, out in ((proc.stderr, lines), (proc.stdout, stdout))
+  ]
   for reader in readers:
     reader.start()
   started = re.compile(r"JAX \S+, process 0/1, .* workdir ")
@@ -443,7 +527,8 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path, small_isic_root):
 
 
 def test_a_startup_sigterm_swallowed_by_a_finalizer_still_stops_before_the_first_step(
-    tmp_path, tiny_pretraining, monkeypatch, capsys):
+    tmp_path, tiny_pretraining, monkeypatch, capsys
+):
   """A SIGTERM handled inside a finalizer (Python ignores exceptions there) is not lost: it is
   reported nowhere as a traceback, and the loop stops before its first step."""
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
@@ -452,6 +537,7 @@ def test_a_startup_sigterm_swallowed_by_a_finalizer_still_stops_before_the_first
     signals.install_startup_sigterm_handler()
 
     class SignalsWhenCollected:
+
       def __del__(self):
         signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the finalizer
 
@@ -503,17 +589,20 @@ def _memo(key, make):
 def _start():
   """The initial state on 1 device and a batch (the loss kind and the running statistics option
   change neither). Returns (model, tx, schedule, mesh, host state, shardings, batch)."""
+
   def make():
     config = _step_config()
     mesh = sharding_lib.create_mesh(jax.devices()[:1])
     model = state_lib.create_model(config.model)
     schedule = configuration.resolve_schedule(config, NUM_EXAMPLES)
     tx, learning_rate = state_lib.create_optimizer(
-        config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps)
-    state, shardings = state_lib.create_train_state(config, model, tx, NUM_EXAMPLES, mesh,
-                                                    config.seed)
-    return (model, tx, learning_rate, mesh, jax.device_get(state), shardings,
-            _random_batch(config))
+        config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps
+    )
+    state, shardings = state_lib.create_train_state(
+        config, model, tx, NUM_EXAMPLES, mesh, config.seed
+    )
+    return (model, tx, learning_rate, mesh, jax.device_get(state), shardings, _random_batch(config))
+
   return _memo("start", make)
 
 
@@ -521,25 +610,36 @@ def _one_step(loss_kind, bn_running_stats="images", z_from="both", method="pirl"
   """One `jit_train_step` from the fixed state and batch. Returns (config, model, state before,
   batch, state after, metrics), host arrays. NPID steps from the same PIRL state (its jigsaw
   head is there and unused) on the batch without its tiles."""
+
   def make():
     config = _step_config(loss_kind, bn_running_stats, z_from)
     model, tx, schedule, mesh, before, shardings, batch = _start()
     train_step = step_lib.jit_train_step(
-        mesh, shardings, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
-        bank_momentum=config.memory_bank.momentum, num_examples=NUM_EXAMPLES,
+        mesh,
+        shardings,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        loss_cfg=config.loss,
+        bank_momentum=config.memory_bank.momentum,
+        num_examples=NUM_EXAMPLES,
         score_chunk_size=config.memory_bank.score_chunk_size,
-        running_stats_from_images=config.model.bn_running_stats == "images", method=method)
+        running_stats_from_images=config.model.bn_running_stats == "images",
+        method=method,
+    )
     state = jax.device_put(before, shardings)  # a fresh copy: the step donates it
     if method == "npid":
       batch = {k: v for k, v in batch.items() if k != "tiles"}
     after, metrics = train_step(state, sharding_lib.global_batch(batch, mesh))
     return config, model, before, batch, jax.device_get(after), jax.device_get(metrics)
+
   return _memo((loss_kind, bn_running_stats, z_from, method), make)
 
 
 def _reference_forward():
   """From the initial state, in train mode: f_hat and g_hat, and the running statistics after
   the image pass alone and after the tile pass then the image pass (`PIRLNet.__call__`)."""
+
   def make():
     model, _, _, _, before, _, batch = _start()
     variables = {"params": before.params, "batch_stats": before.batch_stats}
@@ -551,7 +651,9 @@ def _reference_forward():
       g_hat, _ = apply(tiles, method="embed_tiles")
       _, both_vars = apply(image, tiles)
       return f_hat, g_hat, image_vars["batch_stats"], both_vars["batch_stats"]
+
     return jax.device_get(forward(variables, batch["image"], batch["tiles"]))
+
   return _memo("forward", make)
 
 
@@ -564,11 +666,17 @@ def _normalise(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("loss_kind,z_from,method", [
-    ("infonce", "both", "pirl"), ("nce", "both", "pirl"), ("nce", "jigsaw", "pirl"),
-    ("infonce", "both", "npid"),
-    # NCE with NPID: NCE is pinned with PIRL above and NPID with InfoNCE; the slow set runs it.
-    pytest.param("nce", "both", "npid", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "loss_kind,z_from,method",
+    [
+        ("infonce", "both", "pirl"),
+        ("nce", "both", "pirl"),
+        ("nce", "jigsaw", "pirl"),
+        ("infonce", "both", "npid"),
+        # NCE with NPID: NCE is pinned with PIRL above and NPID with InfoNCE; the slow set runs it.
+        pytest.param("nce", "both", "npid", marks=pytest.mark.slow),
+    ],
+)
 def test_step_matches_numpy_reference(loss_kind, z_from, method):
   config, _, before, batch, after, metrics = _one_step(loss_kind, z_from=z_from, method=method)
   loss_cfg, n, k = config.loss, NUM_EXAMPLES, config.loss.num_negatives
@@ -577,9 +685,11 @@ def test_step_matches_numpy_reference(loss_kind, z_from, method):
   # The negatives, drawn as the step draws them.
   next_rng, jigsaw_rng, image_rng = jax.random.split(before.rng, 3)
   negatives = {
-      name: np.asarray(memory_bank.sample_negatives(
-          rng, index, k, n, exclude_positive=loss_cfg.exclude_positive))
-      for name, rng in (("jigsaw", jigsaw_rng), ("image", image_rng))}
+      name: np.asarray(
+          memory_bank.sample_negatives(rng, index, k, n, exclude_positive=loss_cfg.exclude_positive)
+      )
+      for name, rng in (("jigsaw", jigsaw_rng), ("image", image_rng))
+  }
   assert all(np.all(neg != index[:, None]) for neg in negatives.values())
 
   f_hat, g_hat = (np.asarray(x, np.float64) for x in _reference_forward()[:2])
@@ -589,8 +699,10 @@ def test_step_matches_numpy_reference(loss_kind, z_from, method):
     rows = old_bank[np.concatenate([index[:, None], neg], axis=1)]
     return np.einsum("bkd,bd->bk", rows, query) / loss_cfg.temperature
 
-  logits = {"jigsaw": scores(g_hat, negatives["jigsaw"]),
-            "image": scores(f_hat, negatives["image"])}
+  logits = {
+      "jigsaw": scores(g_hat, negatives["jigsaw"]),
+      "image": scores(f_hat, negatives["image"]),
+  }
   if method == "npid":  # no jigsaw view
     del logits["jigsaw"]
   if loss_kind == "infonce":
@@ -605,8 +717,12 @@ def test_step_matches_numpy_reference(loss_kind, z_from, method):
     term = {}
     for name, s in logits.items():
       x = np.exp(s) / z
-      term[name] = float(-np.mean(np.log(x[:, 0] / (x[:, 0] + noise + eps)) +
-                                  np.sum(np.log(noise / (x[:, 1:] + noise + eps)), axis=1)))
+      term[name] = float(
+          -np.mean(
+              np.log(x[:, 0] / (x[:, 0] + noise + eps))
+              + np.sum(np.log(noise / (x[:, 1:] + noise + eps)), axis=1)
+          )
+      )
   if method == "npid":
     total = term["image"]
     assert "loss_jigsaw" not in metrics
@@ -619,8 +735,9 @@ def test_step_matches_numpy_reference(loss_kind, z_from, method):
 
   # The bank: only the batch's rows, each normalise(m * old + (1 - m) * f_hat).
   m = config.memory_bank.momentum
-  np.testing.assert_allclose(after.bank[index], _normalise(m * old_bank[index] + (1 - m) * f_hat),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      after.bank[index], _normalise(m * old_bank[index] + (1 - m) * f_hat), rtol=1e-5, atol=1e-6
+  )
   others = np.setdiff1d(np.arange(n), index)
   np.testing.assert_array_equal(after.bank[others], before.bank[others])
   assert int(after.step) == 1
@@ -654,8 +771,12 @@ def test_bn_running_stats_from_the_image_pass_only():
 def _stem_moments(kernel, x):
   """Per-channel mean and (biased) variance of the stem conv's outputs over a batch, float64."""
   y = jax.lax.conv_general_dilated(
-      np.asarray(x, np.float32), np.asarray(kernel, np.float32), (2, 2), ((3, 3), (3, 3)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      np.asarray(x, np.float32),
+      np.asarray(kernel, np.float32),
+      (2, 2),
+      ((3, 3), (3, 3)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   y = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
   return y.mean(axis=0), y.var(axis=0)
 
@@ -670,9 +791,16 @@ def test_each_pass_keeps_its_own_running_statistics(bn_running_stats):
   shifted = lambda stats: jax.tree.map(lambda x: np.asarray(x) * 0.5 + 0.25, stats)
   before = start.replace(tile_batch_stats={"trunk": shifted(start.batch_stats["trunk"])})
   train_step = step_lib.jit_train_step(
-      mesh, shardings, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
-      bank_momentum=config.memory_bank.momentum, num_examples=NUM_EXAMPLES,
-      running_stats_from_images=bn_running_stats == "images")
+      mesh,
+      shardings,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      loss_cfg=config.loss,
+      bank_momentum=config.memory_bank.momentum,
+      num_examples=NUM_EXAMPLES,
+      running_stats_from_images=bn_running_stats == "images",
+  )
   after, _ = train_step(jax.device_put(before, shardings), sharding_lib.global_batch(batch, mesh))
   after = jax.device_get(after)
 
@@ -698,7 +826,10 @@ def test_each_pass_keeps_its_own_running_statistics(bn_running_stats):
   # Every layer: the tile statistics are those of the trunk applied to the tiles alone.
   _, tile_vars = model.trunk.apply(
       {"params": before.params["trunk"], "batch_stats": before.tile_batch_stats["trunk"]},
-      tiles, train=True, mutable=["batch_stats"])
+      tiles,
+      train=True,
+      mutable=["batch_stats"],
+  )
   expected, got = _flat(tile_vars["batch_stats"]), _flat(after.tile_batch_stats["trunk"])
   assert set(expected) == set(got)
   for name in expected:
@@ -722,8 +853,9 @@ def test_a_workdir_written_before_tile_statistics_restores(tmp_path):
     nonfinite_steps: object
 
   _, _, _, mesh, start, shardings, _ = _start()
-  earlier = EarlierState(**{name: getattr(start, name) for name in
-                            EarlierState.__dataclass_fields__})
+  earlier = EarlierState(
+      **{name: getattr(start, name) for name in EarlierState.__dataclass_fields__}
+  )
   writer = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
   writer.save(0, jax.device_put(earlier))
   writer.close()
@@ -732,8 +864,9 @@ def test_a_workdir_written_before_tile_statistics_restores(tmp_path):
   reader = checkpointing.Checkpointer(tmp_path / "checkpoints")
   with pytest.raises(checkpointing.CheckpointMismatchError, match="tile_batch_stats"):
     reader.restore(0, target)  # without a way to derive it, a missing field is a mismatch
-  restored = reader.restore(0, target,
-                            derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version})
+  restored = reader.restore(
+      0, target, derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version}
+  )
   reader.close()
   assert isinstance(restored, state_lib.TrainState)
   restored = jax.device_get(restored)

@@ -104,11 +104,11 @@ def test_estimate_z(setup):
   rs = np.random.RandomState(1)
   a = rs.randn(B, K + 1).astype(np.float32)
   b = rs.randn(3, K + 1).astype(np.float32)
-  np.testing.assert_allclose(losses.estimate_z(jnp.asarray(a), N), N * np.exp(a).mean(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(losses.estimate_z(jnp.asarray(a), N), N * np.exp(a).mean(), rtol=1e-5)
   both = np.concatenate([np.exp(a).ravel(), np.exp(b).ravel()])
-  np.testing.assert_allclose(losses.estimate_z([jnp.asarray(a), jnp.asarray(b)], N),
-                             N * both.mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.estimate_z([jnp.asarray(a), jnp.asarray(b)], N), N * both.mean(), rtol=1e-5
+  )
 
 
 def test_update_z():
@@ -130,8 +130,9 @@ def test_gradient_reaches_query_not_bank(setup, kind):
     logits = memory_bank.score(q, m, jnp.asarray(positives), jnp.asarray(negatives), 0.07)
     return losses.pirl_loss(logits, logits, kind=kind, z=z, num_examples=N).total
 
-  gq, gm, gz = jax.grad(loss_fn, argnums=(0, 1, 2))(jnp.asarray(query), jnp.asarray(bank),
-                                                    jnp.float32(3.0))
+  gq, gm, gz = jax.grad(loss_fn, argnums=(0, 1, 2))(
+      jnp.asarray(query), jnp.asarray(bank), jnp.float32(3.0)
+  )
   assert np.abs(np.asarray(gq)).max() > 1e-3
   np.testing.assert_array_equal(gm, 0.0)
   np.testing.assert_array_equal(gz, 0.0)
@@ -142,14 +143,14 @@ def test_pirl_loss_combination(setup):
   rs = np.random.RandomState(2)
   lg = rs.randn(B, K + 1).astype(np.float32) * 3
   lf = rs.randn(B, K + 1).astype(np.float32) * 3
-  out = losses.pirl_loss(jnp.asarray(lg), jnp.asarray(lf), kind='nce', z=2.0, num_examples=N,
-                         lam=0.3)
+  out = losses.pirl_loss(
+      jnp.asarray(lg), jnp.asarray(lf), kind='nce', z=2.0, num_examples=N, lam=0.3
+  )
   np.testing.assert_allclose(out.jigsaw, _ref_nce(lg, 2.0, N), rtol=1e-5)
   np.testing.assert_allclose(out.image, _ref_nce(lf, 2.0, N), rtol=1e-5)
   np.testing.assert_allclose(out.total, 0.3 * out.jigsaw + 0.7 * out.image, rtol=1e-6)
   out = losses.pirl_loss(jnp.asarray(lg), jnp.asarray(lf), kind='infonce')
-  np.testing.assert_allclose(out.total, 0.5 * _ref_infonce(lg) + 0.5 * _ref_infonce(lf),
-                             rtol=1e-5)
+  np.testing.assert_allclose(out.total, 0.5 * _ref_infonce(lg) + 0.5 * _ref_infonce(lf), rtol=1e-5)
   with pytest.raises(ValueError, match='z and num_examples'):
     losses.pirl_loss(jnp.asarray(lg), jnp.asarray(lf), kind='nce')
   with pytest.raises(ValueError, match='kind'):

@@ -28,14 +28,14 @@ def test_init_bank_unit_rows_and_zero_padding():
   assert np.abs(cos[~np.eye(10, dtype=bool)]).mean() < 0.3
   assert (bank[:10] < 0).any()
   assert mb.init_bank(jax.random.key(1), 7).shape == (7, 128)
-  with pytest.raises(ValueError, match='num_rows'):
+  with pytest.raises(ValueError, match="num_rows"):
     mb.init_bank(jax.random.key(0), 10, num_rows=8)
 
 
 N = 10
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def draws():
   # Every dataset index appears as a positive, including the edges 0 and N-1.
   positives = jnp.asarray(np.tile(np.arange(N), 4), jnp.int32)
@@ -66,8 +66,9 @@ def test_sample_negatives_uniform_over_the_others(draws):
 
 def test_sample_negatives_without_exclusion_can_hit_positive():
   positives = jnp.arange(N, dtype=jnp.int32)
-  neg = np.asarray(mb.sample_negatives(jax.random.key(1), positives, 2000, N,
-                                       exclude_positive=False))
+  neg = np.asarray(
+      mb.sample_negatives(jax.random.key(1), positives, 2000, N, exclude_positive=False)
+  )
   assert neg.min() == 0 and neg.max() == N - 1
   assert np.all((neg == np.arange(N)[:, None]).any(axis=1))
   counts = np.bincount(neg.ravel(), minlength=N)
@@ -89,8 +90,9 @@ def test_update_matches_numpy_and_leaves_other_rows():
   idx = np.array([6, 1, 3])
   emb = rs.randn(3, dim)
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-  new = np.asarray(mb.update(jnp.asarray(bank), jnp.asarray(idx), jnp.asarray(emb, jnp.float32),
-                             momentum=0.5))
+  new = np.asarray(
+      mb.update(jnp.asarray(bank), jnp.asarray(idx), jnp.asarray(emb, jnp.float32), momentum=0.5)
+  )
 
   expected = bank.astype(np.float64).copy()
   for i, row in zip(idx, emb):
@@ -102,12 +104,14 @@ def test_update_matches_numpy_and_leaves_other_rows():
   np.testing.assert_array_equal(new[untouched], bank[untouched])  # padded rows stay zero too
 
   # Other momentum, and no gradient reaches the embeddings through the bank.
-  new9 = np.asarray(mb.update(jnp.asarray(bank), jnp.asarray(idx), jnp.asarray(emb, jnp.float32),
-                              momentum=0.9))
+  new9 = np.asarray(
+      mb.update(jnp.asarray(bank), jnp.asarray(idx), jnp.asarray(emb, jnp.float32), momentum=0.9)
+  )
   m = 0.9 * bank[6].astype(np.float64) + 0.1 * emb[0]
   np.testing.assert_allclose(new9[6], m / np.linalg.norm(m), rtol=1e-5, atol=1e-6)
   grad = jax.grad(lambda e: jnp.sum(mb.update(jnp.asarray(bank), jnp.asarray(idx), e)))(
-      jnp.asarray(emb, jnp.float32))
+      jnp.asarray(emb, jnp.float32)
+  )
   np.testing.assert_array_equal(grad, 0.0)
 
 
@@ -120,8 +124,9 @@ def _scoring_setup(num_examples=203, dim=16, batch=16, num_negatives=30):
   query = rs.randn(batch, dim).astype(np.float32)
   query /= np.linalg.norm(query, axis=1, keepdims=True)
   positives = rs.permutation(num_examples)[:batch].astype(np.int32)
-  negatives = np.asarray(mb.sample_negatives(jax.random.key(1), jnp.asarray(positives),
-                                             num_negatives, num_examples))
+  negatives = np.asarray(
+      mb.sample_negatives(jax.random.key(1), jnp.asarray(positives), num_negatives, num_examples)
+  )
   return np.asarray(bank), query, positives, negatives
 
 
@@ -142,10 +147,21 @@ def test_scores_equal_numpy_on_any_device_count_and_chunk(num_devices, chunk_siz
   assert logits.shape == (16, 31) and logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), expected / 0.07, rtol=1e-5, atol=1e-5)
   # Plain arrays, no mesh: the same scores.
-  np.testing.assert_allclose(np.asarray(mb.score(jnp.asarray(query), jnp.asarray(bank),
-                                                 jnp.asarray(positives), jnp.asarray(negatives),
-                                                 0.07, chunk_size=chunk_size)),
-                             expected / 0.07, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(
+          mb.score(
+              jnp.asarray(query),
+              jnp.asarray(bank),
+              jnp.asarray(positives),
+              jnp.asarray(negatives),
+              0.07,
+              chunk_size=chunk_size,
+          )
+      ),
+      expected / 0.07,
+      rtol=1e-5,
+      atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])
@@ -162,8 +178,9 @@ def test_score_gradient_reaches_the_query_only_and_equals_dense_autodiff(num_dev
 
   expected_q = jax.grad(lambda q: loss(dense(q, jnp.asarray(bank))))(jnp.asarray(query))
   mesh, (b, q, p, n) = _on_mesh(num_devices, bank, query, positives, negatives)
-  grad_q, grad_bank = jax.jit(jax.grad(
-      lambda q, m: loss(mb.score(q, m, p, n, 0.07, mesh, 7)), argnums=(0, 1)))(q, b)
+  grad_q, grad_bank = jax.jit(
+      jax.grad(lambda q, m: loss(mb.score(q, m, p, n, 0.07, mesh, 7)), argnums=(0, 1))
+  )(q, b)
   np.testing.assert_allclose(np.asarray(grad_q), np.asarray(expected_q), rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(grad_bank), 0.0)
 
@@ -186,6 +203,7 @@ def _compiled_step(num_examples, num_negatives, batch, chunk_size):
   from configs import pirl as pirl_configs  # pylint: disable=g-import-not-at-top
   from pirl_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from pirl_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
   config = pirl_configs.get_config("tiny")
   config.loss.num_negatives, config.global_batch_size = num_negatives, batch
   views = config.data.views
@@ -194,16 +212,26 @@ def _compiled_step(num_examples, num_negatives, batch, chunk_size):
   model = state_lib.create_model(config.model)
   tx, lr = state_lib.create_optimizer(config.optim, 0.1, 0, 1000)
   abstract, shardings = state_lib.abstract_train_state(config, model, tx, num_examples, mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+  )
   rows = sharding_lib.batch_sharding(mesh)
   batch_shapes = {
       "image": jax.ShapeDtypeStruct((batch, 16, 16, 3), jnp.float32, sharding=rows),
       "tiles": jax.ShapeDtypeStruct((batch, 9, 8, 8, 3), jnp.float32, sharding=rows),
-      "index": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)}
-  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=lr,
-                                 loss_cfg=config.loss, bank_momentum=0.5,
-                                 num_examples=num_examples, score_chunk_size=chunk_size)
+      "index": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+  }
+  step = step_lib.jit_train_step(
+      mesh,
+      shardings,
+      model=model,
+      tx=tx,
+      schedule=lr,
+      loss_cfg=config.loss,
+      bank_momentum=0.5,
+      num_examples=num_examples,
+      score_chunk_size=chunk_size,
+  )
   compiled = step.lower(abstract, batch_shapes).compile()
   return compiled, abstract.bank
 
@@ -214,6 +242,7 @@ def test_imagenet_sized_bank_is_never_gathered_in_the_compiled_step():
   compiled, bank = _compiled_step(1_281_167, 32_000, 256, chunk_size=256)
   bank_bytes = int(np.prod(bank.shape)) * 4
   from benchmarks import common  # pylint: disable=g-import-not-at-top
+
   collectives = common.collective_bytes(compiled.as_text())
   assert collectives, "the step on 8 devices must communicate"
   largest = max(collectives, key=lambda c: c[2])

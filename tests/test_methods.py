@@ -27,8 +27,13 @@ from tests.cli_in_process import main_in_process
 from tests.test_jigsaw import _noise_image
 
 SMALL = jigsaw.ViewConfig(image_size=48, jigsaw_crop_size=75, tile_size=19)
-PLAIN = dataclasses.replace(SMALL, tile_photometric=False, image_photometric=False,
-                            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+PLAIN = dataclasses.replace(
+    SMALL,
+    tile_photometric=False,
+    image_photometric=False,
+    mean=(0.0, 0.0, 0.0),
+    std=(1.0, 1.0, 1.0),
+)
 
 
 def _seed(i):
@@ -40,7 +45,7 @@ def _cell_of(tile, crop, cfg):
   cells = []
   for cell in range(cfg.num_tiles):
     top, left = (cell // cfg.grid) * cfg.cell_size, (cell % cfg.grid) * cfg.cell_size
-    pixels = crop[top:top + cfg.cell_size, left:left + cfg.cell_size]
+    pixels = crop[top : top + cfg.cell_size, left : left + cfg.cell_size]
     windows = np.lib.stride_tricks.sliding_window_view(pixels, tile.shape)[..., 0, :, :, :]
     if np.any(np.all(windows == tile[None, None], axis=(2, 3, 4))):
       cells.append(cell)
@@ -48,6 +53,7 @@ def _cell_of(tile, crop, cfg):
 
 
 # ------------------------------------------------------------------ the permutation set ----
+
 
 def test_stored_permutation_set_is_the_generated_one():
   stored = permutations.permutation_set()
@@ -72,12 +78,12 @@ def test_permutation_set_is_deterministic_and_far_apart():
 
 def test_min_hamming_distance_matches_a_double_loop():
   rows = np.random.default_rng(0).permuted(np.tile(np.arange(9), (12, 1)), axis=1)
-  expected = min(int(np.sum(rows[i] != rows[j]))
-                 for i in range(12) for j in range(12) if i != j)
+  expected = min(int(np.sum(rows[i] != rows[j])) for i in range(12) for j in range(12) if i != j)
   assert permutations.min_hamming_distance(rows) == expected
 
 
 # ------------------------------------------------------------------------------- views ----
+
 
 def test_jigsaw_class_view_shuffles_by_the_labelled_permutation():
   perms = tf.constant(permutations.max_hamming_permutations(30))
@@ -127,7 +133,7 @@ def test_relative_patch_tiles_keep_their_gap_and_jitter():
 
   def position(tile, crop, cell_index):  # the tile's top-left corner in the crop
     top, left = (cell_index // 3) * cell, (cell_index % 3) * cell
-    pixels = crop[top:top + cell, left:left + cell]
+    pixels = crop[top : top + cell, left : left + cell]
     windows = np.lib.stride_tricks.sliding_window_view(pixels, tile.shape)[..., 0, :, :, :]
     dy, dx = np.argwhere(np.all(windows == tile[None, None], axis=(2, 3, 4)))[0]
     return np.array([top + dy, left + dx])
@@ -178,9 +184,13 @@ def test_make_views_makes_each_methods_views():
   perms = tf.constant(permutations.max_hamming_permutations(10))
   encoded = tf.io.encode_jpeg(_noise_image(6, 96, 112))
   expected = {
-      "pirl": {"image", "tiles", "index"}, "npid": {"image", "index"},
-      "pirl_rotation": {"image", "rotated", "index"}, "rotation": {"image", "index"},
-      "jigsaw": {"tiles", "label", "index"}, "relative_patch": {"patches", "label", "index"}}
+      "pirl": {"image", "tiles", "index"},
+      "npid": {"image", "index"},
+      "pirl_rotation": {"image", "rotated", "index"},
+      "rotation": {"image", "index"},
+      "jigsaw": {"tiles", "label", "index"},
+      "relative_patch": {"patches", "label", "index"},
+  }
   images = {}
   for method, keys in expected.items():
     views = jigsaw.make_views(encoded, 3, 0, 1, cfg, method, perms)
@@ -212,8 +222,7 @@ def _batch(config, seed=0):
   rng = np.random.default_rng(seed)
   views, b = config.data.views, config.global_batch_size
   image = lambda: rng.normal(size=(b, views.image_size, views.image_size, 3)).astype(np.float32)
-  tiles = lambda n: rng.normal(size=(b, n, views.tile_size, views.tile_size, 3)).astype(
-      np.float32)
+  tiles = lambda n: rng.normal(size=(b, n, views.tile_size, views.tile_size, 3)).astype(np.float32)
   batch = {"index": rng.permutation(NUM_EXAMPLES)[:b].astype(np.int32)}
   if config.method in ("pirl", "npid", "pirl_rotation", "rotation"):
     batch["image"] = image()
@@ -247,13 +256,22 @@ def _compute_steps(config, num_devices, num_steps):
   mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
   schedule = configuration.resolve_schedule(config, NUM_EXAMPLES)
   model = state_lib.create_model(config.model, num_permutations=config.jigsaw_permutations)
-  tx, lr = state_lib.create_optimizer(config.optim, schedule.learning_rate,
-                                      schedule.warmup_steps, schedule.total_steps)
+  tx, lr = state_lib.create_optimizer(
+      config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps
+  )
   state, shardings = state_lib.create_train_state(config, model, tx, NUM_EXAMPLES, mesh, 0)
   before = jax.device_get(state)
-  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=lr,
-                                 loss_cfg=config.loss, bank_momentum=0.5,
-                                 num_examples=NUM_EXAMPLES, method=config.method)
+  step = step_lib.jit_train_step(
+      mesh,
+      shardings,
+      model=model,
+      tx=tx,
+      schedule=lr,
+      loss_cfg=config.loss,
+      bank_momentum=0.5,
+      num_examples=NUM_EXAMPLES,
+      method=config.method,
+  )
   metrics = []
   for i in range(num_steps):
     state, m = step(state, sharding_lib.global_batch(_batch(config, i), mesh))
@@ -264,8 +282,9 @@ def _compute_steps(config, num_devices, num_steps):
 def _head_input(model, before, x, branch):
   """The model's trunk (+ head BatchNorm) features in train mode, as float64."""
   variables = {"params": before.params, "batch_stats": before.batch_stats}
-  features, _ = model.apply(variables, x, True, branch, mutable=["batch_stats"],
-                            method="_head_input")
+  features, _ = model.apply(
+      variables, x, True, branch, mutable=["batch_stats"], method="_head_input"
+  )
   return np.asarray(features, np.float64)
 
 
@@ -294,9 +313,10 @@ def test_covariant_losses_match_numpy(method):
   else:
     tiles = batch["tiles" if method == "jigsaw" else "patches"]
     n = tiles.shape[1]
-    per_tile = _dense(params["g_tile_out"],
-                      _head_input(model, before, tiles.reshape((b * n,) + tiles.shape[2:]),
-                                  "g_tile"))
+    per_tile = _dense(
+        params["g_tile_out"],
+        _head_input(model, before, tiles.reshape((b * n,) + tiles.shape[2:]), "g_tile"),
+    )
     classifier = "jigsaw_classifier" if method == "jigsaw" else "relative_position_classifier"
     logits = _dense(params[classifier], per_tile.reshape(b, -1))
     labels = batch["label"]
@@ -307,13 +327,21 @@ def test_covariant_losses_match_numpy(method):
   np.testing.assert_array_equal(after.bank, before.bank)
   np.testing.assert_array_equal(after.rng, before.rng)
   assert int(after.step) == 2
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.params["trunk"]),
-                                                      jax.tree.leaves(before.params["trunk"])))
+  assert any(
+      not np.array_equal(a, b)
+      for a, b in zip(
+          jax.tree.leaves(after.params["trunk"]), jax.tree.leaves(before.params["trunk"])
+      )
+  )
   # Only the method's heads were made (BatchNorm before them: model.head_batch_norm).
-  assert set(params) == {"jigsaw": {"trunk", "g_tile_norm", "g_tile_out", "jigsaw_classifier"},
-                         "rotation": {"trunk", "f_norm", "rotation_classifier"},
-                         "relative_patch": {"trunk", "g_tile_norm", "g_tile_out",
-                                            "relative_position_classifier"}}[method]
+  assert (
+      set(params)
+      == {
+          "jigsaw": {"trunk", "g_tile_norm", "g_tile_out", "jigsaw_classifier"},
+          "rotation": {"trunk", "f_norm", "rotation_classifier"},
+          "relative_patch": {"trunk", "g_tile_norm", "g_tile_out", "relative_position_classifier"},
+      }[method]
+  )
 
 
 def test_pirl_rotation_loss_matches_numpy():
@@ -328,8 +356,9 @@ def test_pirl_rotation_loss_matches_numpy():
   index, bank = batch["index"], np.asarray(before.bank, np.float64)
 
   def term(query, rng):
-    negatives = np.asarray(memory_bank.sample_negatives(rng, index, loss_cfg.num_negatives,
-                                                        NUM_EXAMPLES))
+    negatives = np.asarray(
+        memory_bank.sample_negatives(rng, index, loss_cfg.num_negatives, NUM_EXAMPLES)
+    )
     rows = bank[np.concatenate([index[:, None], negatives], axis=1)]
     scores = np.einsum("bkd,bd->bk", rows, query) / loss_cfg.temperature
     return _cross_entropy(scores, np.zeros(len(index), int))
@@ -338,21 +367,28 @@ def test_pirl_rotation_loss_matches_numpy():
   lam = loss_cfg.jigsaw_weight
   np.testing.assert_allclose(metrics[0]["loss_rotated"], rotated_term, rtol=1e-5)
   np.testing.assert_allclose(metrics[0]["loss_image"], image_term, rtol=1e-5)
-  np.testing.assert_allclose(metrics[0]["loss"], lam * rotated_term + (1 - lam) * image_term,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics[0]["loss"], lam * rotated_term + (1 - lam) * image_term, rtol=1e-5
+  )
   # The bank takes f(image), never g(rotated).
   m = config.memory_bank.momentum
-  np.testing.assert_allclose(after.bank[index], unit(m * bank[index] + (1 - m) * f_hat),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      after.bank[index], unit(m * bank[index] + (1 - m) * f_hat), rtol=1e-5, atol=1e-6
+  )
   assert {"f_out", "g_rot_out", "trunk"} <= set(params) and "g_concat" not in params
   # The trunk's running statistics are the upright image pass's; g's BatchNorm keeps its own.
   assert set(after.batch_stats) == {"trunk", "f_norm", "g_rot_norm"}
 
 
-@pytest.mark.parametrize("method", [
-    "jigsaw", "rotation",
-    # The bank path is PIRL's (test_train) and the tile classifier jigsaw's: in the slow set.
-    *[pytest.param(m, marks=pytest.mark.slow) for m in ("pirl_rotation", "relative_patch")]])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "jigsaw",
+        "rotation",
+        # The bank path is PIRL's (test_train) and the tile classifier jigsaw's: in the slow set.
+        *[pytest.param(m, marks=pytest.mark.slow) for m in ("pirl_rotation", "relative_patch")],
+    ],
+)
 def test_eight_devices_equal_one_device(method):
   config = _config(method)
   _, _, one, metrics_one = _run_steps(config, 1)
@@ -370,17 +406,27 @@ def test_eight_devices_equal_one_device(method):
 
 # ----------------------------------------------------------------- config and CLI runs ----
 
-@pytest.mark.parametrize("overrides,field", [
-    ({"method": "jigsaw", "data.views.grid": 2}, "data.views.grid"),
-    ({"method": "relative_patch", "data.views.grid": 4, "data.views.tile_size": 8},
-     "data.views.grid"),
-    ({"method": "jigsaw", "jigsaw_permutations": 1}, "jigsaw_permutations"),
-    ({"method": "rotation", "model.bn_running_stats": "tiles_and_images"},
-     "model.bn_running_stats"),
-    ({"method": "rotation", "loss.kind": "nce", "loss.nce_z_from": "jigsaw"},
-     "loss.nce_z_from"),
-    ({"method": "exemplar"}, "method"),
-])
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"method": "jigsaw", "data.views.grid": 2}, "data.views.grid"),
+        (
+            {"method": "relative_patch", "data.views.grid": 4, "data.views.tile_size": 8},
+            "data.views.grid",
+        ),
+        ({"method": "jigsaw", "jigsaw_permutations": 1}, "jigsaw_permutations"),
+        (
+            {"method": "rotation", "model.bn_running_stats": "tiles_and_images"},
+            "model.bn_running_stats",
+        ),
+        (
+            {"method": "rotation", "loss.kind": "nce", "loss.nce_z_from": "jigsaw"},
+            "loss.nce_z_from",
+        ),
+        ({"method": "exemplar"}, "method"),
+    ],
+)
 def test_config_errors_name_the_field(overrides, field):
   config = pirl_configs.get_config("tiny")
   config.update_from_flattened_dict(overrides)
@@ -395,27 +441,45 @@ def tiny_runs(tmp_path_factory):
 
 
 def _data_flags(small_isic_root, shared_cache_dir):
-  return ["--config.data.source=isic", f"--config.data.path={small_isic_root}",
-          f"--config.data.cache_dir={shared_cache_dir}"]
+  return [
+      "--config.data.source=isic",
+      f"--config.data.path={small_isic_root}",
+      f"--config.data.cache_dir={shared_cache_dir}",
+  ]
 
 
 def _pretrain_through_main(method, workdir, data_flags, capsys, monkeypatch):
   return main_in_process(
-      ["--config=configs/pirl.py:tiny", f"--config.method={method}",
-       "--config.num_train_steps=2", "--config.jigsaw_permutations=30",
-       f"--workdir={workdir}", *data_flags], capsys, monkeypatch)
+      [
+          "--config=configs/pirl.py:tiny",
+          f"--config.method={method}",
+          "--config.num_train_steps=2",
+          "--config.jigsaw_permutations=30",
+          f"--workdir={workdir}",
+          *data_flags,
+      ],
+      capsys,
+      monkeypatch,
+  )
 
 
-@pytest.mark.parametrize("method", [
-    "jigsaw",  # the CI set runs one method through main.py; each method's step is tested above
-    *[pytest.param(m, marks=pytest.mark.slow) for m in ("pirl_rotation", "rotation",
-                                                         "relative_patch")]])
-def test_each_method_pretrains_through_main(method, tiny_runs, small_isic_root, shared_cache_dir,
-                                            capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "method",
+    [
+        "jigsaw",  # the CI set runs one method through main.py; each method's step is tested above
+        *[
+            pytest.param(m, marks=pytest.mark.slow)
+            for m in ("pirl_rotation", "rotation", "relative_patch")
+        ],
+    ],
+)
+def test_each_method_pretrains_through_main(
+    method, tiny_runs, small_isic_root, shared_cache_dir, capsys, monkeypatch
+):
   workdir = tiny_runs / method
-  code, out, err = _pretrain_through_main(method, workdir,
-                                          _data_flags(small_isic_root, shared_cache_dir),
-                                          capsys, monkeypatch)
+  code, out, err = _pretrain_through_main(
+      method, workdir, _data_flags(small_isic_root, shared_cache_dir), capsys, monkeypatch
+  )
   assert code in (0, None), err[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["complete"] and summary["step"] == 2
@@ -428,8 +492,9 @@ def test_each_method_pretrains_through_main(method, tiny_runs, small_isic_root, 
   assert json.loads((workdir / "config.json").read_text())["method"] == method
 
 
-def test_fine_tuning_starts_from_a_covariant_run(tiny_runs, small_isic_root, shared_cache_dir,
-                                                 capsys, monkeypatch):
+def test_fine_tuning_starts_from_a_covariant_run(
+    tiny_runs, small_isic_root, shared_cache_dir, capsys, monkeypatch
+):
   data_flags = _data_flags(small_isic_root, shared_cache_dir)
   pretrained = tiny_runs / "jigsaw"
   if not (pretrained / "summary.json").is_file():  # run alone: pretrain it here (never skip)
@@ -437,7 +502,14 @@ def test_fine_tuning_starts_from_a_covariant_run(tiny_runs, small_isic_root, sha
     assert code in (0, None), err[-3000:]
   workdir = tiny_runs / "jigsaw-finetune"
   code, _, err = main_in_process(
-      ["--config=configs/finetune_isic.py:tiny", f"--config.init.checkpoint={pretrained}",
-       f"--workdir={workdir}", *data_flags], capsys, monkeypatch)
+      [
+          "--config=configs/finetune_isic.py:tiny",
+          f"--config.init.checkpoint={pretrained}",
+          f"--workdir={workdir}",
+          *data_flags,
+      ],
+      capsys,
+      monkeypatch,
+  )
   assert code in (0, None), err[-3000:]
   assert "auc_mean" in json.loads((workdir / "metrics.json").read_text())["test"]

@@ -23,15 +23,19 @@ def _count(tree):
 
 def _abstract_init(model, size=224):
   return jax.eval_shape(
-      lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False), jax.random.key(0))
+      lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False), jax.random.key(0)
+  )
 
 
-@pytest.mark.parametrize('ctor,expected', [
-    (resnet.ResNet50, 25_557_032),
-    (resnet.ResNet18, 11_689_512),
-    (resnet.ResNet34, 21_797_672),
-    (resnet.ResNet101, 44_549_160),
-])
+@pytest.mark.parametrize(
+    'ctor,expected',
+    [
+        (resnet.ResNet50, 25_557_032),
+        (resnet.ResNet18, 11_689_512),
+        (resnet.ResNet34, 21_797_672),
+        (resnet.ResNet101, 44_549_160),
+    ],
+)
 def test_param_count_matches_torchvision(ctor, expected):
   variables = _abstract_init(ctor(num_classes=1000))
   assert _count(variables['params']) == expected
@@ -40,14 +44,17 @@ def test_param_count_matches_torchvision(ctor, expected):
 def test_abstract_shapes_and_dtypes():
   r50 = resnet.get_trunk('resnet50', dtype=jnp.bfloat16)
   out = jax.eval_shape(
-      lambda k: r50.init_with_output(k, jnp.zeros((3, 224, 224, 3)), train=False),
-      jax.random.key(0))[0]
+      lambda k: r50.init_with_output(k, jnp.zeros((3, 224, 224, 3)), train=False), jax.random.key(0)
+  )[0]
   assert out.shape == (3, 2048) and out.dtype == jnp.float32
   variables = _abstract_init(r50)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   logits = jax.eval_shape(
       lambda k: resnet.ResNet18(num_classes=7).init_with_output(
-          k, jnp.zeros((2, 64, 64, 3)), train=False), jax.random.key(0))[0]
+          k, jnp.zeros((2, 64, 64, 3)), train=False
+      ),
+      jax.random.key(0),
+  )[0]
   assert logits.shape == (2, 7)
 
 
@@ -77,6 +84,7 @@ def test_torch_linear_init_bounds():
 
 # --- real (tiny) networks -------------------------------------------------------------------------
 
+
 def _rng(seed):
   # rbg keys compile far faster than threefry on CPU; the tests only need *some* randomness.
   return jax.random.key(seed, impl='rbg')
@@ -89,11 +97,16 @@ def net():
   images = jnp.asarray(rs.randn(BATCH, IMAGE, IMAGE, 3), jnp.float32)
   tiles = jnp.asarray(rs.randn(BATCH, 9, TILE, TILE, 3), jnp.float32)
   variables = jax.jit(lambda k: model.init(k, images, tiles, train=False))(_rng(0))
-  apply_train = jax.jit(
-      lambda v, im, t: model.apply(v, im, t, train=True, mutable=['batch_stats']))
+  apply_train = jax.jit(lambda v, im, t: model.apply(v, im, t, train=True, mutable=['batch_stats']))
   apply_eval = jax.jit(lambda v, im, t: model.apply(v, im, t, train=False))
-  return dict(model=model, images=images, tiles=tiles, variables=variables,
-              apply_train=apply_train, apply_eval=apply_eval)
+  return dict(
+      model=model,
+      images=images,
+      tiles=tiles,
+      variables=variables,
+      apply_train=apply_train,
+      apply_eval=apply_eval,
+  )
 
 
 def test_torchvision_style_init(net):
@@ -131,12 +144,17 @@ def test_pirl_shapes_and_unit_norm(net):
 
 def test_batchnorm_running_stats_only_change_in_train_mode(net):
   trunk = net['model'].trunk
-  variables = {'params': net['variables']['params']['trunk'],
-               'batch_stats': net['variables']['batch_stats']['trunk']}
+  variables = {
+      'params': net['variables']['params']['trunk'],
+      'batch_stats': net['variables']['batch_stats']['trunk'],
+  }
   run = jax.jit(lambda v, x: trunk.apply(v, x, train=True, mutable=['batch_stats']))
   _, new = run(variables, net['images'])
-  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                         variables['batch_stats'], new['batch_stats'])
+  changed = jax.tree.map(
+      lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+      variables['batch_stats'],
+      new['batch_stats'],
+  )
   assert all(jax.tree.leaves(changed))
   run_eval = jax.jit(lambda v, x: trunk.apply(v, x, train=False, mutable=['batch_stats']))
   _, same = run_eval(variables, net['images'])
@@ -152,16 +170,22 @@ def test_running_stats_threaded_tiles_then_images(net):
   flat_tiles = net['tiles'].reshape((BATCH * 9, TILE, TILE, 3))
   stats = variables['batch_stats']['trunk']
   _, s1 = run({'params': variables['params']['trunk'], 'batch_stats': stats}, flat_tiles)
-  _, s2 = run({'params': variables['params']['trunk'], 'batch_stats': s1['batch_stats']},
-              net['images'])
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-               new['batch_stats']['trunk'], s2['batch_stats'])
+  _, s2 = run(
+      {'params': variables['params']['trunk'], 'batch_stats': s1['batch_stats']}, net['images']
+  )
+  jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+      new['batch_stats']['trunk'],
+      s2['batch_stats'],
+  )
   # The other order gives different statistics, so the check above is not vacuous.
   _, r1 = run({'params': variables['params']['trunk'], 'batch_stats': stats}, net['images'])
-  _, r2 = run({'params': variables['params']['trunk'], 'batch_stats': r1['batch_stats']},
-              flat_tiles)
-  diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                       new['batch_stats']['trunk'], r2['batch_stats'])
+  _, r2 = run(
+      {'params': variables['params']['trunk'], 'batch_stats': r1['batch_stats']}, flat_tiles
+  )
+  diffs = jax.tree.map(
+      lambda a, b: float(np.abs(a - b).max()), new['batch_stats']['trunk'], r2['batch_stats']
+  )
   assert max(jax.tree.leaves(diffs)) > 1e-4
 
 
@@ -196,9 +220,9 @@ def test_g_concatenates_tiles_in_given_order(net, mode):
 
 
 def test_trunk_features_method(net):
-  feats = jax.jit(lambda v, x: net['model'].apply(v, x, train=False,
-                                                  method=pirl.PIRLNet.trunk_features))(
-                                                      net['variables'], net['images'])
+  feats = jax.jit(
+      lambda v, x: net['model'].apply(v, x, train=False, method=pirl.PIRLNet.trunk_features)
+  )(net['variables'], net['images'])
   assert feats.shape == (BATCH, 64)
 
 
@@ -206,8 +230,7 @@ def test_mlp_head_and_validation():
   model = pirl.PIRLNet(trunk=resnet.get_trunk('resnet_tiny'), embed_dim=EMBED, head='mlp')
   images = jnp.zeros((BATCH, IMAGE, IMAGE, 3))
   tiles = jnp.zeros((BATCH, 9, TILE, TILE, 3))
-  variables = jax.eval_shape(lambda k: model.init(k, images, tiles, train=False),
-                             jax.random.key(0))
+  variables = jax.eval_shape(lambda k: model.init(k, images, tiles, train=False), jax.random.key(0))
   shapes = jax.tree.map(lambda x: x.shape, variables['params'])
   assert shapes['f_hidden']['kernel'] == (64, 64)
   assert shapes['f_out']['kernel'] == (64, EMBED)

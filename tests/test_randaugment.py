@@ -49,10 +49,24 @@ def _centroid(weights):
 
 # -------------------------------------------------------------------------- every op ----
 
+
 def test_ops_are_randaugments_fourteen_in_order():
-  assert ra.OPS == ("identity", "autocontrast", "equalize", "rotate", "solarize", "color",
-                    "posterize", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
-                    "translate_x", "translate_y")
+  assert ra.OPS == (
+      "identity",
+      "autocontrast",
+      "equalize",
+      "rotate",
+      "solarize",
+      "color",
+      "posterize",
+      "contrast",
+      "brightness",
+      "sharpness",
+      "shear_x",
+      "shear_y",
+      "translate_x",
+      "translate_y",
+  )
   assert ra.MAX_LEVEL == 10
   with pytest.raises(ValueError, match="'invert'"):
     ra.apply_op(_float(_test_image()), "invert", 5.0)
@@ -66,9 +80,10 @@ def test_op_keeps_shape_dtype_and_range_on_a_non_square_image(op):
     assert out.shape == (24, 40, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
   # In a graph, the static shape of the input survives.
-  graph_op = tf.function(lambda x, level: ra.apply_op(x, op, level),
-                         input_signature=[tf.TensorSpec([24, 40, 3], tf.float32),
-                                          tf.TensorSpec([], tf.float32)])
+  graph_op = tf.function(
+      lambda x, level: ra.apply_op(x, op, level),
+      input_signature=[tf.TensorSpec([24, 40, 3], tf.float32), tf.TensorSpec([], tf.float32)],
+  )
   assert graph_op.get_concrete_function().structured_outputs.shape == (24, 40, 3)
 
 
@@ -78,6 +93,7 @@ def test_identity_returns_the_image_exactly():
 
 
 # ----------------------------------------------------------------------- 8-bit ops ----
+
 
 def test_autocontrast_stretches_each_channel_and_leaves_a_constant_one():
   image = _test_image()
@@ -90,8 +106,9 @@ def test_autocontrast_stretches_each_channel_and_leaves_a_constant_one():
     expected = (v - v.min()) * 255 // (v.max() - v.min()) / 255.0
     np.testing.assert_allclose(o, expected, atol=1e-6)
   # PIL (what UDA ran) computes the same table in floating point; equal up to one 8-bit step.
-  np.testing.assert_allclose(out, np.asarray(ImageOps.autocontrast(Image.fromarray(image))) / 255.0,
-                             atol=1.01 / 255)
+  np.testing.assert_allclose(
+      out, np.asarray(ImageOps.autocontrast(Image.fromarray(image))) / 255.0, atol=1.01 / 255
+  )
   constant = image.copy()
   constant[..., 1] = 77
   out = _op(constant, "autocontrast", 3.0)
@@ -124,8 +141,9 @@ def test_equalize_matches_pil_and_numpy_on_8bit_images():
     np.testing.assert_allclose(out, pil / 255.0, atol=1e-6)
     np.testing.assert_allclose(out, _numpy_equalize(image) / 255.0, atol=1e-6)
     assert np.abs(out - image / 255.0).max() > 0.1  # not a no-op
-  np.testing.assert_array_equal(_op(nearly_flat, "equalize", 0.0)[..., 2],
-                                nearly_flat[..., 2] / np.float32(255))
+  np.testing.assert_array_equal(
+      _op(nearly_flat, "equalize", 0.0)[..., 2], nearly_flat[..., 2] / np.float32(255)
+  )
 
 
 @pytest.mark.parametrize("level", [0.0, 1.0, 3.0, 7.5, 10.0])
@@ -144,8 +162,9 @@ def test_solarize_inverts_values_at_or_above_the_threshold(level):
     np.testing.assert_allclose(out, pil / 255.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("level, bits", [(0.0, 4), (2.4, 4), (2.5, 3), (5.0, 2), (9.0, 1),
-                                         (10.0, 1)])
+@pytest.mark.parametrize(
+    "level, bits", [(0.0, 4), (2.4, 4), (2.5, 3), (5.0, 2), (9.0, 1), (10.0, 1)]
+)
 def test_posterize_keeps_the_top_bits(level, bits):
   image = _smooth_noise(4, 32, 32)
   mask = (0xFF << (8 - bits)) & 0xFF
@@ -157,6 +176,7 @@ def test_posterize_keeps_the_top_bits(level, bits):
 
 # ----------------------------------------------------------------------- enhancements ----
 
+
 def _numpy_smooth(x):
   """PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13) in float, the border left as it is."""
   kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float64) / 13.0
@@ -164,7 +184,7 @@ def _numpy_smooth(x):
   h, w = x.shape[:2]
   for i in range(1, h - 1):
     for j in range(1, w - 1):
-      out[i, j] = np.tensordot(kernel, x[i - 1:i + 2, j - 1:j + 2], axes=([0, 1], [0, 1]))
+      out[i, j] = np.tensordot(kernel, x[i - 1 : i + 2, j - 1 : j + 2], axes=([0, 1], [0, 1]))
   return out
 
 
@@ -174,8 +194,12 @@ _DEGENERATE = {
     "brightness": np.zeros_like,
     "sharpness": _numpy_smooth,
 }
-_ENHANCERS = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast,
-              "brightness": ImageEnhance.Brightness, "sharpness": ImageEnhance.Sharpness}
+_ENHANCERS = {
+    "color": ImageEnhance.Color,
+    "contrast": ImageEnhance.Contrast,
+    "brightness": ImageEnhance.Brightness,
+    "sharpness": ImageEnhance.Sharpness,
+}
 
 
 @pytest.mark.parametrize("op", sorted(_DEGENERATE))
@@ -194,17 +218,20 @@ def test_enhancement_is_a_blend_with_its_degenerate_image(op):
     np.testing.assert_allclose(out, pil, atol=2.01 / 255, err_msg=f"{op} level {level} vs PIL")
   out = _op(image, op, 0.0)
   if op == "color":  # factor 0.1: nearly grey
-    assert np.abs(out - out.mean(axis=-1, keepdims=True)).max() < 0.1 * np.abs(
-        x - x.mean(axis=-1, keepdims=True)).max() + 1e-4
+    assert (
+        np.abs(out - out.mean(axis=-1, keepdims=True)).max()
+        < 0.1 * np.abs(x - x.mean(axis=-1, keepdims=True)).max() + 1e-4
+    )
   if op == "brightness":
     np.testing.assert_allclose(out, 0.1 * x, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- geometric ----
 
+
 def _spot_image(size, y, x, radius=1):
   image = np.zeros((size, size, 3), np.uint8)
-  image[y - radius:y + radius + 1, x - radius:x + radius + 1] = 255
+  image[y - radius : y + radius + 1, x - radius : x + radius + 1] = 255
   return image
 
 
@@ -219,7 +246,7 @@ def test_rotate_moves_a_spot_counter_clockwise_as_displayed_for_sign_plus(sign):
   want_x = c + dx * np.cos(theta) + dy * np.sin(theta)
   want_y = c - dx * np.sin(theta) + dy * np.cos(theta)
   ys, xs = np.indices((size, size))
-  in_disc = (ys - c) ** 2 + (xs - c) ** 2 < 14.5 ** 2  # the grey fill stays outside this disc
+  in_disc = (ys - c) ** 2 + (xs - c) ** 2 < 14.5**2  # the grey fill stays outside this disc
   got_y, got_x = _centroid(out[..., 0] * in_disc)
   np.testing.assert_allclose([got_y, got_x], [want_y, want_x], atol=0.05)
   if sign > 0:  # up and towards the vertical through the centre
@@ -228,8 +255,11 @@ def test_rotate_moves_a_spot_counter_clockwise_as_displayed_for_sign_plus(sign):
     assert got_y > y0 + 2.5 and got_x > x0 + 2.5
   for corner in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
     np.testing.assert_allclose(out[corner], GREY, atol=1e-6)
-  np.testing.assert_allclose(_op(_smooth_noise(6, 24, 40), "rotate", 0.0, sign),
-                             _smooth_noise(6, 24, 40) / 255.0, atol=1e-5)
+  np.testing.assert_allclose(
+      _op(_smooth_noise(6, 24, 40), "rotate", 0.0, sign),
+      _smooth_noise(6, 24, 40) / 255.0,
+      atol=1e-5,
+  )
 
 
 def _vertical_line(size, x0):
@@ -251,8 +281,9 @@ def test_shear_x_shifts_row_y_by_shear_times_y(sign):
     window = np.abs(np.arange(size) - want) <= 3  # away from the grey fill
     positions.append((out[y] * window * np.arange(size)).sum() / (out[y] * window).sum())
     assert positions[-1] == pytest.approx(want, abs=1e-3)
-  np.testing.assert_allclose(np.array(positions) - positions[0], -shear * np.arange(size),
-                             atol=1e-3)
+  np.testing.assert_allclose(
+      np.array(positions) - positions[0], -shear * np.arange(size), atol=1e-3
+  )
   # The uncovered corner (bottom right for +, bottom left for -) is grey.
   corner = out[-1, -1] if sign > 0 else out[-1, 0]
   assert corner == pytest.approx(GREY, abs=1e-6)
@@ -273,8 +304,10 @@ def test_shear_y_shifts_column_x_by_shear_times_x(sign):
   assert corner == pytest.approx(GREY, abs=1e-6)
 
 
-@pytest.mark.parametrize("op, sign", [("translate_x", 1.0), ("translate_x", -1.0),
-                                      ("translate_y", 1.0), ("translate_y", -1.0)])
+@pytest.mark.parametrize(
+    "op, sign",
+    [("translate_x", 1.0), ("translate_x", -1.0), ("translate_y", 1.0), ("translate_y", -1.0)],
+)
 def test_translate_shifts_by_ten_32ths_of_the_side(op, sign):
   image = _smooth_noise(7, 24, 40)
   x = image / 255.0
@@ -316,29 +349,47 @@ def test_geometric_ops_match_pil_bilinear_inside_the_image():
   cx, cy = (w - 1) / 2, (h - 1) / 2
   shear = 0.3 * 0.7
   cases = {
-      "rotate": (pil_image.rotate(21.0, resample=Image.BILINEAR),
-                 np.cos(theta) * (xs - cx) - np.sin(theta) * (ys - cy) + cx,
-                 np.sin(theta) * (xs - cx) + np.cos(theta) * (ys - cy) + cy),
-      "shear_x": (pil_image.transform((w, h), Image.AFFINE, (1, shear, 0, 0, 1, 0),
-                                      resample=Image.BILINEAR),
-                  xs + shear * (ys + 0.5), ys),
-      "shear_y": (pil_image.transform((w, h), Image.AFFINE, (1, 0, 0, shear, 1, 0),
-                                      resample=Image.BILINEAR),
-                  xs, ys + shear * (xs + 0.5)),
-      "translate_x": (pil_image.transform((w, h), Image.AFFINE, (1, 0, 8.75, 0, 1, 0),
-                                          resample=Image.BILINEAR), xs + 8.75, ys),
-      "translate_y": (pil_image.transform((w, h), Image.AFFINE, (1, 0, 0, 0, 1, 5.25),
-                                          resample=Image.BILINEAR), xs, ys + 5.25),
+      "rotate": (
+          pil_image.rotate(21.0, resample=Image.BILINEAR),
+          np.cos(theta) * (xs - cx) - np.sin(theta) * (ys - cy) + cx,
+          np.sin(theta) * (xs - cx) + np.cos(theta) * (ys - cy) + cy,
+      ),
+      "shear_x": (
+          pil_image.transform(
+              (w, h), Image.AFFINE, (1, shear, 0, 0, 1, 0), resample=Image.BILINEAR
+          ),
+          xs + shear * (ys + 0.5),
+          ys,
+      ),
+      "shear_y": (
+          pil_image.transform(
+              (w, h), Image.AFFINE, (1, 0, 0, shear, 1, 0), resample=Image.BILINEAR
+          ),
+          xs,
+          ys + shear * (xs + 0.5),
+      ),
+      "translate_x": (
+          pil_image.transform((w, h), Image.AFFINE, (1, 0, 8.75, 0, 1, 0), resample=Image.BILINEAR),
+          xs + 8.75,
+          ys,
+      ),
+      "translate_y": (
+          pil_image.transform((w, h), Image.AFFINE, (1, 0, 0, 0, 1, 5.25), resample=Image.BILINEAR),
+          xs,
+          ys + 5.25,
+      ),
   }
   for op, (pil, xin, yin) in cases.items():
     inside = _pil_interior(xin, yin, h, w)
     assert inside.sum() > 300, op
     out = _op(image, op, 7.0)
-    np.testing.assert_allclose(out[inside], np.asarray(pil)[inside] / 255.0, atol=1.01 / 255,
-                               err_msg=op)
+    np.testing.assert_allclose(
+        out[inside], np.asarray(pil)[inside] / 255.0, atol=1.01 / 255, err_msg=op
+    )
 
 
 # ------------------------------------------------------------------------------- cutout ----
+
 
 def test_cutout_paints_one_clipped_square_with_the_fill():
   h, w = 24, 40
@@ -376,8 +427,10 @@ def test_cutout_centres_are_spread_over_the_image():
   image = tf.zeros([32, 32, 3])
   centres = []
   for i in range(60):
-    painted = np.all(ra.cutout(image, _seed(i), size_fraction=0.125, fill=(1.0, 1.0, 1.0))
-                     .numpy() == 1.0, axis=-1)
+    painted = np.all(
+        ra.cutout(image, _seed(i), size_fraction=0.125, fill=(1.0, 1.0, 1.0)).numpy() == 1.0,
+        axis=-1,
+    )
     centres.append(_centroid(painted.astype(float)))
   centres = np.array(centres)
   assert centres.min() < 6 and centres.max() > 26
@@ -386,10 +439,14 @@ def test_cutout_centres_are_spread_over_the_image():
 
 # -------------------------------------------------------------------------- the policy ----
 
+
 @tf.function
 def _draws(seeds, num_ops, magnitude, prob):
-  return tf.map_fn(lambda s: ra.draw_ops(s, num_ops, magnitude, prob), seeds,
-                   fn_output_signature=ra.OpDraws(tf.int32, tf.float32, tf.float32, tf.bool))
+  return tf.map_fn(
+      lambda s: ra.draw_ops(s, num_ops, magnitude, prob),
+      seeds,
+      fn_output_signature=ra.OpDraws(tf.int32, tf.float32, tf.float32, tf.bool),
+  )
 
 
 def test_draws_are_uniform_over_ops_and_random_levels_are_integers_1_to_9():
@@ -403,8 +460,9 @@ def test_draws_are_uniform_over_ops_and_random_levels_are_integers_1_to_9():
   assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))  # all picked, evenly
   level = draws.level.numpy().ravel()
   assert set(np.unique(level)) == set(range(1, 10))
-  assert np.all(np.abs(np.bincount(level.astype(int))[1:] - index.size / 9) < 5 * np.sqrt(
-      index.size / 9))
+  assert np.all(
+      np.abs(np.bincount(level.astype(int))[1:] - index.size / 9) < 5 * np.sqrt(index.size / 9)
+  )
   sign = draws.sign.numpy().ravel()
   assert set(np.unique(sign)) == {-1.0, 1.0} and abs(np.mean(sign)) < 0.1
   assert abs(draws.applied.numpy().mean() - 0.5) < 0.05
@@ -433,13 +491,15 @@ def test_randaugment_applies_the_drawn_ops_in_order():
 
 def test_randaugment_is_deterministic_seeded_and_an_identity_without_ops():
   image = _float(_smooth_noise(11, 32, 32))
-  outs = [ra.randaugment(image, _seed(i), num_ops=2, magnitude=9.0, prob=1.0).numpy()
-          for i in range(6)]
+  outs = [
+      ra.randaugment(image, _seed(i), num_ops=2, magnitude=9.0, prob=1.0).numpy() for i in range(6)
+  ]
   for out in outs:
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
   np.testing.assert_array_equal(
-      ra.randaugment(image, _seed(0), num_ops=2, magnitude=9.0, prob=1.0).numpy(), outs[0])
+      ra.randaugment(image, _seed(0), num_ops=2, magnitude=9.0, prob=1.0).numpy(), outs[0]
+  )
   assert len({out.tobytes() for out in outs}) == len(outs)
   for kwargs in [dict(num_ops=0), dict(prob=0.0), dict(num_ops=3, magnitude=0.0, prob=0.0)]:
     np.testing.assert_array_equal(ra.randaugment(image, _seed(3), **kwargs).numpy(), image)
@@ -464,25 +524,34 @@ def test_strong_augment_in_a_parallel_dataset_map_equals_eager():
   assert len({g.tobytes() for g in graph}) == 8
 
 
-@pytest.mark.parametrize("values, named", [
-    ((-1, -1, 0.5, 0.5), "num_ops"),
-    ((1.5, -1, 0.5, 0.5), "num_ops"),
-    ((True, -1, 0.5, 0.5), "num_ops"),
-    ((2, 11, 0.5, 0.5), "magnitude"),
-    ((2, -0.5, 0.5, 0.5), "magnitude"),
-    ((2, -2, 0.5, 0.5), "magnitude"),
-    ((2, float("nan"), 0.5, 0.5), "magnitude"),
-    ((2, 5, 1.5, 0.5), "prob"),
-    ((2, 5, -0.1, 0.5), "prob"),
-    ((2, 5, 0.5, 1.01), "cutout_fraction"),
-    ((2, 5, 0.5, -0.5), "cutout_fraction"),
-])
+@pytest.mark.parametrize(
+    "values, named",
+    [
+        ((-1, -1, 0.5, 0.5), "num_ops"),
+        ((1.5, -1, 0.5, 0.5), "num_ops"),
+        ((True, -1, 0.5, 0.5), "num_ops"),
+        ((2, 11, 0.5, 0.5), "magnitude"),
+        ((2, -0.5, 0.5, 0.5), "magnitude"),
+        ((2, -2, 0.5, 0.5), "magnitude"),
+        ((2, float("nan"), 0.5, 0.5), "magnitude"),
+        ((2, 5, 1.5, 0.5), "prob"),
+        ((2, 5, -0.1, 0.5), "prob"),
+        ((2, 5, 0.5, 1.01), "cutout_fraction"),
+        ((2, 5, 0.5, -0.5), "cutout_fraction"),
+    ],
+)
 def test_config_problem_names_the_bad_value(values, named):
   problem = ra.config_problem(*values)
   assert problem is not None and problem.startswith(named)
   with pytest.raises(ValueError, match=named):
-    ra.strong_augment(tf.zeros([8, 8, 3]), _seed(0), num_ops=values[0], magnitude=values[1],
-                      prob=values[2], cutout_fraction=values[3])
+    ra.strong_augment(
+        tf.zeros([8, 8, 3]),
+        _seed(0),
+        num_ops=values[0],
+        magnitude=values[1],
+        prob=values[2],
+        cutout_fraction=values[3],
+    )
 
 
 def test_config_problem_accepts_udas_and_the_edge_settings():

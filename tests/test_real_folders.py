@@ -26,15 +26,19 @@ def test_digits_folder_has_every_digit_and_labels_the_probes_read(tmp_path):
   index = [r for r in few if r["split"] == "index"]
   assert sorted(np.unique([r["label"] for r in index], return_counts=True)[1]) == [10] * 10
   # The few-label CSV keeps exactly the full CSV's queries and takes its index from the index rows.
-  assert ({r["file"] for r in few if r["split"] == "query"}
-          == {r["file"] for r in rows if r["split"] == "query"})
+  assert {r["file"] for r in few if r["split"] == "query"} == {
+      r["file"] for r in rows if r["split"] == "query"
+  }
   assert {r["file"] for r in index} <= {r["file"] for r in rows if r["split"] == "index"}
   assert len(probe_data.read_labels_csv(str(root / "labels_10.csv"), str(root))) == len(few)
 
 
 def test_texture_folder_holds_half_of_each_class_as_queries(tmp_path):
-  pytest.importorskip("skimage", reason="the texture folder is cut from scikit-image's sample "
-                      "photographs; scikit-image is a development tool, not a dependency")
+  pytest.importorskip(
+      "skimage",
+      reason="the texture folder is cut from scikit-image's sample "
+      "photographs; scikit-image is a development tool, not a dependency",
+  )
   root = tmp_path / "textures"
   assert real_folders.write_textures(root, per_class=4) == 24
   rows = _rows(root / "labels.csv")

@@ -21,7 +21,7 @@ import tree_arrays  # tests/tree_arrays.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_IMAGES = 210  # every image of small_isic_root (data.source='folder'); not a multiple of 8 or 4
-MULTI_STEPS = 4   # steps of the 8-device reference and of the two-process run
+MULTI_STEPS = 4  # steps of the 8-device reference and of the two-process run
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,7 @@ _flat = tree_arrays.flat
 def _max_diff(a, b):
   a, b = _flat(a), _flat(b)
   assert set(a) == set(b)
-  return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
-             for k in a)
+  return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a)
 
 
 _item = main_runs.item
@@ -41,8 +40,13 @@ _steps = main_runs.steps
 
 
 def _flags(root, workdir, *extra):
-  return ["--config=configs/pirl.py:tiny", f"--workdir={workdir}", "--config.data.source=folder",
-          f"--config.data.path={root}", *extra]
+  return [
+      "--config=configs/pirl.py:tiny",
+      f"--workdir={workdir}",
+      "--config.data.source=folder",
+      f"--config.data.path={root}",
+      *extra,
+  ]
 
 
 def _env(tmp_path, devices=None, compilation_cache=None):
@@ -73,16 +77,27 @@ def eight_device_run(tmp_path_factory, small_isic_root):
   return config, workdir
 
 
-def test_two_processes_equal_one_process_with_eight_devices(tmp_path, small_isic_root,
-                                                            eight_device_run):
+def test_two_processes_equal_one_process_with_eight_devices(
+    tmp_path, small_isic_root, eight_device_run
+):
   _, reference = eight_device_run
   workdir = tmp_path / "run"
   port = _free_port()
-  runs = [_Run(_flags(small_isic_root, workdir, f"--config.num_train_steps={MULTI_STEPS}",
-                      "--config.checkpoint_every_steps=2",
-                      f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                      f"--process_id={i}"),
-               _env(tmp_path, devices=4)) for i in range(2)]
+  runs = [
+      _Run(
+          _flags(
+              small_isic_root,
+              workdir,
+              f"--config.num_train_steps={MULTI_STEPS}",
+              "--config.checkpoint_every_steps=2",
+              f"--coordinator_address=localhost:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
+          ),
+          _env(tmp_path, devices=4),
+      )
+      for i in range(2)
+  ]
   results = []
   try:
     for run in runs:
@@ -101,7 +116,11 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path, small_isic
   # one dataset record.
   names = sorted(p.name for p in workdir.iterdir())
   assert [n for n in names if not n.startswith("events.out.tfevents.")] == [
-      "checkpoints", "config.json", "dataset.json", "summary.json"]
+      "checkpoints",
+      "config.json",
+      "dataset.json",
+      "summary.json",
+  ]
   assert len(names) == 5
   assert _steps(workdir) == [2, 4]
 
@@ -129,8 +148,10 @@ def _restore_on(workdir, step, config, num_devices):
 def _assert_restored(restored, saved, num_devices):
   rows = -(-NUM_IMAGES // num_devices) * num_devices
   assert restored.bank.shape == (rows, 128)
-  assert restored.bank.sharding.spec == sharding_lib.bank_sharding(
-      sharding_lib.create_mesh(jax.devices()[:num_devices])).spec
+  assert (
+      restored.bank.sharding.spec
+      == sharding_lib.bank_sharding(sharding_lib.create_mesh(jax.devices()[:num_devices])).spec
+  )
   assert len(restored.bank.sharding.device_set) == num_devices
   restored = jax.device_get(restored)
   np.testing.assert_array_equal(restored.bank[:NUM_IMAGES], saved["bank"][:NUM_IMAGES])
@@ -174,8 +195,13 @@ def test_sigkill_and_sigterm_resume_bitwise_identical(tmp_path, small_isic_root)
   env = _env(tmp_path, compilation_cache=jax_cache)  # one device
 
   def command(workdir):
-    return _flags(small_isic_root, workdir, f"--config.num_train_steps={total}",
-                  f"--config.checkpoint_every_steps={every}", "--config.log_every_steps=1")
+    return _flags(
+        small_isic_root,
+        workdir,
+        f"--config.num_train_steps={total}",
+        f"--config.checkpoint_every_steps={every}",
+        "--config.log_every_steps=1",
+    )
 
   code, _, log = _Run(command(tmp_path / "straight"), env).finish()
   assert code == 0, log[-4000:]
@@ -184,8 +210,10 @@ def test_sigkill_and_sigterm_resume_bitwise_identical(tmp_path, small_isic_root)
   ckpt_dir = workdir / "checkpoints"
   # 1. SIGKILL once a checkpoint is complete and a later step has run.
   run = _Run(command(workdir), env)
-  run.wait_until(lambda: _steps(workdir) and run.logged_step() > max(_steps(workdir)),
-                 what="a checkpoint and a step after it")
+  run.wait_until(
+      lambda: _steps(workdir) and run.logged_step() > max(_steps(workdir)),
+      what="a checkpoint and a step after it",
+  )
   run.proc.send_signal(signal.SIGKILL)
   code, _, log = run.finish()
   assert code == -signal.SIGKILL

@@ -44,8 +44,9 @@ def test_folder_source_is_recursive_sorted_and_ignores_non_images(tmp_path):
 
 def test_folder_source_missing_path_names_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="does-not-exist"):
-    sources.create_source(_data_config(tmp_path, source="folder",
-                                       path=str(tmp_path / "does-not-exist")))
+    sources.create_source(
+        _data_config(tmp_path, source="folder", path=str(tmp_path / "does-not-exist"))
+    )
 
 
 def test_folder_source_bad_image_skip_is_counted(tmp_path):
@@ -55,22 +56,28 @@ def test_folder_source_bad_image_skip_is_counted(tmp_path):
   with pytest.raises(ValueError, match="empty.jpg"):
     sources.create_source(_data_config(tmp_path, source="folder", path=str(root)))
   source = sources.create_source(
-      _data_config(tmp_path, source="folder", path=str(root), on_bad_image="skip"))
+      _data_config(tmp_path, source="folder", path=str(root), on_bad_image="skip")
+  )
   assert source.num_examples == 1
   assert [name.endswith("empty.jpg") for name, _ in source.skipped] == [True]
 
 
 def test_isic_source_uses_train_split_in_id_order(tmp_path, small_isic_root):
-  source = sources.create_source(_data_config(tmp_path, source="isic",
-                                              path=str(small_isic_root)))
+  source = sources.create_source(_data_config(tmp_path, source="isic", path=str(small_isic_root)))
   assert source.num_examples == 120
   assert source.image_names == sorted(source.image_names)
 
 
 def _pipeline(source, process_index=0, process_count=1, batch=8, seed=3):
   views = pipeline.view_config(pirl_configs.get_config("tiny").data.views)
-  return pipeline.PretrainInput(source, views, seed=seed, global_batch_size=batch,
-                                process_index=process_index, process_count=process_count)
+  return pipeline.PretrainInput(
+      source,
+      views,
+      seed=seed,
+      global_batch_size=batch,
+      process_index=process_index,
+      process_count=process_count,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +116,14 @@ def test_same_seed_same_batches_and_resume_mid_epoch_matches(small_source):
 
 def test_process_shares_concatenate_to_the_global_batch(small_source):
   whole = list(itertools.islice(_pipeline(small_source, batch=8).iterate(2), 3))
-  shares = [list(itertools.islice(_pipeline(small_source, p, 2, batch=8).iterate(2), 3))
-            for p in range(2)]
+  shares = [
+      list(itertools.islice(_pipeline(small_source, p, 2, batch=8).iterate(2), 3)) for p in range(2)
+  ]
   for step in range(3):
     for key in ("index", "image", "tiles"):
       np.testing.assert_array_equal(
-          whole[step][key], np.concatenate([shares[0][step][key], shares[1][step][key]]))
+          whole[step][key], np.concatenate([shares[0][step][key], shares[1][step][key]])
+      )
 
 
 def test_view_config_rejects_unknown_field():
@@ -127,12 +136,19 @@ def test_view_config_rejects_unknown_field():
 def test_tfds_source_streams_encoded_images_with_stable_indices(tmp_path, small_isic_root):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import pirl_jax.data.tfds_isic2017  # pylint: disable=g-import-not-at-top,unused-import
+
   data_dir = tmp_path / "tfds"
   builder = tfds.builder("isic2017/resized_256", data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(small_isic_root)))
-  config = _data_config(tmp_path, source="tfds", tfds_name="isic2017/resized_256",
-                        tfds_split="validation", tfds_data_dir=str(data_dir))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(small_isic_root))
+  )
+  config = _data_config(
+      tmp_path,
+      source="tfds",
+      tfds_name="isic2017/resized_256",
+      tfds_split="validation",
+      tfds_data_dir=str(data_dir),
+  )
   source = sources.create_source(config)
   assert source.num_examples == 30
   seen = []
@@ -150,5 +166,12 @@ def test_tfds_source_streams_encoded_images_with_stable_indices(tmp_path, small_
     indices = np.concatenate([b["index"] for b in epoch])
     assert len(indices) == 14 and np.all(indices % 2 == p)
   with pytest.raises(ValueError, match="not available"):
-    sources.create_source(_data_config(tmp_path, source="tfds", tfds_name="isic2017",
-                                       tfds_split="train", tfds_data_dir=str(tmp_path / "no")))
+    sources.create_source(
+        _data_config(
+            tmp_path,
+            source="tfds",
+            tfds_name="isic2017",
+            tfds_split="train",
+            tfds_data_dir=str(tmp_path / "no"),
+        )
+    )

@@ -56,9 +56,16 @@ def medium_arrays(tmp_path_factory):
   for split in ("train", "test"):
     ids, labels = _labels(root, split)
     folder = root / isic.SPLITS[split][0]
-    images = np.stack([
-        np.asarray(Image.open(folder / f"{i}.jpg").convert("RGB").resize(
-            (SIZE, SIZE), Image.Resampling.BILINEAR)) for i in ids])
+    images = np.stack(
+        [
+            np.asarray(
+                Image.open(folder / f"{i}.jpg")
+                .convert("RGB")
+                .resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+            )
+            for i in ids
+        ]
+    )
     out[split] = (images, labels)
   return out
 
@@ -102,10 +109,11 @@ def test_render_jpeg_depends_only_on_its_arguments():
 def test_layout_matches_isic_2017(small_set):
   entries = sorted(p.name for p in small_set.iterdir())
   # The names the reader looks for: folders and ground-truth CSVs of isic.SPLITS.
-  assert entries == sorted([name for names in isic.SPLITS.values() for name in names]
-                           + [synthetic.UNLABELED_DIR, synthetic.COMPLETE_MARKER])
-  counts = {"train": SMALL["num_train"], "validation": SMALL["num_val"],
-            "test": SMALL["num_test"]}
+  assert entries == sorted(
+      [name for names in isic.SPLITS.values() for name in names]
+      + [synthetic.UNLABELED_DIR, synthetic.COMPLETE_MARKER]
+  )
+  counts = {"train": SMALL["num_train"], "validation": SMALL["num_val"], "test": SMALL["num_test"]}
   all_ids = []
   for split, (folder_name, _) in isic.SPLITS.items():
     folder = small_set / folder_name
@@ -242,8 +250,9 @@ def test_ensure_synthetic_explicit_cache_dir_and_incomplete_folder(tmp_path):
 def test_concurrent_ensure_synthetic_calls_agree(tmp_path):
   counts = dict(seed=5, num_train=6, num_val=2, num_test=3)
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    roots = list(pool.map(lambda _: synthetic.ensure_synthetic(tmp_path, workers=1, **counts),
-                          range(3)))
+    roots = list(
+        pool.map(lambda _: synthetic.ensure_synthetic(tmp_path, workers=1, **counts), range(3))
+    )
   assert roots == [tmp_path / synthetic.cache_name(**counts)] * 3
   assert synthetic.is_complete(roots[0])
   assert [p.name for p in tmp_path.iterdir()] == [roots[0].name]  # no temporary folders left
@@ -251,8 +260,22 @@ def test_concurrent_ensure_synthetic_calls_agree(tmp_path):
 
 def test_cli_writes_the_set_and_reports_where_and_how_long(tmp_path, capsys):
   out = tmp_path / "cli"
-  synthetic.main(["--out", str(out), "--seed", "2", "--num-train", "5", "--num-val", "2",
-                  "--num-test", "3", "--num-unlabeled", "4"])
+  synthetic.main(
+      [
+          "--out",
+          str(out),
+          "--seed",
+          "2",
+          "--num-train",
+          "5",
+          "--num-val",
+          "2",
+          "--num-test",
+          "3",
+          "--num-unlabeled",
+          "4",
+      ]
+  )
   printed = capsys.readouterr().out
   assert str(out) in printed and re.search(r"in \d+\.\d s", printed)
   assert synthetic.is_complete(out)
@@ -293,8 +316,10 @@ def test_isic_reader_accepts_the_synthetic_set(small_set):
 
 def _colour_histograms(images: np.ndarray, bins: int = 16) -> np.ndarray:
   """Per-channel colour histograms (bins x 3), normalised to sum 1 per channel."""
-  feats = [np.concatenate([np.histogram(img[..., c], bins=bins, range=(0, 256))[0]
-                           for c in range(3)]) for img in images]
+  feats = [
+      np.concatenate([np.histogram(img[..., c], bins=bins, range=(0, 256))[0] for c in range(3)])
+      for img in images
+  ]
   return np.array(feats, np.float32) / (images.shape[1] * images.shape[2])
 
 
@@ -303,6 +328,7 @@ def _histogram_auc(medium_arrays) -> float:
   from sklearn.metrics import roc_auc_score
   from sklearn.pipeline import make_pipeline
   from sklearn.preprocessing import StandardScaler
+
   (x_train, y_train), (x_test, y_test) = medium_arrays["train"], medium_arrays["test"]
   clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
   clf.fit(_colour_histograms(x_train), y_train == render.MELANOMA)
@@ -350,9 +376,11 @@ def _train_small_cnn(x_train, y_train, x_test, *, epochs, seed=0, batch=64):
   @jax.jit
   def step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
-      logits, updates = net.apply({"params": p, "batch_stats": batch_stats}, x, True,
-                                  mutable=["batch_stats"])
+      logits, updates = net.apply(
+          {"params": p, "batch_stats": batch_stats}, x, True, mutable=["batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+
     grads, updates = jax.grad(loss_fn, has_aux=True)(params)
     changes, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, changes), updates["batch_stats"], opt_state
@@ -361,26 +389,33 @@ def _train_small_cnn(x_train, y_train, x_test, *, epochs, seed=0, batch=64):
   for _ in range(epochs):
     order = rng.permutation(len(x_train))
     for b in range(steps_per_epoch):
-      idx = order[b * batch:(b + 1) * batch]
+      idx = order[b * batch : (b + 1) * batch]
       xb = np.rot90(x_train[idx], rng.integers(4), axes=(1, 2))  # lesions have no orientation
       if rng.random() < 0.5:
         xb = xb[:, :, ::-1]
-      params, batch_stats, opt_state = step(params, batch_stats, opt_state,
-                                            normalise(np.ascontiguousarray(xb)), y_train[idx])
+      params, batch_stats, opt_state = step(
+          params, batch_stats, opt_state, normalise(np.ascontiguousarray(xb)), y_train[idx]
+      )
   predict = jax.jit(lambda v, x: jax.nn.softmax(net.apply(v, x, False)))
   variables = {"params": params, "batch_stats": batch_stats}
-  return np.concatenate([np.asarray(predict(variables, normalise(x_test[i:i + 160])))
-                         for i in range(0, len(x_test), 160)])
+  return np.concatenate(
+      [
+          np.asarray(predict(variables, normalise(x_test[i : i + 160])))
+          for i in range(0, len(x_test), 160)
+      ]
+  )
 
 
 @pytest.mark.slow
 def test_small_cnn_beats_colour_histograms_on_melanoma(medium_arrays):
   from sklearn.metrics import roc_auc_score
+
   (x_train, y_train), (x_test, y_test) = medium_arrays["train"], medium_arrays["test"]
   probs = _train_small_cnn(x_train, y_train, x_test, epochs=CNN_EPOCHS)
   cnn_mel = roc_auc_score(y_test == render.MELANOMA, probs[:, render.MELANOMA])
-  cnn_sk = roc_auc_score(y_test == render.SEBORRHEIC_KERATOSIS,
-                         probs[:, render.SEBORRHEIC_KERATOSIS])
+  cnn_sk = roc_auc_score(
+      y_test == render.SEBORRHEIC_KERATOSIS, probs[:, render.SEBORRHEIC_KERATOSIS]
+  )
   hist_mel = _histogram_auc(medium_arrays)
   assert cnn_mel >= hist_mel + CNN_MARGIN, (cnn_mel, hist_mel)
   assert cnn_sk >= 0.75, cnn_sk

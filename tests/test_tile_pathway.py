@@ -1,9 +1,9 @@
 """The tile pathway's diagnostics (pirl_jax/eval/tile_pathway.py) and the eval tiles they use.
 
-  * the tile bag and g->f retrieval against NumPy double loops on fixed features;
-  * the deterministic eval tiles are the centre squares of the crop's cells, in row-major order;
-  * inside pretraining the evaluator writes its metrics to the summary (and for NPID, no
-    retrieval: it has no g).
+* the tile bag and g->f retrieval against NumPy double loops on fixed features;
+* the deterministic eval tiles are the centre squares of the crop's cells, in row-major order;
+* inside pretraining the evaluator writes its metrics to the summary (and for NPID, no
+  retrieval: it has no g).
 """
 
 import numpy as np
@@ -59,8 +59,9 @@ def test_shuffle_orders_are_fixed_permutations():
 
 
 def test_eval_tiles_are_the_centre_squares_of_the_cells():
-  cfg = jigsaw.ViewConfig(image_size=32, jigsaw_crop_size=36, tile_size=10, mean=(0, 0, 0),
-                          std=(1, 1, 1))
+  cfg = jigsaw.ViewConfig(
+      image_size=32, jigsaw_crop_size=36, tile_size=10, mean=(0, 0, 0), std=(1, 1, 1)
+  )
   rng = np.random.default_rng(2)
   image = rng.integers(0, 256, size=(36, 48, 3), dtype=np.uint8)  # short side = the crop size
   tiles = jigsaw.eval_tiles(tf.constant(image), cfg).numpy()
@@ -68,7 +69,7 @@ def test_eval_tiles_are_the_centre_squares_of_the_cells():
   crop = image[:, 6:42].astype(np.float64) / 255.0  # the centre 36 x 36
   for k in range(9):
     r, c = divmod(k, 3)
-    expected = crop[r * 12 + 1:r * 12 + 11, c * 12 + 1:c * 12 + 11]
+    expected = crop[r * 12 + 1 : r * 12 + 11, c * 12 + 1 : c * 12 + 11]
     np.testing.assert_allclose(tiles[k], expected, atol=1e-5)
   # Normalised as the jigsaw view: the default mean and std.
   default = jigsaw.ViewConfig(image_size=32, jigsaw_crop_size=36, tile_size=10)
@@ -80,8 +81,12 @@ def test_eval_tiles_are_the_centre_squares_of_the_cells():
 def test_pretraining_reports_the_tile_pathway(tiny_pretraining):
   summary = tiny_pretraining.summary
   tiles = summary["evaluations"]["tiles"]
-  for key in ("tilebag_knn_auc_mean", "tilebag_linear_auc_mean", "retrieval_top1",
-              "retrieval_median_rank"):
+  for key in (
+      "tilebag_knn_auc_mean",
+      "tilebag_linear_auc_mean",
+      "retrieval_top1",
+      "retrieval_median_rank",
+  ):
     assert np.isfinite(tiles[key]), key
   assert tiles["retrieval_candidates"] > 1
   assert 1 <= tiles["retrieval_median_rank"] <= tiles["retrieval_candidates"]
@@ -93,6 +98,7 @@ def test_the_probe_command_reports_the_same_tile_pathway(tiny_pretraining, share
   """The standalone probe scores a workdir's tile pathway as the loop did at its last step, and
   a random network next to it."""
   from pirl_jax.commands import probe  # pylint: disable=g-import-not-at-top
+
   result = probe.run_probe(str(tiny_pretraining.workdir), cache_dir=str(shared_cache_dir))
   trained, random = result["results"].values()
   in_loop = tiny_pretraining.summary["evaluations"]["tiles"]

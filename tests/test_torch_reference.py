@@ -10,7 +10,10 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt, as the test command does)")
+torch = pytest.importorskip(
+    "torch",
+    reason="torch not installed (pip install -r requirements-test.txt, as the test command does)",
+)
 
 from benchmarks import torch_reference as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -56,13 +59,15 @@ def test_step_loss_and_bank_write_match_numpy(layout):
     assert neg.shape == (B, K)
     assert neg.min() >= 0 and neg.max() < ROWS
     assert not np.any(neg == idx[:, None])  # the positive row is never a negative
-  expected = (0.5 * numpy_infonce(g, bank_before, idx, out.negatives_jigsaw.numpy(), 0.07)
-              + 0.5 * numpy_infonce(f, bank_before, idx, out.negatives_image.numpy(), 0.07))
+  expected = 0.5 * numpy_infonce(
+      g, bank_before, idx, out.negatives_jigsaw.numpy(), 0.07
+  ) + 0.5 * numpy_infonce(f, bank_before, idx, out.negatives_image.numpy(), 0.07)
   assert float(out.loss) == pytest.approx(expected, rel=1e-5)
 
   bank_after = bank.numpy()
-  np.testing.assert_allclose(bank_after[idx], normalise(0.5 * bank_before[idx] + 0.5 * f),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      bank_after[idx], normalise(0.5 * bank_before[idx] + 0.5 * f), rtol=1e-5, atol=1e-6
+  )
   others = np.setdiff1d(np.arange(ROWS), idx)
   np.testing.assert_array_equal(bank_after[others], bank_before[others])
   assert all(not torch.equal(a, b) for a, b in zip(params_before, model.parameters()))
@@ -84,23 +89,24 @@ def test_layouts_embed_alike():
 
 
 def test_channels_last_step_matches_numpy():
-  model, optimizer, bank, (images, tiles, index), cfg, gen = tiny_setup("batched",
-                                                                        channels_last=True)
+  model, optimizer, bank, (images, tiles, index), cfg, gen = tiny_setup(
+      "batched", channels_last=True
+  )
   assert images.is_contiguous(memory_format=torch.channels_last)
   assert tiles.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
   bank_before = bank.clone().numpy()
   out = ref.train_step(model, optimizer, bank, images, tiles, index, cfg, "batched", gen)
   idx = index.numpy()
-  expected = (0.5 * numpy_infonce(out.g_hat.numpy(), bank_before, idx,
-                                  out.negatives_jigsaw.numpy(), 0.07)
-              + 0.5 * numpy_infonce(out.f_hat.numpy(), bank_before, idx,
-                                    out.negatives_image.numpy(), 0.07))
+  expected = 0.5 * numpy_infonce(
+      out.g_hat.numpy(), bank_before, idx, out.negatives_jigsaw.numpy(), 0.07
+  ) + 0.5 * numpy_infonce(out.f_hat.numpy(), bank_before, idx, out.negatives_image.numpy(), 0.07)
   assert float(out.loss) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("arch,width,features,blocks", [("resnet18", 16, 128, 8),
-                                                        ("resnet34", 8, 64, 16),
-                                                        ("resnet50", 8, 256, 16)])
+@pytest.mark.parametrize(
+    "arch,width,features,blocks",
+    [("resnet18", 16, 128, 8), ("resnet34", 8, 64, 16), ("resnet50", 8, 256, 16)],
+)
 def test_trunk_shapes(arch, width, features, blocks):
   trunk = ref.ResNetTrunk(arch, width)
   stem, _, _, pool = list(trunk.body)[:4]
@@ -126,26 +132,68 @@ def test_weight_decay_only_on_weights():
 
 
 def test_cli_prints_one_json_line(capsys):
-  record = ref.main(["--arch", "resnet18", "--width", "4", "--batch", "2", "--image", "32",
-                     "--tile", "16", "--bank", "8", "--negatives", "3", "--steps", "1",
-                     "--warmup", "0", "--layout", "published"])
+  record = ref.main(
+      [
+          "--arch",
+          "resnet18",
+          "--width",
+          "4",
+          "--batch",
+          "2",
+          "--image",
+          "32",
+          "--tile",
+          "16",
+          "--bank",
+          "8",
+          "--negatives",
+          "3",
+          "--steps",
+          "1",
+          "--warmup",
+          "0",
+          "--layout",
+          "published",
+      ]
+  )
   (line,) = capsys.readouterr().out.splitlines()
   assert json.loads(line) == record
   assert record["layout"] == "published" and record["step_s"] > 0
   assert record["images_per_s"] == pytest.approx(2 / record["step_s"])
 
 
-@pytest.mark.parametrize("layout", [
-    # torch 2.13.0+cpu intermittently aborts the channels-last run in its own allocator ("corrupted
-    # double-linked list", SIGABRT) on this machine's 2-core CPU: kept with the slow set.
-    pytest.param("batched_cl", marks=pytest.mark.slow), "published"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # torch 2.13.0+cpu intermittently aborts the channels-last run in its own allocator ("corrupted
+        # double-linked list", SIGABRT) on this machine's 2-core CPU: kept with the slow set.
+        pytest.param("batched_cl", marks=pytest.mark.slow),
+        "published",
+    ],
+)
 def test_benchmark_runs_the_reference(layout):
   """The step benchmark's subprocess call: its flags are accepted and its output is parsed."""
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
-  args = ["--arch", "resnet18", "--width", "4", "--batch", "2", "--image", "32", "--tile", "16",
-          "--bank", "8", "--negatives", "3"]
-  res = train_step.run_torch_once(train_step.default_torch_script(), args, layout, steps=1,
-                                  warmup=0, threads=1)
+
+  args = [
+      "--arch",
+      "resnet18",
+      "--width",
+      "4",
+      "--batch",
+      "2",
+      "--image",
+      "32",
+      "--tile",
+      "16",
+      "--bank",
+      "8",
+      "--negatives",
+      "3",
+  ]
+  res = train_step.run_torch_once(
+      train_step.default_torch_script(), args, layout, steps=1, warmup=0, threads=1
+  )
   assert res["layout"] == ("batched" if layout == "batched_cl" else "published")
   assert res["channels_last"] == (layout == "batched_cl")
   assert res["threads"] == 1 and res["step_s"] > 0

@@ -39,12 +39,21 @@ def _run_steps(config, num_devices, num_examples, num_steps):
   mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
   schedule = configuration.resolve_schedule(config, num_examples)
   model = state_lib.create_model(config.model)
-  tx, lr = state_lib.create_optimizer(config.optim, schedule.learning_rate,
-                                      schedule.warmup_steps, schedule.total_steps)
+  tx, lr = state_lib.create_optimizer(
+      config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps
+  )
   state, shardings = state_lib.create_train_state(config, model, tx, num_examples, mesh, 0)
-  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=lr,
-                                 loss_cfg=config.loss, bank_momentum=0.5,
-                                 num_examples=num_examples, method=config.method)
+  step = step_lib.jit_train_step(
+      mesh,
+      shardings,
+      model=model,
+      tx=tx,
+      schedule=lr,
+      loss_cfg=config.loss,
+      bank_momentum=0.5,
+      num_examples=num_examples,
+      method=config.method,
+  )
   metrics = []
   for i in range(num_steps):
     state, m = step(state, sharding_lib.global_batch(_random_batch(config, num_examples, i), mesh))
@@ -55,28 +64,38 @@ def _run_steps(config, num_devices, num_examples, num_steps):
 def _max_abs_diff(a, b):
   diffs = jax.tree.map(
       lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))),
-      a, b)
+      a,
+      b,
+  )
   return max(jax.tree.leaves(diffs))
 
 
-@pytest.mark.parametrize("loss_kind,num_examples,num_negatives,method", [
-    # NCE with PIRL combines what the next two cover; it runs with the slow set.
-    pytest.param("nce", 203, 64, "pirl", marks=pytest.mark.slow),
-    ("infonce", 203, 64, "pirl"), ("nce", 203, 64, "npid"),
-    # A size at which the partitioner, left alone, gathered the whole bank on every device; the
-    # bank's chunked-scoring and compiled-program tests keep that promise in the quick set.
-    pytest.param("infonce", 20_003, 4096, "pirl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "loss_kind,num_examples,num_negatives,method",
+    [
+        # NCE with PIRL combines what the next two cover; it runs with the slow set.
+        pytest.param("nce", 203, 64, "pirl", marks=pytest.mark.slow),
+        ("infonce", 203, 64, "pirl"),
+        ("nce", 203, 64, "npid"),
+        # A size at which the partitioner, left alone, gathered the whole bank on every device; the
+        # bank's chunked-scoring and compiled-program tests keep that promise in the quick set.
+        pytest.param("infonce", 20_003, 4096, "pirl", marks=pytest.mark.slow),
+    ],
+)
 def test_eight_devices_equal_one_device(loss_kind, num_examples, num_negatives, method):
   # N is not a multiple of 8: the 8-device bank carries padding rows.
-  config = _tiny_config(**{"loss.kind": loss_kind, "loss.num_negatives": num_negatives,
-                           "method": method})
+  config = _tiny_config(
+      **{"loss.kind": loss_kind, "loss.num_negatives": num_negatives, "method": method}
+  )
   one, metrics_one = _run_steps(config, 1, num_examples, 2)
   eight, metrics_eight = _run_steps(config, 8, num_examples, 2)
 
   padded = -(-num_examples // 8) * 8
   assert eight.bank.shape == (padded, 128) and one.bank.shape == (num_examples, 128)
-  assert eight.bank.sharding.spec == sharding_lib.bank_sharding(
-      sharding_lib.create_mesh(jax.devices()[:8])).spec
+  assert (
+      eight.bank.sharding.spec
+      == sharding_lib.bank_sharding(sharding_lib.create_mesh(jax.devices()[:8])).spec
+  )
   # Each device holds 1/8 of the bank's rows.
   assert {s.data.shape for s in eight.bank.addressable_shards} == {(padded // 8, 128)}
   one, eight = jax.device_get(one), jax.device_get(eight)
@@ -102,9 +121,13 @@ def test_weight_decay_mask_excludes_batchnorm_and_biases():
   model = state_lib.create_model(config.model)
   views = config.data.views
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
-                         np.zeros((1, 9, views.tile_size, views.tile_size, 3), np.float32),
-                         train=False))
+      lambda: model.init(
+          jax.random.PRNGKey(0),
+          np.zeros((1, 32, 32, 3), np.float32),
+          np.zeros((1, 9, views.tile_size, views.tile_size, 3), np.float32),
+          train=False,
+      )
+  )
   mask = state_lib.weight_decay_mask(variables["params"])
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   decayed = {jax.tree_util.keystr(p) for p, m in flat if m}
@@ -115,8 +138,14 @@ def test_weight_decay_mask_excludes_batchnorm_and_biases():
 
 
 def _pretrain(tmp_path, name, isic_root, **overrides):
-  config = _tiny_config(**{"data.source": "isic", "data.path": str(isic_root),
-                           "data.cache_dir": str(tmp_path / "cache"), **overrides})
+  config = _tiny_config(
+      **{
+          "data.source": "isic",
+          "data.path": str(isic_root),
+          "data.cache_dir": str(tmp_path / "cache"),
+          **overrides,
+      }
+  )
   workdir = tmp_path / name
   return config, workdir, pretrain.train_and_evaluate(config, str(workdir))
 
@@ -124,6 +153,7 @@ def _pretrain(tmp_path, name, isic_root, **overrides):
 def _scalars(workdir, tag):
   """The values logged for `tag`, in step order, as TensorBoard itself reads them: scalars."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
   accumulator = event_accumulator.EventAccumulator(str(workdir))
   accumulator.Reload()
   return [event.value for event in sorted(accumulator.Scalars(tag), key=lambda e: e.step)]
@@ -135,6 +165,7 @@ def test_tensorboard_scalars_are_scalars_to_tensorboard(tmp_path):
   writer.write_scalars(3, {"loss": np.float32(5.25)})
   writer.close()
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
   accumulator = event_accumulator.EventAccumulator(str(tmp_path / "run"))
   accumulator.Reload()
   assert sorted(accumulator.Tags()["scalars"]) == ["loss", "probe/knn_auc_mean"]
@@ -146,33 +177,50 @@ def test_npid_pretrains_without_a_jigsaw_view(tmp_path, small_isic_root, caplog)
   """method='npid': the pipeline makes no tiles, the state has no jigsaw head, the loss is the
   image term, and the run ends with probes like a PIRL run."""
   from pirl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   seen = []
   iterate = pipeline.PretrainInput.iterate
+
   def recording_iterate(self, start_step=0):
     for batch in iterate(self, start_step):
       seen.append(set(batch))
       yield batch
+
   with pytest.MonkeyPatch.context() as m:
     m.setattr(pipeline.PretrainInput, "iterate", recording_iterate)
     with caplog.at_level("INFO", logger="absl"):
-      _, workdir, summary = _pretrain(tmp_path, "npid", small_isic_root,
-                                      **{"method": "npid", "num_train_steps": 4,
-                                         "eval_every_steps": 0})
+      _, workdir, summary = _pretrain(
+          tmp_path,
+          "npid",
+          small_isic_root,
+          **{"method": "npid", "num_train_steps": 4, "eval_every_steps": 0},
+      )
   assert seen and all(keys == {"image", "index"} for keys in seen)
   assert summary["complete"] and "loss_jigsaw" not in summary["metrics"]
   assert summary["metrics"]["loss"] == summary["metrics"]["loss_image"]
   assert set(summary["evaluations"]["probe"]) >= {"knn_auc_mean", "linear_auc_mean"}
   arrays = checkpointing.load_arrays(checkpointing.resolve_checkpoint(workdir)[0])
   assert set(arrays["params"]) == {"trunk", "f_out"}
-  assert any(" loss " in r.getMessage() and "jigsaw" not in r.getMessage()
-             for r in caplog.records if "step 4/4" in r.getMessage())
+  assert any(
+      " loss " in r.getMessage() and "jigsaw" not in r.getMessage()
+      for r in caplog.records
+      if "step 4/4" in r.getMessage()
+  )
 
 
 def test_loss_decreases_and_positives_separate(tmp_path, small_isic_root):
   _, workdir, summary = _pretrain(
-      tmp_path, "learn", small_isic_root,
-      **{"num_train_steps": 40, "log_every_steps": 10, "checkpoint_every_steps": 40,
-         "optim.base_learning_rate": 0.5, "probe.enabled": False})
+      tmp_path,
+      "learn",
+      small_isic_root,
+      **{
+          "num_train_steps": 40,
+          "log_every_steps": 10,
+          "checkpoint_every_steps": 40,
+          "optim.base_learning_rate": 0.5,
+          "probe.enabled": False,
+      },
+  )
   logged = json.loads((workdir / "summary.json").read_text())
   assert logged["step"] == 40
   values = _scalars(workdir, "loss")
@@ -200,17 +248,22 @@ def test_checkpoint_roundtrip_is_identical(tmp_path):
   assert restored.bank.sharding.spec == state.bank.sharding.spec
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("global_batch_size", 12, "divisible by the number of devices (8)"),
-    ("loss.kind", "ntxent", "config.loss.kind='ntxent'"),
-    ("loss.temperature", 0.0, "config.loss.temperature"),
-    ("data.source", "s3", "config.data.source='s3'"),
-    ("method", "simclr", "config.method='simclr'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("global_batch_size", 12, "divisible by the number of devices (8)"),
+        ("loss.kind", "ntxent", "config.loss.kind='ntxent'"),
+        ("loss.temperature", 0.0, "config.loss.temperature"),
+        ("data.source", "s3", "config.data.source='s3'"),
+        ("method", "simclr", "config.method='simclr'"),
+    ],
+)
 def test_config_errors_name_the_field(field, value, message):
   config = _tiny_config(**{field: value})
-  with pytest.raises(configuration.ConfigError, match=message.replace("(", r"\(").replace(
-      ")", r"\)").replace(".", r"\.")):
+  with pytest.raises(
+      configuration.ConfigError,
+      match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\."),
+  ):
     configuration.validate_pretrain_config(config)
     configuration.check_device_count(config, 8)
 
@@ -235,6 +288,7 @@ def test_per_device_batch_norm_uses_each_devices_share_only():
   """model.batch_norm='per_device': on 8 devices, the trunk's outputs and running statistics
   equal 8 groups on one device, and differ from global statistics; the variables are flax's."""
   from pirl_jax.models import resnet  # pylint: disable=g-import-not-at-top
+
   images = np.random.default_rng(0).normal(size=(32, 16, 16, 3)).astype(np.float32)
   images[16:] *= 3.0  # the devices' shares differ in scale, so their statistics differ
 
@@ -242,9 +296,11 @@ def test_per_device_batch_norm_uses_each_devices_share_only():
     trunk = resnet.get_trunk("resnet_tiny", bn_groups=groups)
     variables = trunk.init(jax.random.PRNGKey(0), images[:1], train=False)
     mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
-    apply = jax.jit(lambda v, x: trunk.apply(v, x, train=True, mutable=["batch_stats"]),
-                    in_shardings=(sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)),
-                    out_shardings=sharding_lib.replicated(mesh))
+    apply = jax.jit(
+        lambda v, x: trunk.apply(v, x, train=True, mutable=["batch_stats"]),
+        in_shardings=(sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)),
+        out_shardings=sharding_lib.replicated(mesh),
+    )
     return variables, jax.device_get(apply(variables, images))
 
   variables, (per_device, stats) = forward(8, 8)
@@ -257,8 +313,12 @@ def test_per_device_batch_norm_uses_each_devices_share_only():
   assert np.max(np.abs(per_device - global_out)) > 0.1
   assert jax.tree.structure(variables) == jax.tree.structure(global_variables)
   state_lib.create_model(_tiny_config(**{"model.batch_norm": "per_device"}).model, 8)
-  assert state_lib.create_model(
-      _tiny_config(**{"model.batch_norm": "per_device"}).model, 8).trunk.bn_groups == 8
+  assert (
+      state_lib.create_model(
+          _tiny_config(**{"model.batch_norm": "per_device"}).model, 8
+      ).trunk.bn_groups
+      == 8
+  )
   assert state_lib.create_model(_tiny_config().model, 8).trunk.bn_groups == 1
 
 
@@ -270,22 +330,34 @@ def test_head_batch_norm_running_stats_come_from_their_own_pass():
   mesh = sharding_lib.create_mesh(jax.devices()[:1])
   schedule = configuration.resolve_schedule(config, num_examples)
   model = state_lib.create_model(config.model)
-  tx, lr = state_lib.create_optimizer(config.optim, schedule.learning_rate,
-                                      schedule.warmup_steps, schedule.total_steps)
+  tx, lr = state_lib.create_optimizer(
+      config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps
+  )
   state, shardings = state_lib.create_train_state(config, model, tx, num_examples, mesh, 0)
   before = jax.device_get(state)
   batch = _random_batch(config, num_examples)
-  step = step_lib.jit_train_step(mesh, shardings, model=model, tx=tx, schedule=lr,
-                                 loss_cfg=config.loss, bank_momentum=0.5,
-                                 num_examples=num_examples, running_stats_from_images=True)
+  step = step_lib.jit_train_step(
+      mesh,
+      shardings,
+      model=model,
+      tx=tx,
+      schedule=lr,
+      loss_cfg=config.loss,
+      bank_momentum=0.5,
+      num_examples=num_examples,
+      running_stats_from_images=True,
+  )
   after = jax.device_get(step(state, sharding_lib.global_batch(batch, mesh))[0])
   variables = {"params": before.params, "batch_stats": before.batch_stats}
-  _, tile_vars = model.apply(variables, batch["tiles"], train=True, mutable=["batch_stats"],
-                             method="embed_tiles")
-  _, image_vars = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
-                              method="embed_images")
+  _, tile_vars = model.apply(
+      variables, batch["tiles"], train=True, mutable=["batch_stats"], method="embed_tiles"
+  )
+  _, image_vars = model.apply(
+      variables, batch["image"], train=True, mutable=["batch_stats"], method="embed_images"
+  )
   assert set(after.batch_stats) == {"trunk", "f_norm", "g_tile_norm"}
   for name, source in (("trunk", image_vars), ("f_norm", image_vars), ("g_tile_norm", tile_vars)):
     assert _max_abs_diff(after.batch_stats[name], source["batch_stats"][name]) < 1e-5, name
-  assert _max_abs_diff(after.batch_stats["g_tile_norm"],
-                       before.batch_stats["g_tile_norm"]) > 1e-3  # it moved
+  assert (
+      _max_abs_diff(after.batch_stats["g_tile_norm"], before.batch_stats["g_tile_norm"]) > 1e-3
+  )  # it moved

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt, as the test command does)")
+torch = pytest.importorskip(
+    "torch",
+    reason="torch not installed (pip install -r requirements-test.txt, as the test command does)",
+)
 from torch import nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from pirl_jax import trunk_init  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -76,9 +79,10 @@ class TorchResNet(nn.Module):
   def _make_layer(self, block, planes, blocks, stride=1):
     downsample = None
     if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride,
-                                           bias=False),
-                                 nn.BatchNorm2d(planes * block.expansion))
+      downsample = nn.Sequential(
+          nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+          nn.BatchNorm2d(planes * block.expansion),
+      )
     layers = [block(self.inplanes, planes, stride, downsample)]
     self.inplanes = planes * block.expansion
     layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -125,6 +129,7 @@ def test_torch_weights_imported_into_flax_give_the_same_features(tmp_path, name,
     torch.save({"state_dict": model.state_dict()}, path)  # as training scripts save it
   else:
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
     save_file(model.state_dict(), str(path))
   state = torch_weights.read(path)
   assert torch_weights.infer_architecture(state) == (name, 1.0)
@@ -140,18 +145,23 @@ def test_flax_weights_exported_to_torch_give_the_same_features(tmp_path, name):
   trunk = resnet.get_trunk(name)
   variables = trunk.init(jax.random.PRNGKey(2), jnp.zeros((1, 64, 64, 3)), train=False)
   # A few training steps' worth of BatchNorm statistics, so the running averages are not 0/1.
-  _, updates = trunk.apply(variables, _images(seed=5) * 2 + 0.5, train=True,
-                           mutable=["batch_stats"])
+  _, updates = trunk.apply(
+      variables, _images(seed=5) * 2 + 0.5, train=True, mutable=["batch_stats"]
+  )
   variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
   path = tmp_path / "trunk.safetensors"
   torch_weights.write(torch_weights.to_state_dict(jax.device_get(variables)), path)
 
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+
   model = TorchResNet(*ARCHITECTURES[name])
   missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
   assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
   model.eval()
   images = _images(seed=3)
-  np.testing.assert_allclose(_torch_features(model, images),
-                             np.asarray(trunk.apply(variables, images, train=False)),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      _torch_features(model, images),
+      np.asarray(trunk.apply(variables, images, train=False)),
+      rtol=1e-4,
+      atol=1e-4,
+  )

@@ -7,7 +7,11 @@ import numpy as np
 def flat(tree) -> dict[str, np.ndarray]:
   """Dotted path -> array; a restored optax state (namedtuples) and a loaded one (dicts, lists)
   get the same names."""
+
   def name(key):
     return str(next(getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)))
-  return {".".join(map(name, path)): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+      ".".join(map(name, path)): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }

@@ -28,6 +28,18 @@ from pirl_jax.checkpointing.partial import subtree
 from pirl_jax.checkpointing.verify import CheckpointMismatchError
 from pirl_jax.checkpointing.verify import DamagedCheckpointError
 
-__all__ = ["array_metadata", "abstract_like", "Checkpointer", "check_subtrees",
-           "CheckpointMismatchError", "DamagedCheckpointError", "DamagedStep", "fingerprints",
-           "leaf_shapes", "load_arrays", "resolve_checkpoint", "restore_subtrees", "subtree"]
+__all__ = [
+    "array_metadata",
+    "abstract_like",
+    "Checkpointer",
+    "check_subtrees",
+    "CheckpointMismatchError",
+    "DamagedCheckpointError",
+    "DamagedStep",
+    "fingerprints",
+    "leaf_shapes",
+    "load_arrays",
+    "resolve_checkpoint",
+    "restore_subtrees",
+    "subtree",
+]

@@ -43,8 +43,7 @@ def path_name(path) -> str:
 
 
 def named_leaves(tree) -> list[tuple[str, object]]:
-  return [(path_name(path), leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [(path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -53,6 +52,7 @@ def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
 
 
 # --- Fingerprints ---------------------------------------------------------------------------------
+
 
 def _words(x: jax.Array) -> jax.Array:
   """The bit patterns of `x` as uint32 (64-bit elements as two words along a new last axis)."""
@@ -76,8 +76,11 @@ def _host_words(x: np.ndarray) -> np.ndarray:
   if size == 8:
     return flat.view(np.uint32).reshape(x.shape + (2,))
   if size in (1, 2, 4):
-    return flat.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size]).astype(
-        np.uint32).reshape(x.shape)
+    return (
+        flat.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
+        .astype(np.uint32)
+        .reshape(x.shape)
+    )
   raise TypeError(f"No fingerprint for dtype {x.dtype}.")
 
 
@@ -95,8 +98,7 @@ def _fingerprint(x: jax.Array) -> jax.Array:
   index = jnp.zeros(words.shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(words.ndim)):
-    index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(
-        stride % 2**32)
+    index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(stride % 2**32)
     stride *= words.shape[axis]
   keys = _mix(index + np.uint32(_KEY_OFFSET))
   return jnp.sum(_mix(words ^ keys) - _mix(keys), dtype=jnp.uint32)
@@ -113,8 +115,11 @@ def fingerprints(tree) -> dict[str, int]:
   jax Arrays are reduced on their own devices (for arrays spanning processes, every process must
   call this); NumPy arrays on the default device. Leaves that are not arrays are skipped.
   """
-  named = [(name, leaf) for name, leaf in named_leaves(tree)
-           if isinstance(leaf, (jax.Array, np.ndarray, np.generic))]
+  named = [
+      (name, leaf)
+      for name, leaf in named_leaves(tree)
+      if isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+  ]
   groups: dict[object, list[int]] = {}  # one jit per device set: jit needs its inputs on one
   inputs = []
   for i, (_, leaf) in enumerate(named):

@@ -14,7 +14,9 @@ from pirl_jax import user_errors
 
 ITEM = "default"  # the state's item folder inside each step folder
 FINGERPRINTS = "fingerprints"  # the fingerprints' item folder next to it
-LOG_WINDOW = "log_window"  # the loop's metric sums since its last log, when a step saves between logs
+LOG_WINDOW = (
+    "log_window"  # the loop's metric sums since its last log, when a step saves between logs
+)
 DAMAGED_SUFFIX = ".damaged"  # '<step>.damaged': a damaged step moved aside (not a step name)
 COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a finished step folder on object storage
 # Written into the state item's own metadata, so that a step whose checksums and step metadata
@@ -41,7 +43,8 @@ def load_arrays(item_dir: str | storage.Path) -> dict:
   tree = getattr(tree, "tree", tree)
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   return ocp.PyTreeCheckpointer().restore(
-      storage.path(item_dir), args=ocp.args.PyTreeRestore(restore_args=args))
+      storage.path(item_dir), args=ocp.args.PyTreeRestore(restore_args=args)
+  )
 
 
 def is_item_dir(path: storage.Path) -> bool:
@@ -53,22 +56,27 @@ def is_finished(step_dir: storage.Path) -> bool:
   # finished steps have a purely numeric name. Object storage has no rename: Orbax writes the
   # step folder in place and marks it finished with a commit file last.
   return step_dir.name.isdigit() and (
-      not storage.is_url(step_dir) or (step_dir / COMMIT_FILE).is_file())
+      not storage.is_url(step_dir) or (step_dir / COMMIT_FILE).is_file()
+  )
 
 
 def complete_steps(directory: storage.Path) -> list[int]:
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if is_finished(p) and is_item_dir(p / ITEM))
+  return sorted(
+      int(p.name) for p in directory.iterdir() if is_finished(p) and is_item_dir(p / ITEM)
+  )
 
 
 def unreadable_steps(directory: storage.Path) -> list[int]:
   """Finished step folders without a readable item (see `complete_steps`)."""
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if is_finished(p) and p.is_dir() and not is_item_dir(p / ITEM))
+  return sorted(
+      int(p.name)
+      for p in directory.iterdir()
+      if is_finished(p) and p.is_dir() and not is_item_dir(p / ITEM)
+  )
 
 
 class CheckpointNotFoundError(user_errors.UserError, FileNotFoundError):
@@ -81,8 +89,9 @@ def _given(field: str, path) -> str:
   return f"{'config.' + field if '.' in field else field}={str(path)!r}"
 
 
-def resolve_checkpoint(path: str | storage.Path, step: int | None = None,
-                       field: str = "init.checkpoint") -> tuple[storage.Path, int | None]:
+def resolve_checkpoint(
+    path: str | storage.Path, step: int | None = None, field: str = "init.checkpoint"
+) -> tuple[storage.Path, int | None]:
   """Finds the Orbax item folder behind a user-given checkpoint path.
 
   Accepts a training workdir (holding `checkpoints/`), a CheckpointManager folder (numbered step
@@ -108,21 +117,35 @@ def resolve_checkpoint(path: str | storage.Path, step: int | None = None,
   steps = complete_steps(manager_dir)
   unreadable = unreadable_steps(manager_dir)
   if not steps:
-    damaged = (f" (step folder(s) {', '.join(map(str, unreadable))} have no readable "
-               f"{ITEM}/_METADATA: damaged)") if unreadable else ""
+    damaged = (
+        (
+            f" (step folder(s) {', '.join(map(str, unreadable))} have no readable "
+            f"{ITEM}/_METADATA: damaged)"
+        )
+        if unreadable
+        else ""
+    )
     raise CheckpointNotFoundError(
         f"{_given(field, path)}: no complete Orbax checkpoint in {manager_dir}{damaged} "
-        "(expected a workdir with checkpoints/<step>/, a checkpoints folder, or one step folder).")
+        "(expected a workdir with checkpoints/<step>/, a checkpoints folder, or one step folder)."
+    )
   if step is None:
     step = steps[-1]
     newer = [s for s in unreadable if s > step]
     if newer:
-      logging.warning("Using checkpoint step %d in %s: the newer step folder(s) %s have no "
-                      "readable %s/_METADATA (damaged).", step, manager_dir,
-                      ", ".join(map(str, newer)), ITEM)
+      logging.warning(
+          "Using checkpoint step %d in %s: the newer step folder(s) %s have no "
+          "readable %s/_METADATA (damaged).",
+          step,
+          manager_dir,
+          ", ".join(map(str, newer)),
+          ITEM,
+      )
   elif step not in steps:
-    raise CheckpointNotFoundError(f"{_given(field, path)}: no step {step} in {manager_dir}; "
-                            f"available steps: {', '.join(map(str, steps))}.")
+    raise CheckpointNotFoundError(
+        f"{_given(field, path)}: no step {step} in {manager_dir}; "
+        f"available steps: {', '.join(map(str, steps))}."
+    )
   return manager_dir / str(step) / ITEM, step
 
 

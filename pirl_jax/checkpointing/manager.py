@@ -19,9 +19,9 @@ from pirl_jax.checkpointing import verify
 
 def abstract_like(state, shardings):
   """ShapeDtypeStructs of `state` carrying `shardings`: the restore target on this mesh."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
-
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
 
 
 def _is_closed_event_loop_error(exc_type, exc) -> bool:
@@ -44,11 +44,14 @@ def _quiet_callbacks_into_a_closed_event_loop() -> None:
   def unraisable_hook(unraisable):
     if not _is_closed_event_loop_error(unraisable.exc_type, unraisable.exc_value):
       previous_unraisable(unraisable)
+
   hook._drops_closed_event_loop_errors = True  # pylint: disable=protected-access
   sys.excepthook, sys.unraisablehook = hook, unraisable_hook
 
+
 class DamagedStep(NamedTuple):
   """A step `Checkpointer.restore_latest` skipped: why, and where it is kept now."""
+
   step: int
   reason: str
   kept_as: storage.Path | None
@@ -64,6 +67,7 @@ def _free_name(path: storage.Path) -> storage.Path:
 
 # --- Checkpointer ---------------------------------------------------------------------------------
 
+
 class Checkpointer:
   """Periodic async checkpoints of one pytree in `directory`, keeping the last `keep`.
 
@@ -77,16 +81,23 @@ class Checkpointer:
   def __init__(self, directory: str | storage.Path, keep: int = 3, async_save: bool = True):
     self.directory = storage.path(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
     # Items named up front: left to guess, Orbax takes a step folder holding 'default' for a
     # single-item checkpoint and then refuses two-item saves.
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
+        self.directory,
+        options=options,
         item_names=(layout.ITEM, layout.FINGERPRINTS, layout.LOG_WINDOW),
-        item_handlers={layout.ITEM: ocp.StandardCheckpointHandler(),
-                       layout.FINGERPRINTS: ocp.JsonCheckpointHandler(),
-                       layout.LOG_WINDOW: ocp.JsonCheckpointHandler()})
+        item_handlers={
+            layout.ITEM: ocp.StandardCheckpointHandler(),
+            layout.FINGERPRINTS: ocp.JsonCheckpointHandler(),
+            layout.LOG_WINDOW: ocp.JsonCheckpointHandler(),
+        },
+    )
     self._damaged: list[DamagedStep] = []
 
   def latest_step(self) -> int | None:
@@ -108,8 +119,10 @@ class Checkpointer:
     log, so that a resumed run logs the same means as an uninterrupted one.
     """
     record = {"algorithm": fingerprint.ALGORITHM, "arrays": fingerprint.fingerprints(state)}
-    items = {layout.ITEM: ocp.args.StandardSave(state, custom_metadata=layout.ITEM_MARK),
-             layout.FINGERPRINTS: ocp.args.JsonSave(record)}
+    items = {
+        layout.ITEM: ocp.args.StandardSave(state, custom_metadata=layout.ITEM_MARK),
+        layout.FINGERPRINTS: ocp.args.JsonSave(record),
+    }
     if log_window is not None:
       items[layout.LOG_WINDOW] = ocp.args.JsonSave(log_window)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -125,17 +138,25 @@ class Checkpointer:
         raise ValueError("not a JSON object")
       return record
     except Exception as e:  # pylint: disable=broad-exception-caught
-      logging.warning("The metric sums saved with checkpoint step %d cannot be read (%s): the "
-                      "first log after resuming averages only the steps after it.", step,
-                      verify.describe_error(e))
+      logging.warning(
+          "The metric sums saved with checkpoint step %d cannot be read (%s): the "
+          "first log after resuming averages only the steps after it.",
+          step,
+          verify.describe_error(e),
+      )
       return None
 
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """Every array's shape saved at `step`, by dotted path (`leaf_shapes`); reads no array."""
     return fingerprint.leaf_shapes(layout.array_metadata(self.directory / str(step) / layout.ITEM))
 
-  def restore(self, step: int, target, resize: Sequence[str] = (),
-              derive: Mapping[str, Callable[[dict], Any]] | None = None):
+  def restore(
+      self,
+      step: int,
+      target,
+      resize: Sequence[str] = (),
+      derive: Mapping[str, Callable[[dict], Any]] | None = None,
+  ):
     """Restores `step` into the shapes, dtypes and shardings of `target` (abstract or real).
 
     The checkpoint may come from another device or process count: every array is resharded to
@@ -161,9 +182,14 @@ class Checkpointer:
     """
     return self._restore(step, target, resize, derive=derive)
 
-  def _restore(self, step: int, target, resize: Sequence[str],
-               check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None,
-               derive: Mapping[str, Callable[[dict], Any]] | None = None):
+  def _restore(
+      self,
+      step: int,
+      target,
+      resize: Sequence[str],
+      check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None,
+      derive: Mapping[str, Callable[[dict], Any]] | None = None,
+  ):
     step_dir = self.directory / str(step)
     error, restored, expected, trimmed, missing = None, None, None, None, ()
     try:
@@ -175,12 +201,16 @@ class Checkpointer:
     if missing:
       fields = dict(restored)
       for name in missing:
-        logging.info("Checkpoint %s was written before the state had %s: derived from the "
-                     "other fields.", step_dir, name)
+        logging.info(
+            "Checkpoint %s was written before the state had %s: derived from the " "other fields.",
+            step_dir,
+            name,
+        )
         fields[name] = derive[name](fields)
       restored = type(target)(**fields)
-    return jax.tree.map(lambda r, t: r if r.dtype == t.dtype else r.astype(t.dtype),
-                        restored, target)
+    return jax.tree.map(
+        lambda r, t: r if r.dtype == t.dtype else r.astype(t.dtype), restored, target
+    )
 
   def _read(self, step: int, target, resize: Sequence[str], check, derive=None):
     """Restores `step` unverified, in the saved dtypes.
@@ -196,8 +226,8 @@ class Checkpointer:
       saved = dict(fingerprint.named_leaves(layout.array_metadata(step_dir / layout.ITEM)))
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise verify.DamagedCheckpointError(
-          f"Checkpoint {step_dir} is damaged: it cannot be read "
-          f"({verify.describe_error(e)}).") from e
+          f"Checkpoint {step_dir} is damaged: it cannot be read " f"({verify.describe_error(e)})."
+      ) from e
     wanted = dict(fingerprint.named_leaves(target))
     saved_fields = {name.split(".")[0] for name in saved}
     missing = tuple(field for field in (derive or {}) if field not in saved_fields)
@@ -222,7 +252,8 @@ class Checkpointer:
     if problems:
       raise verify.CheckpointMismatchError(
           f"Checkpoint step {step} in {self.directory} does not fit this run: "
-          + "; ".join(problems))
+          + "; ".join(problems)
+      )
     if check is not None:
       check(step, {name: tuple(m.shape) for name, m in saved.items()})
     expected = verify.read_fingerprints(step_dir)
@@ -235,23 +266,33 @@ class Checkpointer:
       if x.dtype == dtype:
         return x
       return jax.ShapeDtypeStruct(x.shape, dtype, sharding=getattr(x, "sharding", None))
+
     item = jax.tree_util.tree_map_with_path(as_saved, target)
     if missing:
-      item = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)
-              if f.name not in missing}
+      item = {
+          f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.name not in missing
+      }
     try:
       # strict=False lets orbax pad or trim; the check above confines that to the `resize` fields.
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          layout.ITEM: ocp.args.StandardRestore(item, strict=not resized)}))[layout.ITEM]
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              **{layout.ITEM: ocp.args.StandardRestore(item, strict=not resized)}
+          ),
+      )[layout.ITEM]
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise verify.DamagedCheckpointError(
-          f"Checkpoint {step_dir} is damaged: it cannot be read "
-          f"({verify.describe_error(e)}).") from e
+          f"Checkpoint {step_dir} is damaged: it cannot be read " f"({verify.describe_error(e)})."
+      ) from e
     return restored, expected, trimmed, missing
 
-  def restore_latest(self, target, resize: Sequence[str] = (),
-                     check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None,
-                     derive: Mapping[str, Callable[[dict], Any]] | None = None):
+  def restore_latest(
+      self,
+      target,
+      resize: Sequence[str] = (),
+      check: Callable[[int, dict[str, tuple[int, ...]]], None] | None = None,
+      derive: Mapping[str, Callable[[dict], Any]] | None = None,
+  ):
     """Restores the newest step that reads and verifies, falling back past damaged ones.
 
     A damaged step (unreadable metadata or array files, or arrays that differ from their saved
@@ -292,7 +333,8 @@ class Checkpointer:
       listed = "\n  ".join(f"step {step}: {reason}" for step, reason in failures)
       raise verify.DamagedCheckpointError(
           f"No checkpoint in {self.directory} can be restored:\n  {listed}\nThey are left as "
-          "they are. Restore them from a copy, or move them out of the directory to start over.")
+          "they are. Restore them from a copy, or move them out of the directory to start over."
+      )
     return None, None
 
   def _move_aside(self, failures: list[tuple[int, str]]) -> None:
@@ -300,9 +342,15 @@ class Checkpointer:
     if not failures:
       return
     self._manager.wait_until_finished()
-    moves = [(step, reason, self.directory / str(step),
-              _free_name(self.directory / f"{step}{layout.DAMAGED_SUFFIX}"))
-             for step, reason in failures]
+    moves = [
+        (
+            step,
+            reason,
+            self.directory / str(step),
+            _free_name(self.directory / f"{step}{layout.DAMAGED_SUFFIX}"),
+        )
+        for step, reason in failures
+    ]
     if jax.process_count() > 1:  # every process has its names before any folder moves
       ocp.multihost.sync_global_processes("pirl_jax_checkpointing_move_aside_names")
     for step, reason, source, kept in moves:

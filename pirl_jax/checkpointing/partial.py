@@ -56,34 +56,36 @@ def _check_subtrees(item_dir: storage.Path, targets: dict[tuple[str, ...], objec
     saved = subtree(available, prefix)
     where = "/".join(prefix)
     if saved is None:
-      depth = max(i for i in range(len(prefix))
-                  if isinstance(subtree(available, prefix[:i]), dict))
+      depth = max(i for i in range(len(prefix)) if isinstance(subtree(available, prefix[:i]), dict))
       parent = subtree(available, prefix[:depth])
       level = "/".join(prefix[:depth]) or "its top level"
-      problems.append(f"{where}: not in the checkpoint (entries at {level}: "
-                      f"{', '.join(sorted(parent))})")
+      problems.append(
+          f"{where}: not in the checkpoint (entries at {level}: " f"{', '.join(sorted(parent))})"
+      )
       continue
     want = {k: tuple(v.shape) for k, v in _flatten(target).items()}
     have = {k: tuple(v.shape) for k, v in _flatten(saved).items()}
     for path in sorted(set(want) | set(have)):
       name = "/".join(prefix + path)
       if path not in have:
-        problems.append(f"{name}: the model has shape {want[path]}, the checkpoint has no "
-                        "such parameter")
+        problems.append(
+            f"{name}: the model has shape {want[path]}, the checkpoint has no " "such parameter"
+        )
       elif path not in want:
         problems.append(f"{name}: in the checkpoint with shape {have[path]}, not in the model")
       elif have[path] != want[path]:
-        problems.append(f"{name}: checkpoint shape {have[path]} != model shape "
-                        f"{want[path]}")
+        problems.append(f"{name}: checkpoint shape {have[path]} != model shape " f"{want[path]}")
   if problems:
     raise verify.CheckpointMismatchError(
         f"The checkpoint {item_dir} does not match the model architecture "
-        f"({len(problems)} problem(s)):{user_errors.listing(problems)}")
+        f"({len(problems)} problem(s)):{user_errors.listing(problems)}"
+    )
   return available
 
 
-def restore_subtrees(item_dir: str | storage.Path, targets: dict[tuple[str, ...], object],
-                     sharding=None) -> dict[tuple[str, ...], object]:
+def restore_subtrees(
+    item_dir: str | storage.Path, targets: dict[tuple[str, ...], object], sharding=None
+) -> dict[tuple[str, ...], object]:
   """Restores only some subtrees of a checkpoint, checking them against the model first.
 
   The restored arrays are verified against the fingerprints saved next to `item_dir` (an item
@@ -111,31 +113,38 @@ def restore_subtrees(item_dir: str | storage.Path, targets: dict[tuple[str, ...]
   for prefix, target in targets.items():
     # Restored in the saved dtypes (what the fingerprints are of), cast below.
     saved = subtree(available, prefix)
+
     def leaf_args(x):
       if sharding is None:
         return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
       return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(x.shape), dtype=x.dtype)
+
     _set_path(item, prefix, saved)
     _set_path(restore_args, prefix, jax.tree.map(leaf_args, saved))
   try:
     restored = ocp.PyTreeCheckpointer().restore(
-        item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                              partial_restore=True))
+        item_dir,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise verify.DamagedCheckpointError(f"Checkpoint {item_dir} is damaged: it cannot be read "
-                                 f"({verify.describe_error(e)}).") from e
+    raise verify.DamagedCheckpointError(
+        f"Checkpoint {item_dir} is damaged: it cannot be read " f"({verify.describe_error(e)})."
+    ) from e
   parts = {prefix: subtree(restored, prefix) for prefix in targets}
-  verify.verify(item_dir.parent, {".".join(prefix): part for prefix, part in parts.items()},
-                expected)
+  verify.verify(
+      item_dir.parent, {".".join(prefix): part for prefix, part in parts.items()}, expected
+  )
   return {prefix: _cast_like(parts[prefix], target) for prefix, target in targets.items()}
 
 
 def _cast_like(restored, target):
   """`restored` (nested dicts) with each array cast to the dtype of its match in `target`."""
   dtypes = {path: leaf.dtype for path, leaf in _flatten(target).items()}
+
   def cast(path, x):
     dtype = dtypes[tuple(fingerprint.key_name(k) for k in path)]
     return x if x.dtype == dtype else x.astype(dtype)
+
   return jax.tree_util.tree_map_with_path(cast, restored)
 
 

@@ -56,22 +56,31 @@ def read_fingerprints(step_dir: storage.Path) -> dict[str, int] | None:
   if not folder.is_dir():
     if layout.FINGERPRINTS in saved_item_names(step_dir) or layout.item_is_marked(step_dir):
       raise DamagedCheckpointError(
-          f"Checkpoint {step_dir} is damaged: its checksums ({layout.FINGERPRINTS}/) are missing.")
+          f"Checkpoint {step_dir} is damaged: its checksums ({layout.FINGERPRINTS}/) are missing."
+      )
     return None
   try:
     arrays = ocp.JsonCheckpointHandler().restore(folder)["arrays"]
-    if not (isinstance(arrays, dict) and
-            all(isinstance(v, int) and not isinstance(v, bool) for v in arrays.values())):
+    if not (
+        isinstance(arrays, dict)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in arrays.values())
+    ):
       raise ValueError("'arrays' is not a mapping of array names to integers")
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise DamagedCheckpointError(f"Checkpoint {step_dir} is damaged: its checksums "
-                                 f"({layout.FINGERPRINTS}/) cannot be read "
-                                 f"({describe_error(e)}).") from e
+    raise DamagedCheckpointError(
+        f"Checkpoint {step_dir} is damaged: its checksums "
+        f"({layout.FINGERPRINTS}/) cannot be read "
+        f"({describe_error(e)})."
+    ) from e
   return arrays
 
 
-def verify(step_dir: storage.Path, restored, expected: dict[str, int] | None,
-            trimmed: dict[str, tuple[int, int]] | None = None) -> None:
+def verify(
+    step_dir: storage.Path,
+    restored,
+    expected: dict[str, int] | None,
+    trimmed: dict[str, tuple[int, int]] | None = None,
+) -> None:
   """Compares the fingerprints of `restored` (named as saved) with `expected`.
 
   Args:
@@ -84,8 +93,11 @@ def verify(step_dir: storage.Path, restored, expected: dict[str, int] | None,
     DamagedCheckpointError: naming the first arrays that differ.
   """
   if expected is None:
-    logging.warning("Checkpoint %s has no checksums (it was saved before checkpoints had them): "
-                    "restored without verification.", step_dir)
+    logging.warning(
+        "Checkpoint %s has no checksums (it was saved before checkpoints had them): "
+        "restored without verification.",
+        step_dir,
+    )
     return
   trimmed = trimmed or {}
   problems = []
@@ -95,14 +107,17 @@ def verify(step_dir: storage.Path, restored, expected: dict[str, int] | None,
     elif expected[name] != value:
       note = ""
       if name in trimmed:
-        note = (f"; restored with {trimmed[name][1]} of its {trimmed[name][0]} rows, so non-zero "
-                "trimmed rows would also cause this")
+        note = (
+            f"; restored with {trimmed[name][1]} of its {trimmed[name][0]} rows, so non-zero "
+            "trimmed rows would also cause this"
+        )
       problems.append(f"{name} (checksum {value:#010x}, saved {expected[name]:#010x}{note})")
   if problems:
     more = f" and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
     raise DamagedCheckpointError(
         f"Checkpoint {step_dir} is damaged: {len(problems)} array(s) differ from the checksums "
-        f"saved with it: {', '.join(problems[:_SHOWN])}{more}.")
+        f"saved with it: {', '.join(problems[:_SHOWN])}{more}."
+    )
 
 
 def agree(step_dir: storage.Path, error: Exception | None) -> None:
@@ -113,14 +128,18 @@ def agree(step_dir: storage.Path, error: Exception | None) -> None:
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     status = 0 if error is None else 1 if isinstance(error, DamagedCheckpointError) else 2
-    statuses = np.asarray(multihost_utils.process_allgather(
-        np.asarray(status, np.int32))).reshape(-1)
+    statuses = np.asarray(multihost_utils.process_allgather(np.asarray(status, np.int32))).reshape(
+        -1
+    )
     failed = ", ".join(map(str, np.flatnonzero(statuses)))
     if error is None and statuses.max() == 2:
       raise RuntimeError(f"Restoring {step_dir} failed on process(es) {failed}; see their logs.")
     if error is None and statuses.max() == 1:
-      raise DamagedCheckpointError(f"Checkpoint {step_dir} is damaged: process(es) {failed} "
-                                   "could not read it; see their logs.")
+      raise DamagedCheckpointError(
+          f"Checkpoint {step_dir} is damaged: process(es) {failed} "
+          "could not read it; see their logs."
+      )
   if error is not None:
     raise error

@@ -42,27 +42,43 @@ from pirl_jax.commands import compare
 FLAGS = flags.FLAGS
 
 TITLES = {
-    "pirl": "PIRL (jigsaw)", "pirl_rotation": "PIRL (rotation)", "npid": "NPID",
-    "jigsaw": "Jigsaw", "rotation": "RotNet", "relative_patch": "Relative patch",
-    "random": "random trunk", "scratch": "scratch",
+    "pirl": "PIRL (jigsaw)",
+    "pirl_rotation": "PIRL (rotation)",
+    "npid": "NPID",
+    "jigsaw": "Jigsaw",
+    "rotation": "RotNet",
+    "relative_patch": "Relative patch",
+    "random": "random trunk",
+    "scratch": "scratch",
 }
 # (key in a row's scores, column title); probes from pretraining, test AUCs from fine-tuning.
-COLUMNS = (("knn", "kNN mean AUC"), ("linear", "linear mean AUC"),
-           ("finetune_mean", "fine-tune mean AUC"), ("finetune_melanoma", "fine-tune melanoma AUC"))
+COLUMNS = (
+    ("knn", "kNN mean AUC"),
+    ("linear", "linear mean AUC"),
+    ("finetune_mean", "fine-tune mean AUC"),
+    ("finetune_melanoma", "fine-tune melanoma AUC"),
+)
 
 
 def define_flags() -> None:
   """The command's flags; defined when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file(
-      "pretrain_config", "configs/pirl.py",
-      "The pretraining recipe every method shares (a configs/pirl.py preset).", lock_config=True)
+      "pretrain_config",
+      "configs/pirl.py",
+      "The pretraining recipe every method shares (a configs/pirl.py preset).",
+      lock_config=True,
+  )
   config_flags.DEFINE_config_file(
-      "finetune_config", "configs/finetune_isic.py",
-      "The fine-tuning recipe every trunk is evaluated with.", lock_config=True)
+      "finetune_config",
+      "configs/finetune_isic.py",
+      "The fine-tuning recipe every trunk is evaluated with.",
+      lock_config=True,
+  )
   flags.DEFINE_list("methods", list(methods_lib.METHODS), "Methods to compare.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each method runs once per seed.")
-  flags.DEFINE_float("label_fraction", 0.1,
-                     "Fraction of the training labels for fine-tuning (0: no fine-tuning).")
+  flags.DEFINE_float(
+      "label_fraction", 0.1, "Fraction of the training labels for fine-tuning (0: no fine-tuning)."
+  )
   flags.DEFINE_string("workdir", None, "Where the runs and the table go (default: runs/methods).")
 
 
@@ -73,8 +89,9 @@ def pretrain_config(base, method: str, seed: int) -> ml_collections.ConfigDict:
   return config
 
 
-def finetune_config(base, checkpoint: str, seed: int, label_fraction: float,
-                    trunk: tuple[str, float]) -> ml_collections.ConfigDict:
+def finetune_config(
+    base, checkpoint: str, seed: int, label_fraction: float, trunk: tuple[str, float]
+) -> ml_collections.ConfigDict:
   """The shared fine-tuning recipe from `checkpoint` ('' = scratch) with this seed's labels."""
   config = ml_collections.ConfigDict(base.to_dict())
   config.seed, config.label_fraction = seed, label_fraction
@@ -97,6 +114,7 @@ def _mean_seconds(scores_by_seed: dict) -> str:
 
 def markdown_table(rows: dict[str, dict[int, dict]], header: str) -> str:
   """One line per method (mean ± std over seeds), paired differences against PIRL, per seed."""
+
   def cell(scores_by_seed, key):
     values = [s[key] for s in scores_by_seed.values() if key in s]
     if not values:
@@ -104,24 +122,36 @@ def markdown_table(rows: dict[str, dict[int, dict]], header: str) -> str:
     mean, std = _mean_std(values)
     return f"{mean:.3f} ± {std:.3f}"
 
-  lines = [header, "",
-           "| method | kind | final pretext loss | " + " | ".join(t for _, t in COLUMNS) +
-           " | pretraining time (s) | seeds |",
-           "|" + "---|" * (len(COLUMNS) + 5)]
+  lines = [
+      header,
+      "",
+      "| method | kind | final pretext loss | "
+      + " | ".join(t for _, t in COLUMNS)
+      + " | pretraining time (s) | seeds |",
+      "|" + "---|" * (len(COLUMNS) + 5),
+  ]
   for name, by_seed in rows.items():
-    kind = ("invariant" if name in methods_lib.BANK_METHODS else
-            "covariant" if name in methods_lib.CLASSIFICATION_METHODS else "reference")
-    lines.append(f"| {TITLES[name]} | {kind} | {cell(by_seed, 'loss')} | " +
-                 " | ".join(cell(by_seed, key) for key, _ in COLUMNS) +
-                 f" | {_mean_seconds(by_seed)} | "
-                 f"{','.join(str(s) for s in sorted(by_seed))} |")
+    kind = (
+        "invariant"
+        if name in methods_lib.BANK_METHODS
+        else "covariant"
+        if name in methods_lib.CLASSIFICATION_METHODS
+        else "reference"
+    )
+    lines.append(
+        f"| {TITLES[name]} | {kind} | {cell(by_seed, 'loss')} | "
+        + " | ".join(cell(by_seed, key) for key, _ in COLUMNS)
+        + f" | {_mean_seconds(by_seed)} | "
+        f"{','.join(str(s) for s in sorted(by_seed))} |"
+    )
   lines += paired_differences(rows)
   lines += ["", "Per seed (kNN / linear / fine-tune mean AUC):", ""]
   for name, by_seed in rows.items():
     per_seed = "; ".join(
-        f"seed {seed}: " + " / ".join(f"{s[k]:.3f}" if k in s else "—"
-                                      for k in ("knn", "linear", "finetune_mean"))
-        for seed, s in sorted(by_seed.items()))
+        f"seed {seed}: "
+        + " / ".join(f"{s[k]:.3f}" if k in s else "—" for k in ("knn", "linear", "finetune_mean"))
+        for seed, s in sorted(by_seed.items())
+    )
     lines.append(f"- {TITLES[name]}: {per_seed}")
   return "\n".join(lines)
 
@@ -129,10 +159,15 @@ def markdown_table(rows: dict[str, dict[int, dict]], header: str) -> str:
 def paired_differences(rows: dict[str, dict[int, dict]], baseline: str = "pirl") -> list[str]:
   """Each row minus PIRL over the seeds both have: mean ± std, seeds ahead, paired t-test."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   if baseline not in rows:
     return []
-  lines = ["", f"Paired differences against {TITLES[baseline]} (same seeds; scratch and the "
-           "random trunk are compared where they have the score):", ""]
+  lines = [
+      "",
+      f"Paired differences against {TITLES[baseline]} (same seeds; scratch and the "
+      "random trunk are compared where they have the score):",
+      "",
+  ]
   base = rows[baseline]
   for name, by_seed in rows.items():
     if name == baseline:
@@ -145,31 +180,44 @@ def paired_differences(rows: dict[str, dict[int, dict]], baseline: str = "pirl")
       theirs = np.array([base[s][key] for s in seeds])
       diff = ours - theirs
       t, p = stats.ttest_rel(ours, theirs)
-      lines.append(f"- {TITLES[name]} − {TITLES[baseline]}, {title}: {np.mean(diff):+.3f} ± "
-                   f"{np.std(diff, ddof=1):.3f} over {len(seeds)} seeds (ahead on "
-                   f"{int(np.sum(diff > 0))}), paired t = {t:.2f}, p = {p:.3g}")
+      lines.append(
+          f"- {TITLES[name]} − {TITLES[baseline]}, {title}: {np.mean(diff):+.3f} ± "
+          f"{np.std(diff, ddof=1):.3f} over {len(seeds)} seeds (ahead on "
+          f"{int(np.sum(diff > 0))}), paired t = {t:.2f}, p = {p:.3g}"
+      )
   return lines
 
 
 def plot(rows: dict[str, dict[int, dict]], path, title: str) -> None:
   """One panel per score: mean ± std bars per method, each seed a dot."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  panels = [(k, t) for k, t in COLUMNS[:3]
-            if any(k in s for by_seed in rows.values() for s in by_seed.values())]
+
+  panels = [
+      (k, t)
+      for k, t in COLUMNS[:3]
+      if any(k in s for by_seed in rows.values() for s in by_seed.values())
+  ]
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
   for ax, (key, label) in zip(axes[0], panels):
     names = [n for n, by_seed in rows.items() if any(key in s for s in by_seed.values())]
     for x, name in enumerate(names):
       values = [s[key] for s in rows[name].values() if key in s]
       mean, std = _mean_std(values)
-      color = ("tab:blue" if name in methods_lib.BANK_METHODS else
-               "tab:orange" if name in methods_lib.CLASSIFICATION_METHODS else "tab:gray")
+      color = (
+          "tab:blue"
+          if name in methods_lib.BANK_METHODS
+          else "tab:orange"
+          if name in methods_lib.CLASSIFICATION_METHODS
+          else "tab:gray"
+      )
       ax.bar(x, mean, yerr=std, color=color, alpha=0.7, capsize=3)
       ax.plot([x] * len(values), values, "k.", markersize=4)
-    ax.set_xticks(range(len(names)), [TITLES[n] for n in names], rotation=40, ha="right",
-                  fontsize=8)
+    ax.set_xticks(
+        range(len(names)), [TITLES[n] for n in names], rotation=40, ha="right", fontsize=8
+    )
     ax.set_ylabel(label)
     lows = [s[key] for n in names for s in rows[n].values() if key in s]
     ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.05))
@@ -182,29 +230,41 @@ def plot(rows: dict[str, dict[int, dict]], path, title: str) -> None:
 
 def _pretraining_scores(summary: dict) -> dict:
   probe = summary.get("evaluations", {}).get("probe", {})
-  scores = {"loss": float(summary["metrics"]["loss"]),
-            "seconds": float(summary.get("wall_seconds", float("nan")))}
+  scores = {
+      "loss": float(summary["metrics"]["loss"]),
+      "seconds": float(summary.get("wall_seconds", float("nan"))),
+  }
   if probe:
     scores.update(knn=probe["knn_auc_mean"], linear=probe["linear_auc_mean"])
   return scores
 
 
 def _finetune_scores(metrics: dict) -> dict:
-  return {"finetune_mean": metrics["test"]["auc_mean"],
-          "finetune_melanoma": metrics["test"]["auc_melanoma"]}
+  return {
+      "finetune_mean": metrics["test"]["auc_mean"],
+      "finetune_melanoma": metrics["test"]["auc_melanoma"],
+  }
 
 
-def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: list[str],
-                   seeds: list[int], label_fraction: float) -> tuple[dict, str]:
+def run_comparison(
+    pretrain_base,
+    finetune_base,
+    workdir: str,
+    method_names: list[str],
+    seeds: list[int],
+    label_fraction: float,
+) -> tuple[dict, str]:
   """Runs (or reuses) every method x seed and its evaluations. Returns (rows, Markdown table)."""
   from pirl_jax import configuration  # pylint: disable=g-import-not-at-top
   from pirl_jax.tasks import finetune  # pylint: disable=g-import-not-at-top
   from pirl_jax.commands import probe  # pylint: disable=g-import-not-at-top
   from pirl_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
+
   unknown = [m for m in method_names if m not in methods_lib.METHODS]
   if unknown or not method_names:
-    raise user_errors.UserError(f"--methods={','.join(method_names)}: choose from "
-                                f"{', '.join(methods_lib.METHODS)}.")
+    raise user_errors.UserError(
+        f"--methods={','.join(method_names)}: choose from " f"{', '.join(methods_lib.METHODS)}."
+    )
   if not 0.0 <= label_fraction <= 1.0:
     raise user_errors.UserError(f"--label_fraction={label_fraction} must be in [0, 1].")
   if not seeds:
@@ -215,7 +275,8 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
   trunk = (pretrain_base.model.trunk, float(pretrain_base.model.width_multiplier))
   if label_fraction > 0:
     configuration.validate_finetune_config(
-        finetune_config(finetune_base, "", seeds[0], label_fraction, trunk))
+        finetune_config(finetune_base, "", seeds[0], label_fraction, trunk)
+    )
 
   root = storage.path(workdir)
   rows: dict[str, dict[int, dict]] = {m: {} for m in method_names}
@@ -223,10 +284,18 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
   start = time.time()
   for done, (seed, method) in enumerate(((s, m) for s in seeds for m in method_names)):
     run_dir = root / method / f"seed{seed}"
-    logging.info("Pretraining %d/%d: %s, seed %d -> %s (%.0f min so far).", done + 1, total,
-                 method, seed, run_dir, (time.time() - start) / 60)
-    summary = pretrain.train_and_evaluate(pretrain_config(pretrain_base, method, seed),
-                                          str(run_dir))
+    logging.info(
+        "Pretraining %d/%d: %s, seed %d -> %s (%.0f min so far).",
+        done + 1,
+        total,
+        method,
+        seed,
+        run_dir,
+        (time.time() - start) / 60,
+    )
+    summary = pretrain.train_and_evaluate(
+        pretrain_config(pretrain_base, method, seed), str(run_dir)
+    )
     compare.stop_if_preempted(summary, f"Pretraining {method}, seed {seed},")
     rows[method][seed] = _pretraining_scores(summary)
 
@@ -241,8 +310,10 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
       path.parent.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(random_row, indent=2))
     random_row = json.loads(path.read_text())
-    rows["random"][seed] = {"knn": random_row["knn_auc_mean"],
-                            "linear": random_row["linear_auc_mean"]}
+    rows["random"][seed] = {
+        "knn": random_row["knn_auc_mean"],
+        "linear": random_row["linear_auc_mean"],
+    }
 
   if label_fraction > 0:
     rows["scratch"] = {}
@@ -253,29 +324,50 @@ def run_comparison(pretrain_base, finetune_base, workdir: str, method_names: lis
         metrics_path = run_dir / "metrics.json"
         if not metrics_path.is_file():
           source = "" if name == "scratch" else str(root / name / f"seed{seed}")
-          logging.info("Fine-tuning %s, seed %d, label_fraction %g -> %s.", name, seed,
-                       label_fraction, run_dir)
-          compare.stop_if_preempted(finetune.train_and_evaluate(
-              finetune_config(finetune_base, source, seed, label_fraction, trunk), str(run_dir)),
-              f"Fine-tuning {name}, seed {seed},")
+          logging.info(
+              "Fine-tuning %s, seed %d, label_fraction %g -> %s.",
+              name,
+              seed,
+              label_fraction,
+              run_dir,
+          )
+          compare.stop_if_preempted(
+              finetune.train_and_evaluate(
+                  finetune_config(finetune_base, source, seed, label_fraction, trunk), str(run_dir)
+              ),
+              f"Fine-tuning {name}, seed {seed},",
+          )
         rows[name].setdefault(seed, {}).update(
-            _finetune_scores(json.loads(metrics_path.read_text())))
+            _finetune_scores(json.loads(metrics_path.read_text()))
+        )
 
   steps = pretrain_base.num_train_steps
   length = f"{steps} steps" if steps > 0 else f"{pretrain_base.num_epochs:g} epochs"
-  budget = (f"{pretrain_base.name}: {trunk[0]} x{trunk[1]:g}, {length}, batch "
-            f"{pretrain_base.global_batch_size}")
-  header = (f"Pretraining methods on the same budget ({budget}); probes on the held-out split, "
-            f"fine-tuning at label_fraction={label_fraction:g} (test AUC of the best validation "
-            "state); mean ± std over seeds.")
+  budget = (
+      f"{pretrain_base.name}: {trunk[0]} x{trunk[1]:g}, {length}, batch "
+      f"{pretrain_base.global_batch_size}"
+  )
+  header = (
+      f"Pretraining methods on the same budget ({budget}); probes on the held-out split, "
+      f"fine-tuning at label_fraction={label_fraction:g} (test AUC of the best validation "
+      "state); mean ± std over seeds."
+  )
   table = markdown_table(rows, header)
   root.mkdir(parents=True, exist_ok=True)
   (root / "methods.md").write_text(table + "\n")
-  (root / "methods.json").write_text(json.dumps(
-      dict(methods=method_names, seeds=seeds, label_fraction=label_fraction,
-           pretrain_config=pretrain_base.to_dict(), rows={k: {str(s): v for s, v in r.items()}
-                                                        for k, r in rows.items()}),
-      indent=2, default=str))
+  (root / "methods.json").write_text(
+      json.dumps(
+          dict(
+              methods=method_names,
+              seeds=seeds,
+              label_fraction=label_fraction,
+              pretrain_config=pretrain_base.to_dict(),
+              rows={k: {str(s): v for s, v in r.items()} for k, r in rows.items()},
+          ),
+          indent=2,
+          default=str,
+      )
+  )
   plot(rows, root / "methods.png", f"{budget}, label_fraction={label_fraction:g}")
   return rows, table
 
@@ -289,8 +381,14 @@ def _main(argv):
     raise user_errors.UserError(f"--seeds={','.join(FLAGS.seeds)}: expected integers.") from None
   workdir = FLAGS.workdir or "runs/methods"
   try:
-    _, table = run_comparison(FLAGS.pretrain_config, FLAGS.finetune_config, workdir,
-                              FLAGS.methods, seeds, FLAGS.label_fraction)
+    _, table = run_comparison(
+        FLAGS.pretrain_config,
+        FLAGS.finetune_config,
+        workdir,
+        FLAGS.methods,
+        seeds,
+        FLAGS.label_fraction,
+    )
   except compare.Preempted as stopped:
     print(f"\n{stopped}")
     return
@@ -299,6 +397,7 @@ def _main(argv):
 
 def main(argv=None) -> int:
   from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
+
   define_flags()
   return program.run_program(_main, argv or sys.argv)
 

@@ -24,24 +24,29 @@ def read_curve(workdir: str | pathlib.Path) -> list[dict]:
   path = storage.path(workdir, absolute=False) / "summary.json"
   if not path.is_file():
     from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
-    raise user_errors.UserError(f"{path} does not exist: is {workdir} a finished pretraining "
-                                "workdir?")
+
+    raise user_errors.UserError(
+        f"{path} does not exist: is {workdir} a finished pretraining " "workdir?"
+    )
   history = json.loads(path.read_text()).get("evaluation_history", [])
   return [dict(step=h["step"], **h["probe"]) for h in history if "probe" in h]
 
 
-def plot(curves: dict[str, list[dict]], out: str | pathlib.Path,
-         random: tuple[float, float] | None = None) -> None:
+def plot(
+    curves: dict[str, list[dict]],
+    out: str | pathlib.Path,
+    random: tuple[float, float] | None = None,
+) -> None:
   """Two panels (kNN, linear), one line per run; `random` draws the random trunk's level."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   fig = Figure(figsize=(9.0, 3.6), dpi=110)
   FigureCanvasAgg(fig)
   for i, (key, title) in enumerate(PANELS):
     ax = fig.add_subplot(1, 2, i + 1)
     for name, points in curves.items():
-      ax.plot([p["step"] for p in points], [p[key] for p in points], marker="o", ms=3,
-              label=name)
+      ax.plot([p["step"] for p in points], [p[key] for p in points], marker="o", ms=3, label=name)
     if random is not None:
       ax.axhline(random[i], ls="--", color="grey", lw=1, label="random trunk")
     ax.set(xlabel="pretraining step", ylabel=title, title=title)
@@ -54,8 +59,10 @@ def plot(curves: dict[str, list[dict]], out: str | pathlib.Path,
 def markdown(curves: dict[str, list[dict]]) -> str:
   lines = ["| run | step | kNN mean AUC | linear mean AUC |", "|---|---|---|---|"]
   for name, points in curves.items():
-    lines += [f"| {name} | {p['step']} | {p['knn_auc_mean']:.4f} | {p['linear_auc_mean']:.4f} |"
-              for p in points]
+    lines += [
+        f"| {name} | {p['step']} | {p['knn_auc_mean']:.4f} | {p['linear_auc_mean']:.4f} |"
+        for p in points
+    ]
   return "\n".join(lines)
 
 
@@ -66,19 +73,24 @@ def _random_levels(text: str) -> tuple[float, float] | None:
     knn, linear = (float(v) for v in text.split(","))
   except ValueError:
     from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
-    raise user_errors.UserError(f"--random={text!r}: expected the random trunk's kNN and linear "
-                                "mean AUC, e.g. --random=0.55,0.60.") from None
+
+    raise user_errors.UserError(
+        f"--random={text!r}: expected the random trunk's kNN and linear "
+        "mean AUC, e.g. --random=0.55,0.60."
+    ) from None
   return knn, linear
 
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("workdirs", nargs="+", help="pretraining workdirs (name=path to label)")
   parser.add_argument("--out", required=True, help="the PNG to write")
   parser.add_argument("--random", default="", help="random trunk's kNN,linear mean AUC")
   args = parser.parse_args(argv)
   from pirl_jax import user_errors  # pylint: disable=g-import-not-at-top
+
   try:
     curves = {}
     for spec in args.workdirs:

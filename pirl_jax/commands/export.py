@@ -36,22 +36,35 @@ def export(checkpoint: str, out: str, step: int | None = None) -> dict:
   # Imported here, after the command has configured TensorFlow's logging (the data modules
   # that inference uses import TensorFlow).
   from pirl_jax import inference  # pylint: disable=g-import-not-at-top
+
   loaded = inference.restore(checkpoint, step, field="--checkpoint")
   state = torch_weights.to_state_dict(loaded.variables)
-  metadata = {"architecture": loaded.name, "width_multiplier": f"{loaded.width_multiplier:g}",
-              "source": loaded.checkpoint, "step": "" if loaded.step is None else str(loaded.step),
-              "layout": "torchvision ResNet (no fc); input RGB [0, 1], ImageNet mean/std"}
+  metadata = {
+      "architecture": loaded.name,
+      "width_multiplier": f"{loaded.width_multiplier:g}",
+      "source": loaded.checkpoint,
+      "step": "" if loaded.step is None else str(loaded.step),
+      "layout": "torchvision ResNet (no fc); input RGB [0, 1], ImageNet mean/std",
+  }
   torch_weights.write(state, out_path, metadata)
-  parameters = sum(int(np.prod(v.shape)) for k, v in state.items()
-                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+  parameters = sum(
+      int(np.prod(v.shape))
+      for k, v in state.items()
+      if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+  )
   return dict(out=str(out_path), tensors=len(state), parameters=parameters, **metadata)
 
 
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("checkpoint", None, "A pretraining or fine-tuning workdir, its "
-                      "checkpoints/ (or best/) folder or one step folder.")
+
+  flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "A pretraining or fine-tuning workdir, its "
+      "checkpoints/ (or best/) folder or one step folder.",
+  )
   flags.DEFINE_string("out", None, "The .safetensors file to write.")
   flags.DEFINE_integer("step", -1, "The checkpoint step (-1: the latest).")
   flags.mark_flags_as_required(["checkpoint", "out"])
@@ -59,9 +72,11 @@ def main(argv=None) -> int:
   def run(_):
     f = flags.FLAGS
     written = export(f.checkpoint, f.out, None if f.step < 0 else f.step)
-    print(f"Wrote {written['tensors']} tensors ({written['parameters']:,} parameters) of "
-          f"{written['architecture']} at width {written['width_multiplier']} from "
-          f"{written['source']} (step {written['step']}) to {written['out']}.")
+    print(
+        f"Wrote {written['tensors']} tensors ({written['parameters']:,} parameters) of "
+        f"{written['architecture']} at width {written['width_multiplier']} from "
+        f"{written['source']} (step {written['step']}) to {written['out']}."
+    )
 
   return program.run_program(run, argv or sys.argv)
 

@@ -63,8 +63,11 @@ HISTOGRAM_BINS = np.linspace(0.0, 2.0, 41)
 def cell_slices(size: int, grid: int = GRID) -> list[tuple[slice, slice]]:
   """The grid's cells in row-major order: `size // grid` px each, from the top-left corner."""
   cell = size // grid
-  return [(slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
-          for r in range(grid) for c in range(grid)]
+  return [
+      (slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
+      for r in range(grid)
+      for c in range(grid)
+  ]
 
 
 def rotate(image: np.ndarray, quarter_turns: int) -> np.ndarray:
@@ -79,7 +82,7 @@ def centre_square(image: np.ndarray, size: int) -> np.ndarray:
   new = (max(size, round(width * scale)), max(size, round(height * scale)))
   resized = np.asarray(Image.fromarray(image).resize(new, Image.BILINEAR))
   top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
-  return resized[top:top + size, left:left + size]
+  return resized[top : top + size, left : left + size]
 
 
 def centre_tiles(image: np.ndarray, tile_size: int, grid: int = GRID) -> np.ndarray:
@@ -89,7 +92,7 @@ def centre_tiles(image: np.ndarray, tile_size: int, grid: int = GRID) -> np.ndar
     cell = image[rows, cols]
     top = (cell.shape[0] - tile_size) // 2
     left = (cell.shape[1] - tile_size) // 2
-    tiles.append(cell[top:top + tile_size, left:left + tile_size])
+    tiles.append(cell[top : top + tile_size, left : left + tile_size])
   return np.stack(tiles)
 
 
@@ -140,9 +143,14 @@ def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def summarize(scores: np.ndarray) -> dict:
   counts, _ = np.histogram(np.clip(scores, HISTOGRAM_BINS[0], HISTOGRAM_BINS[-1]), HISTOGRAM_BINS)
-  return dict(mean=float(np.mean(scores)), median=float(np.median(scores)),
-              std=float(np.std(scores)), num_images=int(len(scores)),
-              histogram=counts.tolist(), bin_edges=HISTOGRAM_BINS.tolist())
+  return dict(
+      mean=float(np.mean(scores)),
+      median=float(np.median(scores)),
+      std=float(np.std(scores)),
+      num_images=int(len(scores)),
+      histogram=counts.tolist(),
+      bin_edges=HISTOGRAM_BINS.tolist(),
+  )
 
 
 # --- Views of the held-out images -----------------------------------------------------------------
@@ -160,13 +168,15 @@ def held_out_images(saved: dict, num_images: int, cache_dir: str = "") -> list[n
   if sets is None:
     raise user_errors.UserError(
         f"The run's data ({data_cfg.source} {data_cfg.path}) has no held-out labelled split to "
-        "measure invariance on; give the run a probe.labels CSV.")
+        "measure invariance on; give the run a probe.labels CSV."
+    )
   encoded = sets.query.encoded[:num_images]
   return [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded]
 
 
-def make_views(images, image_size: int, jigsaw_crop_size: int, tile_size: int,
-               seed: int) -> dict[str, np.ndarray]:
+def make_views(
+    images, image_size: int, jigsaw_crop_size: int, tile_size: int, seed: int
+) -> dict[str, np.ndarray]:
   """The deterministic inputs every checkpoint is scored on (normalised float32)."""
   rng = np.random.default_rng(seed)
   squares = np.stack([centre_square(im, image_size) for im in images])
@@ -179,7 +189,8 @@ def make_views(images, image_size: int, jigsaw_crop_size: int, tile_size: int,
       image=normalize(squares),
       rotation=normalize(np.stack([rotate(sq, t) for sq, t in zip(squares, turns)])),
       tiles=normalize(tiles),  # row-major: the tile bag does not depend on the order
-      shuffled_tiles=normalize(np.stack([t[p] for t, p in zip(tiles, permutations)])))
+      shuffled_tiles=normalize(np.stack([t[p] for t, p in zip(tiles, permutations)])),
+  )
 
 
 def score_checkpoint(variables: dict, model_cfg: dict, views: dict, with_heads: bool) -> dict:
@@ -199,8 +210,10 @@ def score_checkpoint(variables: dict, model_cfg: dict, views: dict, with_heads: 
   tiles = views["tiles"]
   tile_features = embed(tile_trunk_vars, tiles.reshape((-1,) + tiles.shape[2:]))
   tile_bag = tile_features.reshape(tiles.shape[:2] + (-1,)).mean(axis=1)
-  scores = {"trunk/tiles": summarize(cross_normalised_distances(tile_bag, image)),
-            "trunk/rotation": summarize(normalised_distances(image, rotated))}
+  scores = {
+      "trunk/tiles": summarize(cross_normalised_distances(tile_bag, image)),
+      "trunk/rotation": summarize(normalised_distances(image, rotated)),
+  }
   if with_heads:
     image_vars = {c: variables[c] for c in ("params", "batch_stats")}
     tile_vars = dict(image_vars)
@@ -208,23 +221,36 @@ def score_checkpoint(variables: dict, model_cfg: dict, views: dict, with_heads: 
       tile_vars["batch_stats"] = {**variables["batch_stats"], trunk_init.TRUNK: tile_stats}
     f_fn = jax.jit(lambda v, x: model.apply(v, x, train=False, method="embed_images"))
     g_fn = jax.jit(lambda v, x: model.apply(v, x, train=False, method="embed_tiles"))
-    f_hat = np.concatenate([np.asarray(f_fn(image_vars, views["image"][i:i + 128]))
-                            for i in range(0, len(views["image"]), 128)])
-    g_hat = np.concatenate([np.asarray(g_fn(tile_vars, views["shuffled_tiles"][i:i + 128]))
-                            for i in range(0, len(views["image"]), 128)])
+    f_hat = np.concatenate(
+        [
+            np.asarray(f_fn(image_vars, views["image"][i : i + 128]))
+            for i in range(0, len(views["image"]), 128)
+        ]
+    )
+    g_hat = np.concatenate(
+        [
+            np.asarray(g_fn(tile_vars, views["shuffled_tiles"][i : i + 128]))
+            for i in range(0, len(views["image"]), 128)
+        ]
+    )
     scores["embedding/jigsaw"] = summarize(distances(f_hat, g_hat))
   return scores
 
 
 def _random_model_variables(model_cfg: dict, views: dict, seed: int) -> dict:
   model = state_lib.create_model(ml_collections.ConfigDict(model_cfg))
-  variables = model.init(jax.random.PRNGKey(seed), jnp.asarray(views["image"][:1]),
-                         jnp.asarray(views["tiles"][:1]), train=False)
+  variables = model.init(
+      jax.random.PRNGKey(seed),
+      jnp.asarray(views["image"][:1]),
+      jnp.asarray(views["tiles"][:1]),
+      train=False,
+  )
   return jax.device_get(variables)
 
 
-def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0,
-                 cache_dir: str = "") -> dict:
+def run_analysis(
+    checkpoints: list[str], *, num_images: int = 500, seed: int = 0, cache_dir: str = ""
+) -> dict:
   """Scores every checkpoint and a random model of the first one's architecture.
 
   Returns:
@@ -237,7 +263,8 @@ def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0
     if not (init.source_config or {}).get("model"):
       raise checkpointing.CheckpointMismatchError(
           f"--checkpoint={given}: no config.json of the run that wrote it was found, so its "
-          "architecture is unknown.")
+          "architecture is unknown."
+      )
   first = resolved[0].source_config
   views_cfg = first.get("data", {}).get("views", {})
   image_size = views_cfg.get("image_size") or first.get("augment", {}).get("image_size")
@@ -245,19 +272,26 @@ def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0
   tile_size = views_cfg.get("tile_size", image_size // GRID)
   images = held_out_images(first, num_images, cache_dir)
   views = make_views(images, image_size, jigsaw_crop_size, tile_size, seed)
-  logging.info("Invariance on %d held-out images (%d px, tiles %d px).", len(images), image_size,
-               tile_size)
+  logging.info(
+      "Invariance on %d held-out images (%d px, tiles %d px).", len(images), image_size, tile_size
+  )
 
   results = {}
   pirl_model_cfg = None
   for given, init in zip(checkpoints, resolved):
     saved = init.source_config
     # A PIRL pretraining state has both heads; an NPID one only the image head.
-    is_pirl = (saved.get("mode") == "pretrain" and init.item_dir is not None
-               and saved.get("method", "pirl") == "pirl")
+    is_pirl = (
+        saved.get("mode") == "pretrain"
+        and init.item_dir is not None
+        and saved.get("method", "pirl") == "pirl"
+    )
     name = f"{given} (step {init.step})" if init.step is not None else given
-    arrays = (checkpointing.load_arrays(init.item_dir)
-              if saved.get("mode") == "pretrain" and init.item_dir is not None else {})
+    arrays = (
+        checkpointing.load_arrays(init.item_dir)
+        if saved.get("mode") == "pretrain" and init.item_dir is not None
+        else {}
+    )
     tile_stats = arrays.get("tile_batch_stats", {}).get(trunk_init.TRUNK)
     if is_pirl:
       variables = {"params": arrays["params"], "batch_stats": arrays["batch_stats"]}
@@ -266,8 +300,9 @@ def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0
     else:
       loaded = inference.restore(given)
       variables = dict(loaded.variables)
-      model_cfg = dict(saved.get("model", {}), trunk=loaded.name,
-                       width_multiplier=loaded.width_multiplier)
+      model_cfg = dict(
+          saved.get("model", {}), trunk=loaded.name, width_multiplier=loaded.width_multiplier
+      )
     if tile_stats is not None:
       variables["tile_batch_stats"] = tile_stats
     results[name] = score_checkpoint(variables, model_cfg, views, with_heads=is_pirl)
@@ -278,16 +313,18 @@ def run_analysis(checkpoints: list[str], *, num_images: int = 500, seed: int = 0
   if pirl_model_cfg is not None:
     # The same random model whatever the methods: a PIRL network's initialisation at `seed`.
     random_vars = _random_model_variables(pirl_model_cfg, views, seed)
-    results["random init"] = score_checkpoint(random_vars, pirl_model_cfg, views,
-                                              with_heads=True)
+    results["random init"] = score_checkpoint(random_vars, pirl_model_cfg, views, with_heads=True)
   else:
     trunk = trunk_init.trunk_from_config(resolved[0].source_config["model"])
-    random_vars = jax.device_get(trunk.init(jax.random.PRNGKey(seed),
-                                            jnp.asarray(views["image"][:1]), train=False))
-    results["random init"] = score_checkpoint(random_vars, resolved[0].source_config["model"],
-                                              views, with_heads=False)
-  return dict(num_images=len(images), image_size=image_size, tile_size=tile_size, seed=seed,
-              results=results)
+    random_vars = jax.device_get(
+        trunk.init(jax.random.PRNGKey(seed), jnp.asarray(views["image"][:1]), train=False)
+    )
+    results["random init"] = score_checkpoint(
+        random_vars, resolved[0].source_config["model"], views, with_heads=False
+    )
+  return dict(
+      num_images=len(images), image_size=image_size, tile_size=tile_size, seed=seed, results=results
+  )
 
 
 def describe(scores: dict) -> str:
@@ -296,11 +333,15 @@ def describe(scores: dict) -> str:
 
 def markdown_table(result: dict) -> str:
   measures = sorted({m for scores in result["results"].values() for m in scores})
-  lines = ["| representation | " + " | ".join(f"{m} (mean ± std)" for m in measures) + " |",
-           "|---" * (len(measures) + 1) + "|"]
+  lines = [
+      "| representation | " + " | ".join(f"{m} (mean ± std)" for m in measures) + " |",
+      "|---" * (len(measures) + 1) + "|",
+  ]
   for name, scores in result["results"].items():
-    cells = [f"{scores[m]['mean']:.3f} ± {scores[m]['std']:.3f}" if m in scores else "—"
-             for m in measures]
+    cells = [
+        f"{scores[m]['mean']:.3f} ± {scores[m]['std']:.3f}" if m in scores else "—"
+        for m in measures
+    ]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -311,15 +352,23 @@ def short_name(name: str) -> str:
   path, sep, step = name.partition(" (step ")
   folder = pathlib.PurePath(path.rstrip("/"))
   if folder.name in ("checkpoints", "default") or folder.name.isdigit():
-    folder = next((p for p in folder.parents if p.name not in ("checkpoints", "default", "")
-                   and not p.name.isdigit()), folder)
+    folder = next(
+        (
+            p
+            for p in folder.parents
+            if p.name not in ("checkpoints", "default", "") and not p.name.isdigit()
+        ),
+        folder,
+    )
   return f"{folder.name or path}{sep}{step}"
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   measures = sorted({m for scores in result["results"].values() for m in scores})
   fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.4), squeeze=False)
   for ax, measure in zip(axes[0], measures):
@@ -328,8 +377,11 @@ def plot(result: dict, path: pathlib.Path) -> None:
         s = scores[measure]
         ax.stairs(s["histogram"], s["bin_edges"], label=f"{short_name(name)} ({s['mean']:.2f})")
     ax.set_title(measure)
-    ax.set_xlabel("distance, f to g" if measure.startswith("embedding") else
-                  "distance to the transformed image / to another image")
+    ax.set_xlabel(
+        "distance, f to g"
+        if measure.startswith("embedding")
+        else "distance to the transformed image / to another image"
+    )
     ax.set_ylabel("images")
     ax.legend(fontsize=7)
   fig.tight_layout()
@@ -340,33 +392,44 @@ def plot(result: dict, path: pathlib.Path) -> None:
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string("checkpoint", None, "A pretraining (or fine-tuning) workdir, its "
-                            "checkpoints/ folder or one step folder; repeat to compare.")
-  flags.DEFINE_string("out", "", "Where invariance.{json,md,png} go (default "
-                      "<first checkpoint>/invariance).")
+
+  flags.DEFINE_multi_string(
+      "checkpoint",
+      None,
+      "A pretraining (or fine-tuning) workdir, its "
+      "checkpoints/ folder or one step folder; repeat to compare.",
+  )
+  flags.DEFINE_string(
+      "out", "", "Where invariance.{json,md,png} go (default " "<first checkpoint>/invariance)."
+  )
   flags.DEFINE_integer("num_images", 500, "Held-out images scored (at most).")
   flags.DEFINE_integer("seed", 0, "Seed of the permutations, rotations and the random model.")
-  flags.DEFINE_string("cache_dir", "", "Prepared-image cache (default $PIRL_JAX_CACHE or "
-                      "~/.cache/pirl_jax).")
+  flags.DEFINE_string(
+      "cache_dir", "", "Prepared-image cache (default $PIRL_JAX_CACHE or " "~/.cache/pirl_jax)."
+  )
   flags.mark_flag_as_required("checkpoint")
 
   def run(_):
     f = flags.FLAGS
-    result = run_analysis(f.checkpoint, num_images=f.num_images, seed=f.seed,
-                          cache_dir=f.cache_dir)
+    result = run_analysis(f.checkpoint, num_images=f.num_images, seed=f.seed, cache_dir=f.cache_dir)
     if jax.process_index() != 0:
       return
-    out = (storage.path(f.out, absolute=False) if f.out else
-           storage.path(f.checkpoint[0]) / "invariance")
+    out = (
+        storage.path(f.out, absolute=False)
+        if f.out
+        else storage.path(f.checkpoint[0]) / "invariance"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "invariance.json").write_text(json.dumps(result, indent=2))
     table = markdown_table(result)
-    text = (f"Invariance on {result['num_images']} held-out images. trunk/tiles: distance of "
-            "the mean trunk features of an image's tiles to the trunk features of the image, "
-            "over their distance to another image's; trunk/rotation: distance to the rotated "
-            "image over the distance to another image (0: invariant, 1: as far as another "
-            "image); embedding/jigsaw: the L2 distance of unit-norm f(v_I) and g(v_It) (0 to 2)"
-            f"\n\n{table}\n")
+    text = (
+        f"Invariance on {result['num_images']} held-out images. trunk/tiles: distance of "
+        "the mean trunk features of an image's tiles to the trunk features of the image, "
+        "over their distance to another image's; trunk/rotation: distance to the rotated "
+        "image over the distance to another image (0: invariant, 1: as far as another "
+        "image); embedding/jigsaw: the L2 distance of unit-norm f(v_I) and g(v_It) (0 to 2)"
+        f"\n\n{table}\n"
+    )
     (out / "invariance.md").write_text(text)
     plot(result, out / "invariance.png")
     print(f"\n{text}\nWritten to {out}/invariance.{{json,md,png}}.")

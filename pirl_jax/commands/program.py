@@ -69,9 +69,13 @@ def configure_logging(verbosity: int, entry_files=()) -> None:
 
 
 # What TensorFlow's C++ side prints on stderr when it loads, whatever TF_CPP_MIN_LOG_LEVEL says.
-_TF_LOAD_NOTICES = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog",
-                    "cpu_feature_guard", "To enable the following instructions",
-                    "rebuild TensorFlow with the appropriate compiler flags")
+_TF_LOAD_NOTICES = (
+    "oneDNN custom operations are on",
+    "All log messages before absl::InitializeLog",
+    "cpu_feature_guard",
+    "To enable the following instructions",
+    "rebuild TensorFlow with the appropriate compiler flags",
+)
 
 
 def import_tensorflow(verbosity: int = 0):
@@ -94,8 +98,11 @@ def import_tensorflow(verbosity: int = 0):
         os.close(saved)
         captured.seek(0)
         text = captured.read().decode(errors="replace")
-    kept = [line for line in text.splitlines()
-            if line.strip() and not any(n in line for n in _TF_LOAD_NOTICES)]
+    kept = [
+        line
+        for line in text.splitlines()
+        if line.strip() and not any(n in line for n in _TF_LOAD_NOTICES)
+    ]
     if kept:
       print("\n".join(kept), file=sys.stderr)
   tf.config.set_visible_devices([], "GPU")
@@ -133,8 +140,10 @@ def _config_spec(argv) -> str | None:
 
 # The project's configs: the repository's configs/ folder, or the copy installed inside the
 # package (pirl_jax/configs, see setup.py).
-_SHIPPED_CONFIG_DIRS = (pathlib.Path(__file__).resolve().parents[1] / "configs",
-                        pathlib.Path(__file__).resolve().parents[2] / "configs")
+_SHIPPED_CONFIG_DIRS = (
+    pathlib.Path(__file__).resolve().parents[1] / "configs",
+    pathlib.Path(__file__).resolve().parents[2] / "configs",
+)
 
 
 def shipped_config(path: str) -> str | None:
@@ -146,8 +155,13 @@ def shipped_config(path: str) -> str | None:
   if os.path.isfile(path):
     return None
   candidate = pathlib.PurePath(path)
-  name = (candidate.name if candidate.suffix == ".py" and candidate.parent.name == "configs"
-          else f"{path}.py" if path.isidentifier() else None)
+  name = (
+      candidate.name
+      if candidate.suffix == ".py" and candidate.parent.name == "configs"
+      else f"{path}.py"
+      if path.isidentifier()
+      else None
+  )
   if name is None:
     return None
   return next((str(d / name) for d in _SHIPPED_CONFIG_DIRS if (d / name).is_file()), None)
@@ -157,9 +171,10 @@ def resolve_config_flag(argv) -> list[str]:
   """`argv` with --config=SPEC pointing at the shipped config file when SPEC names one."""
   out = []
   for arg in argv:
-    if arg.startswith("--config=") and (shipped := shipped_config(
-        arg[len("--config="):].partition(":")[0])):
-      preset = arg.partition(":")[2] if ":" in arg[len("--config="):] else ""
+    if arg.startswith("--config=") and (
+        shipped := shipped_config(arg[len("--config=") :].partition(":")[0])
+    ):
+      preset = arg.partition(":")[2] if ":" in arg[len("--config=") :] else ""
       arg = f"--config={shipped}" + (f":{preset}" if preset else "")
     out.append(arg)
   return out
@@ -173,6 +188,7 @@ def _load_config_file(argv):
   path, _, preset = spec.partition(":")
   try:
     import importlib.util  # pylint: disable=g-import-not-at-top
+
     module_spec = importlib.util.spec_from_file_location("_pirl_jax_user_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -186,28 +202,33 @@ def parse_flags(argv):
   argv = resolve_config_flag(argv)
   spec = _config_spec(argv)
   if spec and not os.path.isfile(spec.partition(":")[0]):
-    _user_error(f"config file {spec.partition(':')[0]!r} does not exist (--config={spec}); "
-                "e.g. --config=configs/pirl.py or --config=configs/pirl.py:tiny (the project's "
-                "configs also by name from any folder: --config=pirl:tiny, "
-                "--config=finetune_isic).")
+    _user_error(
+        f"config file {spec.partition(':')[0]!r} does not exist (--config={spec}); "
+        "e.g. --config=configs/pirl.py or --config=configs/pirl.py:tiny (the project's "
+        "configs also by name from any folder: --config=pirl:tiny, "
+        "--config=finetune_isic)."
+    )
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  (any failure here is in the command)
     config = _load_config_file(argv)
     if config is not None:
       from pirl_jax import configuration  # pylint: disable=g-import-not-at-top
+
       for arg in argv[1:]:
         if not (arg.startswith("--config.") and "=" in arg):
           continue
-        dotted, text = arg[len("--config."):].split("=", 1)
+        dotted, text = arg[len("--config.") :].split("=", 1)
         try:
           current = configuration.get_field(config, dotted)
         except (KeyError, AttributeError):
           _user_error(configuration.unknown_field_message(config, dotted))
         problem = _value_problem(current, text)
         if problem:
-          _user_error(f"--config.{dotted}={text!r} {problem} (the field holds "
-                      f"{type(current).__name__}, e.g. {current!r}).")
+          _user_error(
+              f"--config.{dotted}={text!r} {problem} (the field holds "
+              f"{type(current).__name__}, e.g. {current!r})."
+          )
     cause = e.__cause__ or e.__context__ or e
     message = str(cause).strip().strip("'\"").replace("\\n", "\n")
     if "Traceback (most recent call last)" in message:
@@ -231,14 +252,18 @@ def run_program(main_fn: Callable, argv, entry_files=()) -> int:
     configure_logging(FLAGS.verbosity, entry_files)
     import_tensorflow(FLAGS.verbosity)
     from pirl_jax import signals  # pylint: disable=g-import-not-at-top
+
     signals.install_startup_sigterm_handler()
     try:
       return main_fn(args)
     except user_errors.UserError as e:
       _user_error(str(e))
     except signals.StartupInterrupted:
-      print("Stopped by SIGTERM outside the training steps; nothing was lost: run the same "
-            "command again to continue.", file=sys.stderr)
+      print(
+          "Stopped by SIGTERM outside the training steps; nothing was lost: run the same "
+          "command again to continue.",
+          file=sys.stderr,
+      )
       # Everything this program writes is complete by now (a run's checkpoints are waited for
       # as its loop.Run closes); what is not is TensorFlow's and XLA's own threads, and tearing
       # the interpreter down under them can crash (exit status 139). So: no teardown.
@@ -263,8 +288,12 @@ def command_help(program: str) -> str:
     if module.startswith("pirl_jax") or module.endswith(".py") or module == "__main__":
       parts.append(FLAGS.module_help(module).strip())
   if "config" in FLAGS:
-    parts.append("  --config.<field>=<value>: overrides one field of the config, e.g. "
-                 "--config.num_epochs=40.")
-  parts.append("  --verbosity: 0 (default): progress, warnings and results; 1: the libraries' "
-               "INFO logs too.\nTry --helpfull to get a list of all flags.")
+    parts.append(
+        "  --config.<field>=<value>: overrides one field of the config, e.g. "
+        "--config.num_epochs=40."
+    )
+  parts.append(
+      "  --verbosity: 0 (default): progress, warnings and results; 1: the libraries' "
+      "INFO logs too.\nTry --helpfull to get a list of all flags."
+  )
   return "\n\n".join(parts)

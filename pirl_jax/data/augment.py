@@ -86,9 +86,13 @@ def random_resized_crop_window(height, width, seed, scale, ratio):
   w_f = tf.cast(width, tf.float32)
   area = h_f * w_f
   target_area = area * tf.random.stateless_uniform(
-      [_RRC_ATTEMPTS], area_seed, minval=scale[0], maxval=scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [_RRC_ATTEMPTS], ratio_seed, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+      [_RRC_ATTEMPTS], area_seed, minval=scale[0], maxval=scale[1]
+  )
+  aspect = tf.exp(
+      tf.random.stateless_uniform(
+          [_RRC_ATTEMPTS], ratio_seed, minval=math.log(ratio[0]), maxval=math.log(ratio[1])
+      )
+  )
   # tf.round rounds half to even, like Python's round() in torchvision.
   cand_w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
   cand_h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
@@ -104,16 +108,19 @@ def random_resized_crop_window(height, width, seed, scale, ratio):
   crop_h = tf.where(found, cand_h[first], fb_h)
   crop_w = tf.where(found, cand_w[first], fb_w)
   top_rand = tf.random.stateless_uniform(
-      [], top_seed, minval=0, maxval=height - crop_h + 1, dtype=tf.int32)
+      [], top_seed, minval=0, maxval=height - crop_h + 1, dtype=tf.int32
+  )
   left_rand = tf.random.stateless_uniform(
-      [], left_seed, minval=0, maxval=width - crop_w + 1, dtype=tf.int32)
+      [], left_seed, minval=0, maxval=width - crop_w + 1, dtype=tf.int32
+  )
   top = tf.where(found, top_rand, (height - crop_h) // 2)
   left = tf.where(found, left_rand, (width - crop_w) // 2)
   return top, left, crop_h, crop_w
 
 
-def random_resized_crop(image, seed, size: int, scale: Sequence[float],
-                        ratio: Sequence[float]) -> tf.Tensor:
+def random_resized_crop(
+    image, seed, size: int, scale: Sequence[float], ratio: Sequence[float]
+) -> tf.Tensor:
   """RandomResizedCrop of one image (torchvision semantics, stateless).
 
   Args:
@@ -146,8 +153,9 @@ def blend(image, other, factor) -> tf.Tensor:
   return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 1.0)
 
 
-def color_augment(image, seed, *, color_jitter: Sequence[float], grayscale_prob: float,
-                  flip_prob: float) -> tf.Tensor:
+def color_augment(
+    image, seed, *, color_jitter: Sequence[float], grayscale_prob: float, flip_prob: float
+) -> tf.Tensor:
   """Colour jitter, random grayscale and horizontal flip of one image.
 
   The four jitter operations (brightness, contrast, saturation, hue) are applied in a random order
@@ -164,8 +172,9 @@ def color_augment(image, seed, *, color_jitter: Sequence[float], grayscale_prob:
   Returns:
     float32 (H, W, 3) in [0, 1].
   """
-  return _color_augment(image, seed, tuple(float(v) for v in color_jitter), float(grayscale_prob),
-                        float(flip_prob))
+  return _color_augment(
+      image, seed, tuple(float(v) for v in color_jitter), float(grayscale_prob), float(flip_prob)
+  )
 
 
 # A tf.function, so that the graph (16 switch branches) is traced once per image shape and reused
@@ -180,7 +189,8 @@ def _color_augment(image, seed, color_jitter, grayscale_prob, flip_prob):
 
   def factor(strength, s):
     return tf.random.stateless_uniform(
-        [], s, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
+        [], s, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength
+    )
 
   ops = []
   if brightness > 0:
@@ -203,8 +213,9 @@ def _color_augment(image, seed, color_jitter, grayscale_prob, flip_prob):
 
   if grayscale_prob > 0:
     to_gray = tf.random.stateless_uniform([], gray_seed) < grayscale_prob
-    image = tf.cond(to_gray, lambda x=image: tf.image.grayscale_to_rgb(grayscale(x)),
-                    lambda x=image: x)
+    image = tf.cond(
+        to_gray, lambda x=image: tf.image.grayscale_to_rgb(grayscale(x)), lambda x=image: x
+    )
   if flip_prob > 0:
     flip = tf.random.stateless_uniform([], flip_seed) < flip_prob
     image = tf.cond(flip, lambda x=image: tf.reverse(x, axis=[1]), lambda x=image: x)
@@ -223,8 +234,9 @@ def random_rot90(image, seed) -> tf.Tensor:
   return tf.image.rot90(image, k)
 
 
-def projective_transform(image, transform, *, fill_mode: str = "REFLECT",
-                         fill_value=0.0) -> tf.Tensor:
+def projective_transform(
+    image, transform, *, fill_mode: str = "REFLECT", fill_value=0.0
+) -> tf.Tensor:
   """Resamples (H, W, C) float `image` bilinearly through a projective map, same output shape.
 
   Args:
@@ -236,9 +248,13 @@ def projective_transform(image, transform, *, fill_mode: str = "REFLECT",
     fill_value: the value of points outside the input for "CONSTANT".
   """
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=tf.convert_to_tensor(transform, tf.float32)[None],
-      output_shape=tf.shape(image)[:2], fill_value=fill_value, interpolation="BILINEAR",
-      fill_mode=fill_mode)
+      images=image[None],
+      transforms=tf.convert_to_tensor(transform, tf.float32)[None],
+      output_shape=tf.shape(image)[:2],
+      fill_value=fill_value,
+      interpolation="BILINEAR",
+      fill_mode=fill_mode,
+  )
   return out[0]
 
 
@@ -253,8 +269,9 @@ def rotate(image, angle, *, fill_mode: str = "REFLECT", fill_value=0.0) -> tf.Te
   cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
   cos, sin = tf.cos(angle), tf.sin(angle)
   # Maps each output pixel (x, y) to the input pixel it samples.
-  transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
-                        sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+  transform = tf.stack(
+      [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
+  )
   return projective_transform(image, transform, fill_mode=fill_mode, fill_value=fill_value)
 
 

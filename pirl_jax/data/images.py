@@ -29,8 +29,14 @@ JPEG_QUALITY = 95
 _CACHE_FORMAT = "pirl_jax.prepared_images.v1"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # What PIL raises, depending on the format plugin, for corrupt or truncated data.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 
 class BadImageError(UserError, ValueError):
@@ -59,6 +65,7 @@ class PreparedImages:
     kept: int64 positions in the input sequence of the images in `encoded`.
     skipped: `(name, reason)` for every image left out (only with `on_bad='skip'`).
   """
+
   encoded: list[bytes]
   kept: np.ndarray
   skipped: list[tuple[str, str]]
@@ -70,8 +77,9 @@ def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
   return (max(1, round(width * short_side / short)), max(1, round(height * short_side / short)))
 
 
-def _open(data: bytes, name: str,
-          max_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def _open(
+    data: bytes, name: str, max_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
   """Fully decodes `data`; returns the loaded image and its stored (width, height).
 
   With `max_side`, a large JPEG is decoded directly at 1/2, 1/4 or 1/8 scale (never below the
@@ -146,8 +154,10 @@ def prepare_image(data: bytes, name: str, *, min_side: int, max_side: int | None
   img, (width, height) = _open(data, name, max_side)
   if min(width, height) < min_side:
     raise BadImageError(
-        name, f"image is {width}x{height} pixels; its short side {min(width, height)} is below "
-        f"min_side={min_side} (config data.min_image_side)")
+        name,
+        f"image is {width}x{height} pixels; its short side {min(width, height)} is below "
+        f"min_side={min_side} (config data.min_image_side)",
+    )
   if max_side is None and img.format == "JPEG" and img.mode == "RGB":
     return data
   rgb = Image.fromarray(_to_rgb_array(img))
@@ -219,7 +229,8 @@ def _load_cache(path: Path, key: str) -> PreparedImages | None:
   if path.is_dir():
     raise errors.DataSourceError(
         f"The prepared-image cache file {path} is a folder. Move it away, or set another cache "
-        "folder (config field data.cache_dir, or the PIRL_JAX_CACHE environment variable).")
+        "folder (config field data.cache_dir, or the PIRL_JAX_CACHE environment variable)."
+    )
   if not path.exists():
     return None
   try:
@@ -228,17 +239,26 @@ def _load_cache(path: Path, key: str) -> PreparedImages | None:
         logging.info("Prepared-image cache %s is stale; rebuilding it.", path)
         return None
       blob, offsets, kept = f["blob"], f["offsets"], f["kept"]
-      if (offsets.ndim != 1 or len(offsets) != len(kept) + 1 or offsets[0] != 0
-          or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0)):
+      if (
+          offsets.ndim != 1
+          or len(offsets) != len(kept) + 1
+          or offsets[0] != 0
+          or offsets[-1] != len(blob)
+          or np.any(np.diff(offsets) < 0)
+      ):
         raise ValueError("inconsistent image offsets")
-      encoded = [blob[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+      encoded = [blob[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
       skipped = list(zip(f["skipped_names"].tolist(), f["skipped_reasons"].tolist()))
       return PreparedImages(encoded, kept.astype(np.int64), skipped)
   # np.load raises many types for a damaged file (EOFError for an empty one, BadZipFile,
   # tokenize.TokenError, NotImplementedError, ...); any of them means: rebuild.
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning("Ignoring unreadable prepared-image cache %s (%s: %s); rebuilding it.", path,
-                    type(e).__name__, e)
+    logging.warning(
+        "Ignoring unreadable prepared-image cache %s (%s: %s); rebuilding it.",
+        path,
+        type(e).__name__,
+        e,
+    )
     return None
 
 
@@ -250,40 +270,61 @@ def _save_cache(path: Path, key: str, prepared: PreparedImages) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, key=np.array(key), offsets=offsets, kept=prepared.kept,
-               blob=np.frombuffer(b"".join(prepared.encoded), dtype=np.uint8),
-               skipped_names=np.array([n for n, _ in prepared.skipped], dtype=str),
-               skipped_reasons=np.array([r for _, r in prepared.skipped], dtype=str))
+      np.savez(
+          f,
+          key=np.array(key),
+          offsets=offsets,
+          kept=prepared.kept,
+          blob=np.frombuffer(b"".join(prepared.encoded), dtype=np.uint8),
+          skipped_names=np.array([n for n, _ in prepared.skipped], dtype=str),
+          skipped_reasons=np.array([r for _, r in prepared.skipped], dtype=str),
+      )
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
 
 
-def prepare_cached(items: Sequence[tuple[str, Callable[[], bytes]]], data_cfg, what: str,
-                   on_bad: str) -> PreparedImages:
+def prepare_cached(
+    items: Sequence[tuple[str, Callable[[], bytes]]], data_cfg, what: str, on_bad: str
+) -> PreparedImages:
   """`prepare_all` with the data config's sizes, cached under the data cache's `prepared/`.
 
   The cache file is named by `what` (the source and split), the item names and the sizes; its
   content is keyed by every item's bytes too (`prepare_all`), so a changed image is rebuilt.
   """
   from pirl_jax.data import paths  # pylint: disable=g-import-not-at-top
-  key = hashlib.sha1(repr((what, [n for n, _ in items], data_cfg.min_image_side,
-                           data_cfg.max_image_side)).encode()).hexdigest()[:16]
+
+  key = hashlib.sha1(
+      repr((what, [n for n, _ in items], data_cfg.min_image_side, data_cfg.max_image_side)).encode()
+  ).hexdigest()[:16]
   return prepare_all(
-      items, min_side=data_cfg.min_image_side, max_side=data_cfg.max_image_side, on_bad=on_bad,
-      cache_path=paths.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz")
+      items,
+      min_side=data_cfg.min_image_side,
+      max_side=data_cfg.max_image_side,
+      on_bad=on_bad,
+      cache_path=paths.cache_root(data_cfg.cache_dir) / "prepared" / f"{key}.npz",
+  )
 
 
 def _log_skipped(skipped: list[tuple[str, str]], total: int) -> None:
   if skipped:
-    logging.warning("Skipped %d of %d images that could not be used: %s", len(skipped), total,
-                    "; ".join(f"{name}: {reason}" for name, reason in skipped))
+    logging.warning(
+        "Skipped %d of %d images that could not be used: %s",
+        len(skipped),
+        total,
+        "; ".join(f"{name}: {reason}" for name, reason in skipped),
+    )
 
 
-def prepare_all(items: Sequence[tuple[str, Callable[[], bytes]]], *, min_side: int,
-                max_side: int | None, on_bad: str = "error",
-                cache_path: str | os.PathLike | None = None) -> PreparedImages:
+def prepare_all(
+    items: Sequence[tuple[str, Callable[[], bytes]]],
+    *,
+    min_side: int,
+    max_side: int | None,
+    on_bad: str = "error",
+    cache_path: str | os.PathLike | None = None,
+) -> PreparedImages:
   """Prepares many images with `prepare_image`, optionally through an on-disk cache.
 
   Args:
@@ -303,8 +344,7 @@ def prepare_all(items: Sequence[tuple[str, Callable[[], bytes]]], *, min_side: i
     errors.ConfigFieldError: for an unknown `on_bad` (config field data.on_bad_image).
   """
   if on_bad not in ("error", "skip"):
-    raise errors.ConfigFieldError(
-        f"data.on_bad_image={on_bad!r}: must be 'error' or 'skip'")
+    raise errors.ConfigFieldError(f"data.on_bad_image={on_bad!r}: must be 'error' or 'skip'")
   items = list(items)
   if cache_path is not None:
     cache_path = Path(cache_path)
@@ -327,10 +367,11 @@ def prepare_all(items: Sequence[tuple[str, Callable[[], bytes]]], *, min_side: i
   results = _map_in_order(prepare, items)
   prepared = PreparedImages(
       encoded=[jpeg for jpeg, _ in results if jpeg is not None],
-      kept=np.array([i for i, (jpeg, _) in enumerate(results) if jpeg is not None],
-                    dtype=np.int64),
-      skipped=[(items[i][0], reason) for i, (_, reason) in enumerate(results)
-               if reason is not None])
+      kept=np.array([i for i, (jpeg, _) in enumerate(results) if jpeg is not None], dtype=np.int64),
+      skipped=[
+          (items[i][0], reason) for i, (_, reason) in enumerate(results) if reason is not None
+      ],
+  )
   _log_skipped(prepared.skipped, len(items))
   if cache_path is not None:
     _save_cache(cache_path, key, prepared)

@@ -67,6 +67,7 @@ class MissingSplitError(IsicFormatError):
 
 class ImageRef(NamedTuple):
   """Where one image lives: a file (`member` None) or a member of the zip at `path`."""
+
   path: str
   member: str | None = None
 
@@ -108,6 +109,7 @@ class IsicSplit:
     label: int32 per image: 0 melanoma, 1 seborrheic keratosis, 2 nevus.
     refs: where each image lives (`ImageRef`).
   """
+
   split: str
   csv_path: Path
   image_ids: list[str]
@@ -162,13 +164,18 @@ def _find_images(root: Path, split: str) -> tuple[Path, dict[str, ImageRef]]:
       if not match:  # also skips macOS "__MACOSX/.../._ISIC_..." resource forks
         continue
       if match.group(1) in found:
-        raise IsicFormatError(f"{archive}: image {basename} appears twice, as "
-                              f"{found[match.group(1)].member} and {member}")
+        raise IsicFormatError(
+            f"{archive}: image {basename} appears twice, as "
+            f"{found[match.group(1)].member} and {member}"
+        )
       found[match.group(1)] = ImageRef(str(archive), member)
     return archive, found
   raise MissingSplitError(
       f"{root}: no image folder or archive for the {split} split; looked for {flat}/ (or nested "
-      f"{nested}/) and {archive}", split, (str(flat), str(nested), str(archive)))
+      f"{nested}/) and {archive}",
+      split,
+      (str(flat), str(nested), str(archive)),
+  )
 
 
 def _parse_label(value: str, column: str, where: str) -> int:
@@ -191,12 +198,15 @@ def _read_csv(csv_path: Path) -> list[tuple[str, int, int, int]]:
       reader = csv.DictReader(f)
       header = reader.fieldnames
       if header is None:
-        raise IsicFormatError(f"{csv_path}: empty file; expected a header "
-                              f"{','.join(CSV_COLUMNS)}")
+        raise IsicFormatError(
+            f"{csv_path}: empty file; expected a header " f"{','.join(CSV_COLUMNS)}"
+        )
       missing = [c for c in CSV_COLUMNS if c not in [h.strip() for h in header]]
       if missing:
-        raise IsicFormatError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header is "
-                              f"{','.join(header)!r}, expected {','.join(CSV_COLUMNS)}")
+        raise IsicFormatError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; the header is "
+            f"{','.join(header)!r}, expected {','.join(CSV_COLUMNS)}"
+        )
       for row in reader:
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
         where = f"{csv_path} line {reader.line_num}"
@@ -204,18 +214,22 @@ def _read_csv(csv_path: Path) -> list[tuple[str, int, int, int]]:
         if not image_id:
           raise IsicFormatError(f"{where}: empty image_id")
         if image_id in first_line:
-          raise IsicFormatError(f"{where}: duplicate image_id {image_id} "
-                                f"(first on line {first_line[image_id]})")
+          raise IsicFormatError(
+              f"{where}: duplicate image_id {image_id} " f"(first on line {first_line[image_id]})"
+          )
         first_line[image_id] = reader.line_num
         mel = _parse_label(row["melanoma"], "melanoma", where)
         sk = _parse_label(row["seborrheic_keratosis"], "seborrheic_keratosis", where)
         if mel and sk:
-          raise IsicFormatError(f"{where}: {image_id} has both melanoma and "
-                                "seborrheic_keratosis set to 1; at most one may be")
+          raise IsicFormatError(
+              f"{where}: {image_id} has both melanoma and "
+              "seborrheic_keratosis set to 1; at most one may be"
+          )
         rows.append((image_id, mel, sk, reader.line_num))
   except UnicodeDecodeError as e:
-    raise IsicFormatError(f"{csv_path}: not valid UTF-8 text ({e.reason}); "
-                          "save the CSV as UTF-8") from e
+    raise IsicFormatError(
+        f"{csv_path}: not valid UTF-8 text ({e.reason}); " "save the CSV as UTF-8"
+    ) from e
   except csv.Error as e:
     raise IsicFormatError(f"{csv_path}: malformed CSV ({e})") from e
   return rows
@@ -253,22 +267,28 @@ def read_split(root: str | os.PathLike, split: str, *, strict: bool = False) -> 
     raise IsicFormatError(f"{root}: ISIC 2017 root folder does not exist")
   csv_path = root / SPLITS[split][1]
   if not csv_path.is_file():
-    raise MissingSplitError(f"{csv_path}: ground-truth CSV of the {split} split not found",
-                            split, (str(csv_path),))
+    raise MissingSplitError(
+        f"{csv_path}: ground-truth CSV of the {split} split not found", split, (str(csv_path),)
+    )
   image_location, images = _find_images(root, split)
   rows = _read_csv(csv_path)
   if not rows:
     raise IsicFormatError(f"{csv_path}: empty {split} split (no labelled rows)")
 
-  unmatched = [f"{image_id} (line {line})" for image_id, _, _, line in rows
-               if image_id not in images]
+  unmatched = [
+      f"{image_id} (line {line})" for image_id, _, _, line in rows if image_id not in images
+  ]
   if unmatched:
-    raise IsicFormatError(f"{csv_path}: {len(unmatched)} image_id(s) have no image in "
-                          f"{image_location}: {_listed(unmatched)}")
+    raise IsicFormatError(
+        f"{csv_path}: {len(unmatched)} image_id(s) have no image in "
+        f"{image_location}: {_listed(unmatched)}"
+    )
   unlabelled = sorted(set(images) - {row[0] for row in rows})
   if unlabelled:
-    message = (f"{image_location}: {len(unlabelled)} image(s) have no row in {csv_path}: "
-               f"{_listed(unlabelled)}")
+    message = (
+        f"{image_location}: {len(unlabelled)} image(s) have no row in {csv_path}: "
+        f"{_listed(unlabelled)}"
+    )
     if strict:
       raise IsicFormatError(message)
     logging.warning("%s; ignoring them.", message)
@@ -277,10 +297,14 @@ def read_split(root: str | os.PathLike, split: str, *, strict: bool = False) -> 
   mel = np.array([r[1] for r in rows], dtype=np.int32)
   sk = np.array([r[2] for r in rows], dtype=np.int32)
   return IsicSplit(
-      split=split, csv_path=csv_path, image_ids=[r[0] for r in rows], melanoma=mel,
+      split=split,
+      csv_path=csv_path,
+      image_ids=[r[0] for r in rows],
+      melanoma=mel,
       seborrheic_keratosis=sk,
       label=np.where(mel == 1, 0, np.where(sk == 1, 1, 2)).astype(np.int32),
-      refs=[images[r[0]] for r in rows])
+      refs=[images[r[0]] for r in rows],
+  )
 
 
 def read_isic2017(root: str | os.PathLike, strict: bool = False) -> dict[str, IsicSplit]:

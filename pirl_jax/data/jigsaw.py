@@ -74,8 +74,14 @@ class ViewConfig:
 
   def __post_init__(self):
     # Config systems hand over lists; store tuples so the config stays hashable.
-    for name, length in (("image_crop_scale", 2), ("crop_ratio", 2), ("jigsaw_crop_scale", 2),
-                         ("color_jitter", 4), ("mean", 3), ("std", 3)):
+    for name, length in (
+        ("image_crop_scale", 2),
+        ("crop_ratio", 2),
+        ("jigsaw_crop_scale", 2),
+        ("color_jitter", 4),
+        ("mean", 3),
+        ("std", 3),
+    ):
       value = getattr(self, name)
       try:
         value = tuple(float(v) for v in value)
@@ -97,13 +103,14 @@ class ViewConfig:
     if not 0.0 < lo <= hi:
       raise _field_error("crop_ratio", (lo, hi), "need 0 < min <= max")
     if self.jigsaw_crop_size < self.grid:
-      raise _field_error("jigsaw_crop_size", self.jigsaw_crop_size,
-                         f"must be >= grid={self.grid}")
+      raise _field_error("jigsaw_crop_size", self.jigsaw_crop_size, f"must be >= grid={self.grid}")
     if self.tile_size > self.cell_size:
       raise _field_error(
-          "tile_size", self.tile_size,
+          "tile_size",
+          self.tile_size,
           f"must be <= jigsaw_crop_size // grid = {self.jigsaw_crop_size} // "
-          f"{self.grid} = {self.cell_size} (tiles are never resized up)")
+          f"{self.grid} = {self.cell_size} (tiles are never resized up)",
+      )
     problem = augment.color_jitter_problem(self.color_jitter)
     if problem:
       raise _field_error("color_jitter", self.color_jitter, problem)
@@ -129,8 +136,13 @@ class ViewConfig:
 
 
 def _photometric(image, seed, cfg: ViewConfig):
-  return augment.color_augment(image, seed, color_jitter=cfg.color_jitter,
-                               grayscale_prob=cfg.grayscale_prob, flip_prob=cfg.flip_prob)
+  return augment.color_augment(
+      image,
+      seed,
+      color_jitter=cfg.color_jitter,
+      grayscale_prob=cfg.grayscale_prob,
+      flip_prob=cfg.flip_prob,
+  )
 
 
 def _normalize(image, cfg: ViewConfig):
@@ -149,8 +161,9 @@ def image_view(image_uint8, seed, cfg: ViewConfig) -> tf.Tensor:
     float32 (S, S, 3), S = cfg.image_size, normalised with cfg.mean/cfg.std.
   """
   crop_seed, photo_seed = augment.split_seed(seed, 2)
-  image = augment.random_resized_crop(image_uint8, crop_seed, cfg.image_size,
-                                      cfg.image_crop_scale, cfg.crop_ratio)
+  image = augment.random_resized_crop(
+      image_uint8, crop_seed, cfg.image_size, cfg.image_crop_scale, cfg.crop_ratio
+  )
   if cfg.image_photometric:
     image = _photometric(image, photo_seed, cfg)
   return _normalize(image, cfg)
@@ -176,8 +189,9 @@ def jigsaw_crop(image_uint8, seed, cfg: ViewConfig) -> tf.Tensor:
     normalisation.
   """
   crop_seed = _jigsaw_seeds(seed)[0]
-  return augment.random_resized_crop(image_uint8, crop_seed, cfg.jigsaw_crop_size,
-                                     cfg.jigsaw_crop_scale, cfg.crop_ratio)
+  return augment.random_resized_crop(
+      image_uint8, crop_seed, cfg.jigsaw_crop_size, cfg.jigsaw_crop_scale, cfg.crop_ratio
+  )
 
 
 def _grid_tiles(image_uint8, seed, cfg: ViewConfig, cells=None) -> tf.Tensor:
@@ -193,7 +207,8 @@ def _grid_tiles(image_uint8, seed, cfg: ViewConfig, cells=None) -> tf.Tensor:
 
   # Per-tile offsets in [0, cell - t], drawn independently for y and x.
   offsets = tf.random.stateless_uniform(
-      [n, 2], offset_seed, minval=0, maxval=cell - t + 1, dtype=tf.int32)
+      [n, 2], offset_seed, minval=0, maxval=cell - t + 1, dtype=tf.int32
+  )
   all_cells = tf.range(n, dtype=tf.int32)
   top = (all_cells // cfg.grid) * cell + offsets[:, 0]
   left = (all_cells % cfg.grid) * cell + offsets[:, 1]
@@ -254,8 +269,11 @@ def eval_tiles(image_uint8, cfg: ViewConfig) -> tf.Tensor:
   top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
   crop = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
   margin = (cell - t) // 2
-  tiles = [crop[r * cell + margin:r * cell + margin + t, c * cell + margin:c * cell + margin + t]
-           for r in range(cfg.grid) for c in range(cfg.grid)]
+  tiles = [
+      crop[r * cell + margin : r * cell + margin + t, c * cell + margin : c * cell + margin + t]
+      for r in range(cfg.grid)
+      for c in range(cfg.grid)
+  ]
   return tf.ensure_shape(_normalize(tf.stack(tiles), cfg), [cfg.num_tiles, t, t, 3])
 
 
@@ -273,8 +291,9 @@ def jigsaw_class_view(image_uint8, seed, cfg: ViewConfig, permutations) -> tuple
     from cell permutations[label][k].
   """
   perm_seed = _jigsaw_seeds(seed)[2]
-  label = tf.random.stateless_uniform([], perm_seed, minval=0,
-                                      maxval=tf.shape(permutations)[0], dtype=tf.int32)
+  label = tf.random.stateless_uniform(
+      [], perm_seed, minval=0, maxval=tf.shape(permutations)[0], dtype=tf.int32
+  )
   tiles = _shuffle_tiles(_grid_tiles(image_uint8, seed, cfg), permutations[label], cfg)
   return tiles, label
 
@@ -301,15 +320,17 @@ def rotated_view(image_uint8, seed, cfg: ViewConfig, return_rotation: bool = Fal
   """PIRL-rotation's transformed view: an image view (own crop and colours) rotated by k * 90
   degrees counter-clockwise, k uniform in {0, 1, 2, 3}."""
   view_seed, rotation_seed = augment.split_seed(seed, 2)
-  k = tf.random.stateless_uniform([], rotation_seed, minval=0, maxval=methods.NUM_ROTATIONS,
-                                  dtype=tf.int32)
+  k = tf.random.stateless_uniform(
+      [], rotation_seed, minval=0, maxval=methods.NUM_ROTATIONS, dtype=tf.int32
+  )
   view = tf.image.rot90(image_view(image_uint8, view_seed, cfg), k)
   view = tf.ensure_shape(view, [cfg.image_size, cfg.image_size, 3])
   return (view, k) if return_rotation else view
 
 
-def make_views(image_bytes, index, seed, epoch, cfg: ViewConfig, method: str = "pirl",
-               permutations=None) -> dict[str, tf.Tensor]:
+def make_views(
+    image_bytes, index, seed, epoch, cfg: ViewConfig, method: str = "pirl", permutations=None
+) -> dict[str, tf.Tensor]:
   """The views `method` trains on, of one encoded image, for `tf.data.Dataset.map`.
 
   The image is decoded once; each view takes its own crop of the original image with an

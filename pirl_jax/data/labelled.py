@@ -50,6 +50,7 @@ class LabelledSplit:
     source: a readable name of where the split came from.
     skipped: (name, reason) of training images left out as bad input.
   """
+
   split: str
   image_ids: list[str]
   melanoma: np.ndarray
@@ -80,41 +81,67 @@ def _load_isic(data_cfg, split: str, on_bad: str) -> LabelledSplit:
   prepared = images_lib.prepare_cached(raw.items(), data_cfg, f"isic-{split}:{root}", on_bad)
   keep = np.asarray(prepared.kept, dtype=np.int64)
   return LabelledSplit(
-      split=split, image_ids=[raw.image_ids[i] for i in keep],
+      split=split,
+      image_ids=[raw.image_ids[i] for i in keep],
       melanoma=raw.melanoma[keep].astype(np.int32),
       seborrheic_keratosis=raw.seborrheic_keratosis[keep].astype(np.int32),
-      label=raw.label[keep].astype(np.int32), encoded=list(prepared.encoded),
-      csv_path=str(raw.csv_path), source=f"{data_cfg.source}:{root}",
-      skipped=list(prepared.skipped))
+      label=raw.label[keep].astype(np.int32),
+      encoded=list(prepared.encoded),
+      csv_path=str(raw.csv_path),
+      source=f"{data_cfg.source}:{root}",
+      skipped=list(prepared.skipped),
+  )
 
 
 def _load_tfds(data_cfg, split: str, on_bad: str) -> LabelledSplit:
   import tensorflow_datasets as tfds
   from pirl_jax.data import tfds_isic2017  # pylint: disable=unused-import  (registers isic2017)
+
   data_dir = paths.user_path(data_cfg.tfds_data_dir) or None
   try:
-    ds = tfds.load(data_cfg.tfds_name, split=split, data_dir=data_dir, shuffle_files=False,
-                   download=False, decoders={"image": tfds.decode.SkipDecoding()})
+    ds = tfds.load(
+        data_cfg.tfds_name,
+        split=split,
+        data_dir=data_dir,
+        shuffle_files=False,
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
   except Exception as e:  # tfds raises several types for "not prepared" / "unknown split".
     raise errors.DataSourceError(
         f"tfds dataset {data_cfg.tfds_name!r} split {split!r} is not available in "
         f"data_dir={data_dir!r} (config fields data.tfds_name / data.tfds_data_dir). Prepare it "
         f"first (see pirl_jax/data/tfds_isic2017.py); nothing is downloaded at run time. ({e})"
     ) from e
-  rows = sorted(((ex["image_id"].decode(), ex["image"], int(ex["melanoma"]),
-                  int(ex["seborrheic_keratosis"]), int(ex["label"]))
-                 for ex in tfds.as_numpy(ds)), key=lambda r: r[0])
+  rows = sorted(
+      (
+          (
+              ex["image_id"].decode(),
+              ex["image"],
+              int(ex["melanoma"]),
+              int(ex["seborrheic_keratosis"]),
+              int(ex["label"]),
+          )
+          for ex in tfds.as_numpy(ds)
+      ),
+      key=lambda r: r[0],
+  )
   name = f"tfds:{data_cfg.tfds_name}/{split}"
   items = [(f"{name}:{r[0]}", (lambda b=r[1]: b)) for r in rows]
   prepared = images_lib.prepare_cached(items, data_cfg, name, on_bad)
   keep = np.asarray(prepared.kept, dtype=np.int64)
   rows = [rows[i] for i in keep]
   return LabelledSplit(
-      split=split, image_ids=[r[0] for r in rows],
+      split=split,
+      image_ids=[r[0] for r in rows],
       melanoma=np.array([r[2] for r in rows], np.int32),
       seborrheic_keratosis=np.array([r[3] for r in rows], np.int32),
-      label=np.array([r[4] for r in rows], np.int32), encoded=list(prepared.encoded),
-      csv_path=None, source=name, skipped=list(prepared.skipped))
+      label=np.array([r[4] for r in rows], np.int32),
+      encoded=list(prepared.encoded),
+      csv_path=None,
+      source=name,
+      skipped=list(prepared.skipped),
+  )
 
 
 def load_split(data_cfg, split: str) -> LabelledSplit:
@@ -132,17 +159,22 @@ def load_split(data_cfg, split: str) -> LabelledSplit:
     sources.check_path_field(data_cfg)
     out = _load_tfds(data_cfg, split, on_bad)
   else:
-    raise errors.ConfigFieldError(f"data.source={data_cfg.source!r} is not one of synthetic, "
-                                  "isic, tfds.")
+    raise errors.ConfigFieldError(
+        f"data.source={data_cfg.source!r} is not one of synthetic, " "isic, tfds."
+    )
   if not len(out):
     raise errors.DataSourceError(f"The {split} split of {out.source} has no usable images.")
   logging.info("%s split from %s: %s.", split, out.source, summarize(out))
   return out
 
 
-def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
-                    labelled_positions: np.ndarray,
-                    held_out: Sequence[LabelledSplit]) -> LabelledSplit:
+def unlabelled_pool(
+    data_cfg,
+    unlabelled_path: str,
+    train: LabelledSplit,
+    labelled_positions: np.ndarray,
+    held_out: Sequence[LabelledSplit],
+) -> LabelledSplit:
   """UDA's unlabelled images: the training images outside the labelled subset, the layout's
   unlabelled folder (the synthetic set's `ISIC-2017_Unlabeled_Data`, when present), and the
   images under `unlabelled_path` (config field `uda.unlabelled_path`).
@@ -167,6 +199,7 @@ def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
 
   if data_cfg.source in ("synthetic", "isic"):
     from pirl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
     folder = isic_root(data_cfg) / synthetic.UNLABELED_DIR
     if folder.is_dir():
       add_folder(folder, synthetic.UNLABELED_DIR)
@@ -174,16 +207,19 @@ def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
     folder = storage.path(paths.user_path(unlabelled_path), absolute=False)
     if not folder.is_dir():
       raise errors.MissingDataError(
-          f"Unlabelled image folder does not exist: {folder} (config field uda.unlabelled_path).")
+          f"Unlabelled image folder does not exist: {folder} (config field uda.unlabelled_path)."
+      )
     before = len(items)
     add_folder(folder, "unlabelled_path")
     if len(items) == before:
       raise errors.DataSourceError(
-          f"No jpg/png images under {folder} (config field uda.unlabelled_path).")
+          f"No jpg/png images under {folder} (config field uda.unlabelled_path)."
+      )
   skipped = []
   if items:
-    prepared = images_lib.prepare_cached(items, data_cfg, f"unlabelled:{unlabelled_path}",
-                                         data_cfg.on_bad_image)
+    prepared = images_lib.prepare_cached(
+        items, data_cfg, f"unlabelled:{unlabelled_path}", data_cfg.on_bad_image
+    )
     _check_not_held_out([items[i][0] for i in prepared.kept], prepared.encoded, held_out)
     names += [stable_names[i] for i in prepared.kept]
     encoded += list(prepared.encoded)
@@ -192,13 +228,21 @@ def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
     raise errors.DataSourceError(
         "UDA has no unlabelled images: every training image is in the labelled subset "
         "(config.label_fraction=1) and there is no unlabelled folder; set "
-        "config.uda.unlabelled_path or a smaller label_fraction.")
+        "config.uda.unlabelled_path or a smaller label_fraction."
+    )
   n = len(encoded)
   zeros = np.zeros(n, np.int32)
-  return LabelledSplit(split="unlabelled", image_ids=names, melanoma=zeros,
-                       seborrheic_keratosis=zeros, label=np.full(n, -1, np.int32),
-                       encoded=encoded, csv_path=None, source="unlabelled pool",
-                       skipped=skipped)
+  return LabelledSplit(
+      split="unlabelled",
+      image_ids=names,
+      melanoma=zeros,
+      seborrheic_keratosis=zeros,
+      label=np.full(n, -1, np.int32),
+      encoded=encoded,
+      csv_path=None,
+      source="unlabelled pool",
+      skipped=skipped,
+  )
 
 
 # Root-mean-square difference of two thumbnails (grey levels) below which two images are the same
@@ -206,8 +250,9 @@ def unlabelled_pool(data_cfg, unlabelled_path: str, train: LabelledSplit,
 SAME_PICTURE_RMS = 2.0
 
 
-def _check_not_held_out(names: Sequence[str], encoded: Sequence[bytes],
-                        held_out: Sequence[LabelledSplit]) -> None:
+def _check_not_held_out(
+    names: Sequence[str], encoded: Sequence[bytes], held_out: Sequence[LabelledSplit]
+) -> None:
   """Refuses unlabelled images that are held-out images: the same bytes, the same decoded
   picture in another encoding (e.g. a lossless PNG of a test JPEG), or a held-out ISIC id in
   the name."""
@@ -218,8 +263,8 @@ def _check_not_held_out(names: Sequence[str], encoded: Sequence[bytes],
       by_id[image_id] = (split.split, image_id)
       owners.append((split.split, image_id))
       thumbs.append(images_lib.thumbnail(data, f"{split.split}/{image_id}").reshape(-1))
-  held = np.stack(thumbs) if thumbs else np.zeros((0, 3 * images_lib.THUMBNAIL_SIDE ** 2))
-  held_sq = (held ** 2).sum(1)
+  held = np.stack(thumbs) if thumbs else np.zeros((0, 3 * images_lib.THUMBNAIL_SIDE**2))
+  held_sq = (held**2).sum(1)
   found = []
   for name, data in zip(names, encoded):
     hit = by_digest.get(hashlib.sha1(data).digest())
@@ -228,9 +273,9 @@ def _check_not_held_out(names: Sequence[str], encoded: Sequence[bytes],
       hit = next((by_id[i] for i in ids if i in by_id), None)
     if hit is None and len(held):
       thumb = images_lib.thumbnail(data, name).reshape(-1)
-      mean_sq = (held_sq - 2.0 * held @ thumb + (thumb ** 2).sum()) / thumb.size
+      mean_sq = (held_sq - 2.0 * held @ thumb + (thumb**2).sum()) / thumb.size
       nearest = int(np.argmin(mean_sq))
-      if mean_sq[nearest] < SAME_PICTURE_RMS ** 2:
+      if mean_sq[nearest] < SAME_PICTURE_RMS**2:
         hit = owners[nearest]
     if hit is not None:
       found.append(f"{name} (the {hit[0]} image {hit[1]})")
@@ -238,7 +283,8 @@ def _check_not_held_out(names: Sequence[str], encoded: Sequence[bytes],
     raise errors.DataSourceError(
         f"{len(found)} unlabelled image(s) are validation or test images; consistency training "
         f"on them would leak the held-out splits into training:{user_errors.listing(found)}\n"
-        "Remove them from the unlabelled folder (config field uda.unlabelled_path).")
+        "Remove them from the unlabelled folder (config field uda.unlabelled_path)."
+    )
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

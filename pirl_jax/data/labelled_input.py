@@ -33,14 +33,25 @@ class TrainInput:
   global batch.
   """
 
-  def __init__(self, split: labelled.LabelledSplit, positions: np.ndarray,
-               cfg: views.AugmentConfig, *,
-               seed: int, global_batch_size: int, balanced: bool = False,
-               process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
-               prefetch_batches: int = 2):
+  def __init__(
+      self,
+      split: labelled.LabelledSplit,
+      positions: np.ndarray,
+      cfg: views.AugmentConfig,
+      *,
+      seed: int,
+      global_batch_size: int,
+      balanced: bool = False,
+      process_index: int = 0,
+      process_count: int = 1,
+      num_parallel_calls: int = -1,
+      prefetch_batches: int = 2,
+  ):
     if global_batch_size % process_count:
-      raise errors.ConfigFieldError(f"global_batch_size={global_batch_size} is not divisible by "
-                                    f"the process count {process_count}.")
+      raise errors.ConfigFieldError(
+          f"global_batch_size={global_batch_size} is not divisible by "
+          f"the process count {process_count}."
+      )
     self.positions = np.asarray(positions, np.int64)
     if not len(self.positions):
       raise errors.DataSourceError("The training subset is empty.")
@@ -67,16 +78,19 @@ class TrainInput:
       order = rng.choice(self.positions, size=total, replace=True, p=weights / weights.sum())
     else:
       rounds = math.ceil(total / self.num_examples)
-      order = np.concatenate([self.positions[rng.permutation(self.num_examples)]
-                              for _ in range(rounds)])[:total]
+      order = np.concatenate(
+          [self.positions[rng.permutation(self.num_examples)] for _ in range(rounds)]
+      )[:total]
     return order.reshape(self.steps_per_epoch, self.global_batch_size)
 
   def _example_fn(self, epoch: int):
     encoded, labels, cfg, seed = self._encoded, self._label_table, self.cfg, self.seed
 
     def fn(i, s):
-      return views.train_example(tf.gather(encoded, i), tf.gather(labels, i), i, s, seed, epoch,
-                                 cfg)
+      return views.train_example(
+          tf.gather(encoded, i), tf.gather(labels, i), i, s, seed, epoch, cfg
+      )
+
     return fn
 
   def epoch_dataset(self, epoch: int, first_step: int = 0) -> tf.data.Dataset:
@@ -87,8 +101,9 @@ class TrainInput:
     index = order[first_step:, start:stop].reshape(-1)
     slot = slots[first_step:, start:stop].reshape(-1)
     ds = tf.data.Dataset.from_tensor_slices((index, slot))
-    ds = ds.map(self._example_fn(epoch), num_parallel_calls=self.num_parallel_calls,
-                deterministic=True)
+    ds = ds.map(
+        self._example_fn(epoch), num_parallel_calls=self.num_parallel_calls, deterministic=True
+    )
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
     return ds.prefetch(self.prefetch_batches)
 
@@ -107,14 +122,30 @@ class UnlabelledInput(TrainInput):
   a seeded permutation), under the run seed, so it is a pure function of (seed, step) as well.
   """
 
-  def __init__(self, pool: labelled.LabelledSplit, cfg: views.AugmentConfig,
-               strong: views.StrongAugmentConfig, *,
-               seed: int, global_batch_size: int, process_index: int = 0,
-               process_count: int = 1, num_parallel_calls: int = -1, prefetch_batches: int = 2):
-    super().__init__(pool, np.arange(len(pool)), cfg, seed=seed,
-                     global_batch_size=global_batch_size, process_index=process_index,
-                     process_count=process_count, num_parallel_calls=num_parallel_calls,
-                     prefetch_batches=prefetch_batches)
+  def __init__(
+      self,
+      pool: labelled.LabelledSplit,
+      cfg: views.AugmentConfig,
+      strong: views.StrongAugmentConfig,
+      *,
+      seed: int,
+      global_batch_size: int,
+      process_index: int = 0,
+      process_count: int = 1,
+      num_parallel_calls: int = -1,
+      prefetch_batches: int = 2,
+  ):
+    super().__init__(
+        pool,
+        np.arange(len(pool)),
+        cfg,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        num_parallel_calls=num_parallel_calls,
+        prefetch_batches=prefetch_batches,
+    )
     self.strong = strong
 
   def _example_fn(self, epoch: int):
@@ -122,20 +153,30 @@ class UnlabelledInput(TrainInput):
 
     def fn(i, s):
       return views.unlabelled_example(tf.gather(encoded, i), i, s, seed, epoch, cfg, strong)
+
     return fn
 
 
 class EvalInput:
   """Every image of a split once, in order, as padded global batches with a validity mask."""
 
-  def __init__(self, split: labelled.LabelledSplit, cfg: views.AugmentConfig, *,
-               global_batch_size: int, process_index: int = 0, process_count: int = 1,
-               num_parallel_calls: int = -1,
-               tiles: Callable[[tf.Tensor], tf.Tensor] | None = None):
+  def __init__(
+      self,
+      split: labelled.LabelledSplit,
+      cfg: views.AugmentConfig,
+      *,
+      global_batch_size: int,
+      process_index: int = 0,
+      process_count: int = 1,
+      num_parallel_calls: int = -1,
+      tiles: Callable[[tf.Tensor], tf.Tensor] | None = None,
+  ):
     """`tiles`: if given, each example also has 'tiles', this function of the decoded image."""
     if global_batch_size % process_count:
-      raise errors.ConfigFieldError(f"eval_batch_size={global_batch_size} is not divisible by "
-                                    f"the process count {process_count}.")
+      raise errors.ConfigFieldError(
+          f"eval_batch_size={global_batch_size} is not divisible by "
+          f"the process count {process_count}."
+      )
     self.split = split
     self.cfg = cfg
     self.global_batch_size = global_batch_size
@@ -154,12 +195,14 @@ class EvalInput:
     encoded = tf.constant(split.encoded, dtype=tf.string)
     labels = split.label.astype(np.int32)
     ds = tf.data.Dataset.from_tensor_slices((index, labels[index], mask))
+
     def example(i, y, m):
       image_bytes = tf.gather(encoded, i)
       out = {"image": views.eval_image(image_bytes, cfg), "label": y, "mask": m}
       if tiles is not None:
         out["tiles"] = tiles(augment.decode(image_bytes))
       return out
+
     ds = ds.map(example, num_parallel_calls=self.num_parallel_calls, deterministic=True)
     # Built (and its map traced) once; every evaluation iterates it again.
     self._dataset = ds.batch(self.local_batch_size, drop_remainder=True).prefetch(2)

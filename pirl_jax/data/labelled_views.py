@@ -34,6 +34,7 @@ class AugmentConfig:
     mean: per-channel mean subtracted (the pretraining normalisation).
     std: per-channel standard deviation divided by.
   """
+
   image_size: int = 224
   crop_scale: tuple[float, float] = (0.25, 1.0)
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -47,8 +48,13 @@ class AugmentConfig:
   std: tuple[float, float, float] = augment.IMAGENET_STD
 
   def __post_init__(self):
-    for name, length in (("crop_scale", 2), ("crop_ratio", 2), ("color_jitter", 4), ("mean", 3),
-                         ("std", 3)):
+    for name, length in (
+        ("crop_scale", 2),
+        ("crop_ratio", 2),
+        ("color_jitter", 4),
+        ("mean", 3),
+        ("std", 3),
+    ):
       value = getattr(self, name)
       try:
         value = tuple(float(v) for v in value)
@@ -56,17 +62,24 @@ class AugmentConfig:
         value = ()
       if len(value) != length:
         raise errors.ConfigFieldError(
-            f"config.augment.{name}={getattr(self, name)!r}: expected {length} numbers.")
+            f"config.augment.{name}={getattr(self, name)!r}: expected {length} numbers."
+        )
       object.__setattr__(self, name, value)
     checks = [
         ("image_size", self.image_size >= 1, "must be a positive integer"),
-        ("crop_scale", 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
-         "need 0 < min <= max <= 1"),
+        (
+            "crop_scale",
+            0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+            "need 0 < min <= max <= 1",
+        ),
         ("crop_ratio", 0.0 < self.crop_ratio[0] <= self.crop_ratio[1], "need 0 < min <= max"),
         ("rotation_degrees", 0.0 <= self.rotation_degrees <= 180.0, "must be in [0, 180]"),
         ("eval_crop_fraction", 0.0 < self.eval_crop_fraction <= 1.0, "must be in (0, 1]"),
-        ("color_jitter", not augment.color_jitter_problem(self.color_jitter),
-         augment.color_jitter_problem(self.color_jitter)),
+        (
+            "color_jitter",
+            not augment.color_jitter_problem(self.color_jitter),
+            augment.color_jitter_problem(self.color_jitter),
+        ),
         ("std", min(self.std) > 0.0, "all values must be > 0"),
     ]
     for name, ok, why in checks:
@@ -80,8 +93,10 @@ def augment_config(augment_cfg, image_size: int | None = None) -> AugmentConfig:
   values = augment_cfg.to_dict() if hasattr(augment_cfg, "to_dict") else dict(augment_cfg)
   unknown = sorted(set(values) - fields)
   if unknown:
-    raise errors.ConfigFieldError(f"Unknown field(s) augment.{', augment.'.join(unknown)}; "
-                                  f"valid: {', '.join(sorted(fields))}.")
+    raise errors.ConfigFieldError(
+        f"Unknown field(s) augment.{', augment.'.join(unknown)}; "
+        f"valid: {', '.join(sorted(fields))}."
+    )
   if image_size is not None:
     values["image_size"] = image_size
   return AugmentConfig(**values)
@@ -99,6 +114,7 @@ class StrongAugmentConfig:
     cutout_fraction: side of the cutout square as a fraction of the image side
       (`uda.cutout_fraction`; 0 = none).
   """
+
   num_ops: int = 2
   magnitude: float = -1.0
   prob: float = 0.5
@@ -106,10 +122,12 @@ class StrongAugmentConfig:
 
   @classmethod
   def from_config(cls, uda_cfg) -> "StrongAugmentConfig":
-    return cls(num_ops=int(uda_cfg.randaugment_num_ops),
-               magnitude=float(uda_cfg.randaugment_magnitude),
-               prob=float(uda_cfg.randaugment_prob),
-               cutout_fraction=float(uda_cfg.cutout_fraction))
+    return cls(
+        num_ops=int(uda_cfg.randaugment_num_ops),
+        magnitude=float(uda_cfg.randaugment_magnitude),
+        prob=float(uda_cfg.randaugment_prob),
+        cutout_fraction=float(uda_cfg.cutout_fraction),
+    )
 
 
 def augmented_image(image_bytes, key, cfg: AugmentConfig) -> tf.Tensor:
@@ -119,8 +137,9 @@ def augmented_image(image_bytes, key, cfg: AugmentConfig) -> tf.Tensor:
     float32 (S, S, 3) in [0, 1].
   """
   crop_s, rot90_s, angle_s, hflip_s, vflip_s, color_s = augment.split_seed(key, 6)
-  image = augment.random_resized_crop(augment.decode(image_bytes), crop_s, cfg.image_size,
-                                      cfg.crop_scale, cfg.crop_ratio)
+  image = augment.random_resized_crop(
+      augment.decode(image_bytes), crop_s, cfg.image_size, cfg.crop_scale, cfg.crop_ratio
+  )
   if cfg.rot90:
     image = augment.random_rot90(image, rot90_s)
   if cfg.rotation_degrees > 0:
@@ -130,8 +149,9 @@ def augmented_image(image_bytes, key, cfg: AugmentConfig) -> tf.Tensor:
   if cfg.vflip:
     image = augment.random_flip(image, vflip_s, axis=0)
   if any(cfg.color_jitter):
-    image = augment.color_augment(image, color_s, color_jitter=cfg.color_jitter,
-                                  grayscale_prob=0.0, flip_prob=0.0)
+    image = augment.color_augment(
+        image, color_s, color_jitter=cfg.color_jitter, grayscale_prob=0.0, flip_prob=0.0
+    )
   return image
 
 
@@ -140,8 +160,9 @@ def _normalized(image, cfg: AugmentConfig) -> tf.Tensor:
   return tf.ensure_shape(image, [cfg.image_size, cfg.image_size, 3])
 
 
-def train_example(image_bytes, label, index, slot, seed, epoch,
-                  cfg: AugmentConfig) -> dict[str, tf.Tensor]:
+def train_example(
+    image_bytes, label, index, slot, seed, epoch, cfg: AugmentConfig
+) -> dict[str, tf.Tensor]:
   """One augmented training example, for `tf.data.Dataset.map`.
 
   Args:
@@ -162,8 +183,9 @@ def train_example(image_bytes, label, index, slot, seed, epoch,
   return {"image": image, "label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32)}
 
 
-def unlabelled_example(image_bytes, index, slot, seed, epoch, cfg: AugmentConfig,
-                       strong: StrongAugmentConfig) -> dict[str, tf.Tensor]:
+def unlabelled_example(
+    image_bytes, index, slot, seed, epoch, cfg: AugmentConfig, strong: StrongAugmentConfig
+) -> dict[str, tf.Tensor]:
   """The clean and the strong view of one unlabelled image, for UDA.
 
   The clean view is the training augmentation (`augmented_image`); the strong view is that same
@@ -180,10 +202,18 @@ def unlabelled_example(image_bytes, index, slot, seed, epoch, cfg: AugmentConfig
   view_key, strong_key = augment.split_seed(key, 2)
   clean = augmented_image(image_bytes, view_key, cfg)
   strong_image = randaugment.strong_augment(
-      clean, strong_key, num_ops=strong.num_ops, magnitude=strong.magnitude, prob=strong.prob,
-      cutout_fraction=strong.cutout_fraction, cutout_fill=cfg.mean)
-  return {"unlabelled": _normalized(clean, cfg),
-          "unlabelled_strong": _normalized(strong_image, cfg)}
+      clean,
+      strong_key,
+      num_ops=strong.num_ops,
+      magnitude=strong.magnitude,
+      prob=strong.prob,
+      cutout_fraction=strong.cutout_fraction,
+      cutout_fill=cfg.mean,
+  )
+  return {
+      "unlabelled": _normalized(clean, cfg),
+      "unlabelled_strong": _normalized(strong_image, cfg),
+  }
 
 
 def eval_image(image_bytes, cfg: AugmentConfig) -> tf.Tensor:

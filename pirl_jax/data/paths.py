@@ -24,6 +24,8 @@ def cache_root(cache_dir: str | os.PathLike = "") -> pathlib.Path:
   if "://" in given:
     raise errors.ConfigFieldError(
         f"data.cache_dir (or ${CACHE_ENV_VAR}) = {given!r}: the prepared-image cache is a local "
-        "folder on each machine, not a URL; the data itself (data.path) may be gs://.")
-  return pathlib.Path(cache_dir or os.environ.get(CACHE_ENV_VAR) or
-                      pathlib.Path.home() / ".cache" / "pirl_jax").expanduser()
+        "folder on each machine, not a URL; the data itself (data.path) may be gs://."
+    )
+  return pathlib.Path(
+      cache_dir or os.environ.get(CACHE_ENV_VAR) or pathlib.Path.home() / ".cache" / "pirl_jax"
+  ).expanduser()

@@ -32,8 +32,10 @@ def view_config(views_cfg) -> jigsaw.ViewConfig:
   values = views_cfg.to_dict() if hasattr(views_cfg, "to_dict") else dict(views_cfg)
   unknown = sorted(set(values) - fields)
   if unknown:
-    raise errors.ConfigFieldError(f"Unknown field(s) data.views.{', data.views.'.join(unknown)}; "
-                                  f"valid: {', '.join(sorted(fields))}.")
+    raise errors.ConfigFieldError(
+        f"Unknown field(s) data.views.{', data.views.'.join(unknown)}; "
+        f"valid: {', '.join(sorted(fields))}."
+    )
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
   return jigsaw.ViewConfig(**values)
 
@@ -41,18 +43,34 @@ def view_config(views_cfg) -> jigsaw.ViewConfig:
 class PretrainInput:
   """Iterates this process's share of the global batches, from any start step."""
 
-  def __init__(self, source, views: jigsaw.ViewConfig, *, seed: int, global_batch_size: int,
-               process_index: int = 0, process_count: int = 1, num_parallel_calls: int = -1,
-               prefetch_batches: int = 2, method: str = "pirl", jigsaw_permutations: int = 1000):
+  def __init__(
+      self,
+      source,
+      views: jigsaw.ViewConfig,
+      *,
+      seed: int,
+      global_batch_size: int,
+      process_index: int = 0,
+      process_count: int = 1,
+      num_parallel_calls: int = -1,
+      prefetch_batches: int = 2,
+      method: str = "pirl",
+      jigsaw_permutations: int = 1000,
+  ):
     if global_batch_size % process_count:
-      raise errors.ConfigFieldError(f"global_batch_size={global_batch_size} is not divisible by "
-                                    f"the process count {process_count}.")
+      raise errors.ConfigFieldError(
+          f"global_batch_size={global_batch_size} is not divisible by "
+          f"the process count {process_count}."
+      )
     self.source = source
     self.views = views
     self.method = method
     # The jigsaw classes, as one host constant the map gathers from.
-    self._permutations = (tf.constant(permutations.permutation_set(jigsaw_permutations))
-                          if method == "jigsaw" else None)
+    self._permutations = (
+        tf.constant(permutations.permutation_set(jigsaw_permutations))
+        if method == "jigsaw"
+        else None
+    )
     self.seed = seed
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
@@ -63,8 +81,10 @@ class PretrainInput:
     self.num_examples = source.num_examples
     self.steps_per_epoch = self.num_examples // global_batch_size
     if self.steps_per_epoch < 1:
-      raise errors.DataSourceError(f"The dataset has {self.num_examples} images, fewer than "
-                                   f"global_batch_size={global_batch_size}.")
+      raise errors.DataSourceError(
+          f"The dataset has {self.num_examples} images, fewer than "
+          f"global_batch_size={global_batch_size}."
+      )
     if isinstance(source, sources.InMemorySource):
       # One host tensor of all encoded images; the map gathers by index.
       self._encoded = tf.constant(source.encoded, dtype=tf.string)
@@ -72,16 +92,17 @@ class PretrainInput:
   def epoch_indices(self, epoch: int) -> np.ndarray:
     """Dataset indices of this process's examples in epoch `epoch`, shape (steps, local_batch)."""
     order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-    order = order[:self.steps_per_epoch * self.global_batch_size]
+    order = order[: self.steps_per_epoch * self.global_batch_size]
     order = order.reshape(self.steps_per_epoch, self.global_batch_size)
     start = self.process_index * self.local_batch_size
-    return order[:, start:start + self.local_batch_size].astype(np.int32)
+    return order[:, start : start + self.local_batch_size].astype(np.int32)
 
   def _views_fn(self, epoch: int):
     views, seed, method, perms = self.views, self.seed, self.method, self._permutations
 
     def fn(image_bytes, index):
       return jigsaw.make_views(image_bytes, index, seed, epoch, views, method, perms)
+
     return fn
 
   def epoch_dataset(self, epoch: int, first_step: int = 0) -> tf.data.Dataset:
@@ -98,8 +119,9 @@ class PretrainInput:
       ds = ds.shuffle(10_000, seed=self.seed * 100_003 + epoch, reshuffle_each_iteration=False)
       ds = ds.take(self.steps_per_epoch * self.local_batch_size)
       ds = ds.skip(first_step * self.local_batch_size)
-    ds = ds.map(self._views_fn(epoch), num_parallel_calls=self.num_parallel_calls,
-                deterministic=True)
+    ds = ds.map(
+        self._views_fn(epoch), num_parallel_calls=self.num_parallel_calls, deterministic=True
+    )
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
     return ds.prefetch(self.prefetch_batches)
 

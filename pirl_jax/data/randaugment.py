@@ -35,8 +35,22 @@ from pirl_jax.data import augment
 
 # The operations of RandAugment (Cubuk et al. 2019, Fig. 2 / Table 6), in a fixed order: a drawn
 # op index is a position in this tuple. Index 0 (identity) is also what an op not applied becomes.
-OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize",
-       "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+OPS = (
+    "identity",
+    "autocontrast",
+    "equalize",
+    "rotate",
+    "solarize",
+    "color",
+    "posterize",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
 # The largest level: magnitudes map linearly from [0, MAX_LEVEL] to each op's range.
 MAX_LEVEL = 10
 
@@ -60,6 +74,7 @@ class OpDraws(NamedTuple):
     sign: float32 (num_ops,) +1 or -1, each with probability 1/2.
     applied: bool (num_ops,) whether the slot's op is applied (probability `prob`).
   """
+
   index: tf.Tensor
   level: tf.Tensor
   sign: tf.Tensor
@@ -68,11 +83,13 @@ class OpDraws(NamedTuple):
 
 def config_problem(num_ops, magnitude, prob, cutout_fraction) -> str | None:
   """Why the strong augmentation settings are invalid, naming the value, or None."""
-  if (isinstance(num_ops, bool) or not isinstance(num_ops, numbers.Integral) or num_ops < 0):
+  if isinstance(num_ops, bool) or not isinstance(num_ops, numbers.Integral) or num_ops < 0:
     return f"num_ops must be an integer >= 0, got {num_ops!r}"
   if not (magnitude == -1 or 0 <= magnitude <= MAX_LEVEL):
-    return (f"magnitude must be -1 (a random level per op, as UDA) or in [0, {MAX_LEVEL}], "
-            f"got {magnitude!r}")
+    return (
+        f"magnitude must be -1 (a random level per op, as UDA) or in [0, {MAX_LEVEL}], "
+        f"got {magnitude!r}"
+    )
   if not 0.0 <= prob <= 1.0:
     return f"prob must be in [0, 1], got {prob!r}"
   if not 0.0 <= cutout_fraction <= 1.0:
@@ -81,6 +98,7 @@ def config_problem(num_ops, magnitude, prob, cutout_fraction) -> str | None:
 
 
 # ------------------------------------------------------------------------------ the ops ----
+
 
 def _to_8bit(image):
   return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.int32)
@@ -165,8 +183,12 @@ def _sharpness(image, level, sign):
   """PIL `ImageEnhance.Sharpness`: blend with the SMOOTH-filtered image (border unfiltered)."""
   del sign
   kernel = tf.constant(_SMOOTH, tf.float32) / 13.0
-  smooth = tf.nn.depthwise_conv2d(image[None], tf.tile(kernel[:, :, None, None], [1, 1, 3, 1]),
-                                  strides=[1, 1, 1, 1], padding="SAME")[0]
+  smooth = tf.nn.depthwise_conv2d(
+      image[None],
+      tf.tile(kernel[:, :, None, None], [1, 1, 3, 1]),
+      strides=[1, 1, 1, 1],
+      padding="SAME",
+  )[0]
   shape = tf.shape(image)
   rows = tf.range(shape[0])
   cols = tf.range(shape[1])
@@ -215,10 +237,19 @@ def _translate_y(image, level, sign):
 
 
 _OP_FNS = {
-    "identity": _identity, "autocontrast": _autocontrast, "equalize": _equalize,
-    "rotate": _rotate, "solarize": _solarize, "color": _color, "posterize": _posterize,
-    "contrast": _contrast, "brightness": _brightness, "sharpness": _sharpness,
-    "shear_x": _shear_x, "shear_y": _shear_y, "translate_x": _translate_x,
+    "identity": _identity,
+    "autocontrast": _autocontrast,
+    "equalize": _equalize,
+    "rotate": _rotate,
+    "solarize": _solarize,
+    "color": _color,
+    "posterize": _posterize,
+    "contrast": _contrast,
+    "brightness": _brightness,
+    "sharpness": _sharpness,
+    "shear_x": _shear_x,
+    "shear_y": _shear_y,
+    "translate_x": _translate_x,
     "translate_y": _translate_y,
 }
 assert tuple(_OP_FNS) == OPS
@@ -246,25 +277,35 @@ def apply_op(image, op: str, level, sign=1.0) -> tf.Tensor:
 
 # ------------------------------------------------------------------- random application ----
 
+
 def draw_ops(seed, num_ops: int, magnitude: float = -1, prob: float = 0.5) -> OpDraws:
   """The ops, levels, signs and coins that `randaugment` uses for `seed` (see `OpDraws`)."""
   seed = tf.convert_to_tensor(seed)
   index_seed, level_seed, sign_seed, apply_seed = augment.split_seed(seed, 4)
-  index = tf.random.stateless_uniform([num_ops], index_seed, minval=0, maxval=len(OPS),
-                                      dtype=tf.int32)
+  index = tf.random.stateless_uniform(
+      [num_ops], index_seed, minval=0, maxval=len(OPS), dtype=tf.int32
+  )
   if magnitude >= 0:
     level = tf.fill([num_ops], tf.constant(magnitude, tf.float32))
   else:
-    level = tf.cast(tf.random.stateless_uniform(
-        [num_ops], level_seed, minval=_RANDOM_LEVELS[0], maxval=_RANDOM_LEVELS[1] + 1,
-        dtype=tf.int32), tf.float32)
+    level = tf.cast(
+        tf.random.stateless_uniform(
+            [num_ops],
+            level_seed,
+            minval=_RANDOM_LEVELS[0],
+            maxval=_RANDOM_LEVELS[1] + 1,
+            dtype=tf.int32,
+        ),
+        tf.float32,
+    )
   sign = tf.where(tf.random.stateless_uniform([num_ops], sign_seed) < 0.5, -1.0, 1.0)
   applied = tf.random.stateless_uniform([num_ops], apply_seed) < prob
   return OpDraws(index, level, sign, applied)
 
 
-def randaugment(image, seed, *, num_ops: int = 2, magnitude: float = -1,
-                prob: float = 0.5) -> tf.Tensor:
+def randaugment(
+    image, seed, *, num_ops: int = 2, magnitude: float = -1, prob: float = 0.5
+) -> tf.Tensor:
   """RandAugment of one image: `num_ops` ops drawn uniformly from `OPS`, each applied with `prob`.
 
   Args:
@@ -284,8 +325,7 @@ def randaugment(image, seed, *, num_ops: int = 2, magnitude: float = -1,
   image = tf.convert_to_tensor(image, tf.float32)
   if num_ops == 0:
     return image
-  out = _randaugment(image, tf.convert_to_tensor(seed), int(num_ops), float(magnitude),
-                     float(prob))
+  out = _randaugment(image, tf.convert_to_tensor(seed), int(num_ops), float(magnitude), float(prob))
   return tf.ensure_shape(out, image.shape)
 
 
@@ -298,13 +338,15 @@ def _randaugment(image, seed, num_ops, magnitude, prob):
     # An op not applied is the identity, index 0.
     index = tf.where(draws.applied[slot], draws.index[slot], 0)
     level, sign = draws.level[slot], draws.sign[slot]
-    image = tf.switch_case(index, [
-        lambda op=op, x=image, l=level, s=sign: _OP_FNS[op](x, l, s) for op in OPS])
+    image = tf.switch_case(
+        index, [lambda op=op, x=image, l=level, s=sign: _OP_FNS[op](x, l, s) for op in OPS]
+    )
   return image
 
 
-def cutout(image, seed, *, size_fraction: float = 0.5,
-           fill: Sequence[float] = augment.IMAGENET_MEAN) -> tf.Tensor:
+def cutout(
+    image, seed, *, size_fraction: float = 0.5, fill: Sequence[float] = augment.IMAGENET_MEAN
+) -> tf.Tensor:
   """Cutout (DeVries & Taylor 2017): a square set to `fill`, centred at a uniform random pixel.
 
   The square's side is round(size_fraction * min(H, W)); rows [cy - side // 2, cy - side // 2 +
@@ -325,8 +367,7 @@ def cutout(image, seed, *, size_fraction: float = 0.5,
   image = tf.convert_to_tensor(image, tf.float32)
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
-  side = tf.cast(tf.round(size_fraction * tf.cast(tf.minimum(height, width), tf.float32)),
-                 tf.int32)
+  side = tf.cast(tf.round(size_fraction * tf.cast(tf.minimum(height, width), tf.float32)), tf.int32)
   y_seed, x_seed = augment.split_seed(tf.convert_to_tensor(seed), 2)
   cy = tf.random.stateless_uniform([], y_seed, minval=0, maxval=height, dtype=tf.int32)
   cx = tf.random.stateless_uniform([], x_seed, minval=0, maxval=width, dtype=tf.int32)
@@ -339,9 +380,16 @@ def cutout(image, seed, *, size_fraction: float = 0.5,
   return tf.ensure_shape(out, image.shape)
 
 
-def strong_augment(image, seed, *, num_ops: int, magnitude: float, prob: float,
-                   cutout_fraction: float,
-                   cutout_fill: Sequence[float] = augment.IMAGENET_MEAN) -> tf.Tensor:
+def strong_augment(
+    image,
+    seed,
+    *,
+    num_ops: int,
+    magnitude: float,
+    prob: float,
+    cutout_fraction: float,
+    cutout_fill: Sequence[float] = augment.IMAGENET_MEAN,
+) -> tf.Tensor:
   """UDA's strong augmentation: `randaugment`, then `cutout`, with seeds split from `seed`.
 
   Args:

@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 @dataclasses.dataclass
 class InMemorySource:
   """Prepared JPEG bytes, indexed 0..N-1 in a stable order."""
+
   name: str
   encoded: list[bytes]
   image_names: list[str]
@@ -48,6 +49,7 @@ class InMemorySource:
 @dataclasses.dataclass
 class TfdsSource:
   """A tfds split streamed with encoded images (decoding happens in the view pipeline)."""
+
   name: str
   split: str
   data_dir: str | None
@@ -57,8 +59,15 @@ class TfdsSource:
     """This process's share of (image_bytes, index) in the split's stable order."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
-    ds = tfds.load(self.name, split=self.split, data_dir=self.data_dir, shuffle_files=False,
-                   download=False, decoders={"image": tfds.decode.SkipDecoding()})
+
+    ds = tfds.load(
+        self.name,
+        split=self.split,
+        data_dir=self.data_dir,
+        shuffle_files=False,
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
     ds = ds.enumerate().shard(process_count, process_index)
     return ds.map(lambda i, ex: (ex["image"], tf.cast(i, tf.int32)))
 
@@ -68,7 +77,7 @@ cache_root = paths.cache_root
 # The sources that read data.path, and what it must hold for each.
 _PATH_SOURCES = {
     "isic": "the folder with the ISIC 2017 files (zips, or the folders they unpack to, and the "
-            "Part 3 ground-truth CSVs)",
+    "Part 3 ground-truth CSVs)",
     "folder": "a folder of jpg/png images",
 }
 
@@ -84,26 +93,33 @@ def check_path_field(data_cfg) -> None:
   """
   if data_cfg.source in _PATH_SOURCES:
     if not data_cfg.path:
-      raise errors.ConfigFieldError(f"data.source={data_cfg.source!r} needs data.path, "
-                                    f"{_PATH_SOURCES[data_cfg.source]}.")
+      raise errors.ConfigFieldError(
+          f"data.source={data_cfg.source!r} needs data.path, " f"{_PATH_SOURCES[data_cfg.source]}."
+      )
   elif data_cfg.path:
     raise errors.ConfigFieldError(
         f"data.path={data_cfg.path!r} is set but data.source={data_cfg.source!r} does not read "
         f"it (only {' and '.join(repr(s) for s in _PATH_SOURCES)} do): set data.source='isic' "
-        "for ISIC 2017 files, 'folder' for a folder of images, or clear data.path.")
+        "for ISIC 2017 files, 'folder' for a folder of images, or clear data.path."
+    )
 
 
-def _prepare(name: str, items: Sequence[tuple[str, Callable[[], bytes]]], data_cfg,
-             ) -> InMemorySource:
+def _prepare(
+    name: str,
+    items: Sequence[tuple[str, Callable[[], bytes]]],
+    data_cfg,
+) -> InMemorySource:
   if not items:
     raise errors.DataSourceError(f"Data source {name!r} has no images.")
   prepared = images_lib.prepare_cached(items, data_cfg, name, data_cfg.on_bad_image)
   names = [items[i][0] for i in prepared.kept]
   if not prepared.encoded:
     raise errors.DataSourceError(
-        f"Data source {name!r}: all {len(items)} images were skipped as bad input.")
-  return InMemorySource(name=name, encoded=list(prepared.encoded), image_names=names,
-                        skipped=list(prepared.skipped))
+        f"Data source {name!r}: all {len(items)} images were skipped as bad input."
+    )
+  return InMemorySource(
+      name=name, encoded=list(prepared.encoded), image_names=names, skipped=list(prepared.skipped)
+  )
 
 
 def _file_loader(path: pathlib.Path) -> Callable[[], bytes]:
@@ -115,10 +131,13 @@ def folder_items(root: str) -> list[tuple[str, Callable[[], bytes]]]:
   root_path = storage.path(paths.user_path(root), absolute=False)
   if not root_path.is_dir():
     raise errors.MissingDataError(
-        f"Image folder does not exist: {root_path} (config field data.path)")
-  files = sorted(p for p in storage.files_under(root_path)
-                 if p.suffix.lower() in IMAGE_SUFFIXES
-                 and not re.search(r"_superpixels\.png$", p.name))
+        f"Image folder does not exist: {root_path} (config field data.path)"
+    )
+  files = sorted(
+      p
+      for p in storage.files_under(root_path)
+      if p.suffix.lower() in IMAGE_SUFFIXES and not re.search(r"_superpixels\.png$", p.name)
+  )
   return [(str(p), _file_loader(p)) for p in files]
 
 
@@ -128,15 +147,18 @@ def isic_items(root: str, split: str = "train") -> list[tuple[str, Callable[[], 
   `root` may start with `~`.
   """
   from pirl_jax.data import isic
+
   return isic.read_split(paths.user_path(root), split).items()
 
 
 def synthetic_root(data_cfg) -> pathlib.Path:
   """The embedded synthetic set, generated once into the cache (logged) and reused."""
   from pirl_jax.data import synthetic
+
   cache = paths.cache_root(data_cfg.cache_dir) / synthetic.CACHE_SUBDIR
-  return synthetic.ensure_synthetic(cache, seed=data_cfg.synthetic_seed,
-                                    num_unlabeled=data_cfg.synthetic_num_unlabeled)
+  return synthetic.ensure_synthetic(
+      cache, seed=data_cfg.synthetic_seed, num_unlabeled=data_cfg.synthetic_num_unlabeled
+  )
 
 
 def create_source(data_cfg) -> InMemorySource | TfdsSource:
@@ -144,10 +166,12 @@ def create_source(data_cfg) -> InMemorySource | TfdsSource:
   kind = data_cfg.source
   if kind not in ("synthetic", "isic", "folder", "tfds"):
     raise errors.ConfigFieldError(
-        f"Unknown data.source {kind!r}; choose synthetic, isic, folder or tfds.")
+        f"Unknown data.source {kind!r}; choose synthetic, isic, folder or tfds."
+    )
   check_path_field(data_cfg)
   if kind == "synthetic":
     from pirl_jax.data import synthetic
+
     root = synthetic_root(data_cfg)
     items = isic_items(str(root), "train")
     unlabeled = root / synthetic.UNLABELED_DIR
@@ -161,8 +185,10 @@ def create_source(data_cfg) -> InMemorySource | TfdsSource:
     return _prepare(f"folder:{path}", folder_items(path), data_cfg)
   if not data_cfg.tfds_name:
     raise errors.ConfigFieldError(
-        "data.source='tfds' needs data.tfds_name (e.g. imagenet2012, stl10).")
+        "data.source='tfds' needs data.tfds_name (e.g. imagenet2012, stl10)."
+    )
   import tensorflow_datasets as tfds
+
   data_dir = paths.user_path(data_cfg.tfds_data_dir) or None
   try:
     builder = tfds.builder(data_cfg.tfds_name, data_dir=data_dir)

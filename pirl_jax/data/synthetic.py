@@ -97,9 +97,16 @@ def _default_workers() -> int:
   return max(1, min(os.cpu_count() or 1, 8))
 
 
-def generate(out_dir, *, seed: int = 0, num_train: int = 2000, num_val: int = 150,
-             num_test: int = 600, num_unlabeled: int = 0,
-             workers: int | None = None) -> pathlib.Path:
+def generate(
+    out_dir,
+    *,
+    seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 150,
+    num_test: int = 600,
+    num_unlabeled: int = 0,
+    workers: int | None = None,
+) -> pathlib.Path:
   """Writes the synthetic set in the ISIC 2017 Part 3 layout.
 
   Everything is written into a temporary sibling folder which is renamed to
@@ -130,8 +137,12 @@ def generate(out_dir, *, seed: int = 0, num_train: int = 2000, num_val: int = 15
   tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
   try:
-    counts = {"train": num_train, "validation": num_val, "test": num_test,
-              "unlabeled": num_unlabeled}
+    counts = {
+        "train": num_train,
+        "validation": num_val,
+        "test": num_test,
+        "unlabeled": num_unlabeled,
+    }
     jobs, first_number = [], 0
     summary = {}
     for split, n in counts.items():
@@ -148,8 +159,10 @@ def generate(out_dir, *, seed: int = 0, num_train: int = 2000, num_val: int = 15
       with open(tmp / isic.SPLITS[split][1], "w", newline="") as f:
         f.write("image_id,melanoma,seborrheic_keratosis\n")
         for image_id, label in zip(ids, labels):
-          f.write(f"{image_id},{float(label == render.MELANOMA)},"
-                  f"{float(label == render.SEBORRHEIC_KERATOSIS)}\n")
+          f.write(
+              f"{image_id},{float(label == render.MELANOMA)},"
+              f"{float(label == render.SEBORRHEIC_KERATOSIS)}\n"
+          )
       with open(folder / f"{folder.name}_metadata.csv", "w", newline="") as f:
         f.write("image_id,age_approximate,sex\n")
         for i, image_id in enumerate(ids):
@@ -163,15 +176,25 @@ def generate(out_dir, *, seed: int = 0, num_train: int = 2000, num_val: int = 15
     try:
       for done, _ in enumerate(pool.map(_render_to_file, jobs), start=1):
         if done % step == 0 or done == len(jobs):
-          logging.info("synthetic set: %d/%d images rendered (%.1f s)", done,
-                       len(jobs), time.monotonic() - start)
+          logging.info(
+              "synthetic set: %d/%d images rendered (%.1f s)",
+              done,
+              len(jobs),
+              time.monotonic() - start,
+          )
     finally:
       # On an error or Ctrl-C, drop the queued images instead of rendering them all.
       pool.shutdown(wait=True, cancel_futures=True)
 
-    marker = {"generator_version": render.GENERATOR_VERSION, "seed": seed,
-              "num_train": num_train, "num_val": num_val, "num_test": num_test,
-              "num_unlabeled": num_unlabeled, "class_counts": summary}
+    marker = {
+        "generator_version": render.GENERATOR_VERSION,
+        "seed": seed,
+        "num_train": num_train,
+        "num_val": num_val,
+        "num_test": num_test,
+        "num_unlabeled": num_unlabeled,
+        "class_counts": summary,
+    }
     (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     try:
       if out_dir.exists():
@@ -185,11 +208,19 @@ def generate(out_dir, *, seed: int = 0, num_train: int = 2000, num_val: int = 15
   return out_dir
 
 
-def cache_name(*, seed: int = 0, num_train: int = 2000, num_val: int = 150, num_test: int = 600,
-               num_unlabeled: int = 0) -> str:
+def cache_name(
+    *,
+    seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 150,
+    num_test: int = 600,
+    num_unlabeled: int = 0,
+) -> str:
   """Cache subfolder name: generator version, seed and counts."""
-  return (f"synthetic_isic2017-v{render.GENERATOR_VERSION}-seed{seed}"
-          f"-{num_train}-{num_val}-{num_test}-{num_unlabeled}")
+  return (
+      f"synthetic_isic2017-v{render.GENERATOR_VERSION}-seed{seed}"
+      f"-{num_train}-{num_val}-{num_test}-{num_unlabeled}"
+  )
 
 
 def is_complete(root) -> bool:
@@ -197,9 +228,16 @@ def is_complete(root) -> bool:
   return (pathlib.Path(root) / COMPLETE_MARKER).is_file()
 
 
-def ensure_synthetic(cache_dir=None, *, seed: int = 0, num_train: int = 2000, num_val: int = 150,
-                     num_test: int = 600, num_unlabeled: int = 0,
-                     workers: int | None = None) -> pathlib.Path:
+def ensure_synthetic(
+    cache_dir=None,
+    *,
+    seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 150,
+    num_test: int = 600,
+    num_unlabeled: int = 0,
+    workers: int | None = None,
+) -> pathlib.Path:
   """Returns the root of a cached synthetic set, generating it on first use.
 
   Args:
@@ -211,19 +249,30 @@ def ensure_synthetic(cache_dir=None, *, seed: int = 0, num_train: int = 2000, nu
   Returns:
     ``cache_dir / cache_name(...)``, holding a complete set.
   """
-  root = (pathlib.Path(cache_dir).expanduser() if cache_dir
-          else paths.cache_root() / CACHE_SUBDIR)
-  counts = dict(seed=seed, num_train=num_train, num_val=num_val, num_test=num_test,
-                num_unlabeled=num_unlabeled)
+  root = pathlib.Path(cache_dir).expanduser() if cache_dir else paths.cache_root() / CACHE_SUBDIR
+  counts = dict(
+      seed=seed,
+      num_train=num_train,
+      num_val=num_val,
+      num_test=num_test,
+      num_unlabeled=num_unlabeled,
+  )
   path = root / cache_name(**counts)
   if is_complete(path):
     logging.info("synthetic set: reusing %s", path)
     return path
   if path.exists() and any(path.iterdir()) and not is_complete(path):  # not from a racing call
     raise FileExistsError(
-        f"synthetic set: {path} exists without {COMPLETE_MARKER}; delete it to regenerate")
-  logging.info("synthetic set: generating into %s (%d train, %d val, %d test, %d unlabeled)",
-               path, num_train, num_val, num_test, num_unlabeled)
+        f"synthetic set: {path} exists without {COMPLETE_MARKER}; delete it to regenerate"
+    )
+  logging.info(
+      "synthetic set: generating into %s (%d train, %d val, %d test, %d unlabeled)",
+      path,
+      num_train,
+      num_val,
+      num_test,
+      num_unlabeled,
+  )
   start = time.monotonic()
   try:
     generate(path, workers=workers, **counts)
@@ -239,19 +288,28 @@ def ensure_synthetic(cache_dir=None, *, seed: int = 0, num_train: int = 2000, nu
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m pirl_jax.data.synthetic",
-      description="Write the synthetic dermoscopy set in the ISIC 2017 Part 3 layout.")
+      description="Write the synthetic dermoscopy set in the ISIC 2017 Part 3 layout.",
+  )
   parser.add_argument("--out", required=True, help="destination folder (absent or empty)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--num-train", type=int, default=2000)
   parser.add_argument("--num-val", type=int, default=150)
   parser.add_argument("--num-test", type=int, default=600)
   parser.add_argument("--num-unlabeled", type=int, default=0)
-  parser.add_argument("--workers", type=int, default=None,
-                      help="rendering threads (default: CPU count, at most 8)")
+  parser.add_argument(
+      "--workers", type=int, default=None, help="rendering threads (default: CPU count, at most 8)"
+  )
   args = parser.parse_args(argv)
   start = time.monotonic()
-  out = generate(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                 num_test=args.num_test, num_unlabeled=args.num_unlabeled, workers=args.workers)
+  out = generate(
+      args.out,
+      seed=args.seed,
+      num_train=args.num_train,
+      num_val=args.num_val,
+      num_test=args.num_test,
+      num_unlabeled=args.num_unlabeled,
+      workers=args.workers,
+  )
   total = args.num_train + args.num_val + args.num_test + args.num_unlabeled
   print(f"wrote {total} synthetic images to {out} in {time.monotonic() - start:.1f} s")
 

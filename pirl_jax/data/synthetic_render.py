@@ -77,7 +77,8 @@ def _noise(rng, shape, feature_px, octaves=3):
     cell = max(feature_px / 2.0**octave / factor, 1.5)
     lattice = rng.standard_normal((int(sh / cell) + 2, int(sw / cell) + 2), dtype=np.float32)
     out += np.float32(amp) * np.asarray(
-        Image.fromarray(lattice).resize((sw, sh), Image.Resampling.BICUBIC))
+        Image.fromarray(lattice).resize((sw, sh), Image.Resampling.BICUBIC)
+    )
     amp *= 0.5
   if (sh, sw) != (h, w):
     out = np.asarray(Image.fromarray(out).resize((w, h), Image.Resampling.BILINEAR))
@@ -189,27 +190,34 @@ def _draw_palette(rng) -> _Palette:
   f_accent = 0.0 if rng.random() < 0.25 else rng.uniform(0.04, 0.14)
   f32 = lambda c: np.clip(c, 0, 1).astype(np.float32)  # noqa: E731
   return _Palette(
-      skin=f32(skin), base=f32(base), secondary=f32(secondary), dark=f32(dark), accent=f32(accent),
-      f_secondary=rng.uniform(0.15, 0.4), f_dark=rng.uniform(0.04, 0.14), f_accent=f_accent)
+      skin=f32(skin),
+      base=f32(base),
+      secondary=f32(secondary),
+      dark=f32(dark),
+      accent=f32(accent),
+      f_secondary=rng.uniform(0.15, 0.4),
+      f_dark=rng.uniform(0.04, 0.14),
+      f_accent=f_accent,
+  )
 
 
 class _Layers(NamedTuple):
-  alpha: np.ndarray      # lesion opacity over skin
+  alpha: np.ndarray  # lesion opacity over skin
   secondary: np.ndarray  # weight of the secondary brown
-  accent: np.ndarray     # weight of the accent colour
-  dark: np.ndarray       # weight of the dark colour
-  shade: np.ndarray      # multiplicative lightness modulation (texture)
+  accent: np.ndarray  # weight of the accent colour
+  dark: np.ndarray  # weight of the dark colour
+  shade: np.ndarray  # multiplicative lightness modulation (texture)
 
 
 class _Geometry(NamedTuple):
-  u: np.ndarray      # lesion coordinates (lesion radius = 1), rotated
+  u: np.ndarray  # lesion coordinates (lesion radius = 1), rotated
   v: np.ndarray
   rho: np.ndarray
   theta: np.ndarray
   theta_bin: np.ndarray  # index into _THETA_GRID
-  cx: float          # lesion centre in crop pixels
+  cx: float  # lesion centre in crop pixels
   cy: float
-  radius: float      # lesion radius in pixels
+  radius: float  # lesion radius in pixels
   rotation: float
 
   @property
@@ -263,11 +271,13 @@ def _melanocytic(rng, g: _Geometry, pal: _Palette, s: float) -> _Layers:
   """
   amps = [s * rng.uniform(0.03, 0.14), rng.uniform(0.0, 0.14), s * rng.uniform(0.03, 0.12)]
   amps += [s * rng.uniform(0.0, 0.05) / math.sqrt(k - 2) for k in range(4, 13)]
-  notches = [(rng.uniform(0.12, 0.28), rng.uniform(0.08, 0.22))
-             for _ in range(rng.binomial(3, s * s))]
+  notches = [
+      (rng.uniform(0.12, 0.28), rng.uniform(0.08, 0.22)) for _ in range(rng.binomial(3, s * s))
+  ]
   r = _radial_border(rng, g, amps, notches)
   edge = rng.uniform(0.03, 0.09) + s * 0.08 * (
-      _smoothstep(-1.0, 1.0, _harmonics(rng, g, [0.8, 0.6, 0.4])) - 0.5)
+      _smoothstep(-1.0, 1.0, _harmonics(rng, g, [0.8, 0.6, 0.4])) - 0.5
+  )
   alpha = _border_alpha(g, r, np.maximum(edge, 0.01))
   inside = alpha > 0.5
   q = g.rho / r
@@ -275,8 +285,9 @@ def _melanocytic(rng, g: _Geometry, pal: _Palette, s: float) -> _Layers:
   def blotches():
     """Noise biased towards one side: eccentric colour blotches."""
     gamma = rng.uniform(0, 2 * np.pi)
-    field = (_noise(rng, g.shape, g.radius / rng.uniform(1.2, 2.0))
-             + rng.uniform(0.5, 1.5) * (g.u * math.cos(gamma) + g.v * math.sin(gamma)))
+    field = _noise(rng, g.shape, g.radius / rng.uniform(1.2, 2.0)) + rng.uniform(0.5, 1.5) * (
+        g.u * math.cos(gamma) + g.v * math.sin(gamma)
+    )
     return _zscore(field, inside)
 
   def radial(centre_dark=True):
@@ -285,8 +296,9 @@ def _melanocytic(rng, g: _Geometry, pal: _Palette, s: float) -> _Layers:
     qq = np.hypot(g.u - shift * math.cos(phi), g.v - shift * math.sin(phi)) / r
     return _zscore(-qq if centre_dark else qq, inside)
 
-  secondary = _fraction_mask((1 - s) * radial(rng.random() < 0.6) + s * blotches(), inside,
-                             pal.f_secondary * 0.8, 0.1)
+  secondary = _fraction_mask(
+      (1 - s) * radial(rng.random() < 0.6) + s * blotches(), inside, pal.f_secondary * 0.8, 0.1
+  )
   if rng.random() < 0.75:  # pigment network: regular -> warped, thick/thin, patchy
     warp = 0.03 + 0.12 * s
     wu = g.u + warp * _noise(rng, g.shape, g.radius / 2.0, 2)
@@ -299,8 +311,9 @@ def _melanocytic(rng, g: _Geometry, pal: _Palette, s: float) -> _Layers:
     secondary = np.maximum(secondary, rng.uniform(0.5, 1.0) * lines * fade)
 
   # Dark colour: a homogeneous area (centred -> eccentric blotch) ...
-  dark = _fraction_mask((1 - s) * radial() + s * blotches(), inside,
-                        pal.f_dark * rng.uniform(0.3, 0.6), 0.06)
+  dark = _fraction_mask(
+      (1 - s) * radial() + s * blotches(), inside, pal.f_dark * rng.uniform(0.3, 0.6), 0.06
+  )
   # ... plus globules: a regular lattice, jittered and clustered as s grows.
   if rng.random() < 0.6:
     spacing = rng.uniform(0.22, 0.34)
@@ -321,8 +334,14 @@ def _melanocytic(rng, g: _Geometry, pal: _Palette, s: float) -> _Layers:
     x, y = _to_pixels(g, du[keep], dv[keep])
     rad = np.minimum(r0, 0.1) * sizes[keep] * g.radius
     globules = np.zeros_like(q)
-    _stamp_ellipses(globules, x, y, rad, rad * (1 - s * rng.uniform(0, 0.4, rad.shape)),
-                    rng.uniform(0, np.pi, rad.shape))
+    _stamp_ellipses(
+        globules,
+        x,
+        y,
+        rad,
+        rad * (1 - s * rng.uniform(0, 0.4, rad.shape)),
+        rng.uniform(0, np.pi, rad.shape),
+    )
     dark = np.maximum(dark, globules)
 
   # Streaks / pseudopods: radial lines crossing the border in one sector.
@@ -331,8 +350,9 @@ def _melanocytic(rng, g: _Geometry, pal: _Palette, s: float) -> _Layers:
     half_width = rng.uniform(0.5, 1.3)
     d = _angle_diff(g.theta, np.float32(centre))
     sector_w = _smoothstep(half_width, half_width * 0.6, np.abs(d))
-    rays = _smoothstep(0.55, 0.9, np.cos(int(rng.integers(24, 48)) * g.theta
-                                         + rng.uniform(0, 2 * np.pi)))
+    rays = _smoothstep(
+        0.55, 0.9, np.cos(int(rng.integers(24, 48)) * g.theta + rng.uniform(0, 2 * np.pi))
+    )
     extent = _smoothstep(0.7, 0.85, q) * _smoothstep(rng.uniform(1.1, 1.25), 1.0, q)
     streaks = sector_w * rays * extent
     dark = np.maximum(dark, streaks)
@@ -418,8 +438,9 @@ def _hair_mask(rng, height, width) -> np.ndarray:
     p1 = (p0 + p2) / 2 + rng.normal(0, 0.2 * length, 2)
     pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
     thickness = max(1, int(round(rng.uniform(0.6, 1.8) * side / 200)))
-    draw.line([tuple(p) for p in pts], fill=int(rng.uniform(150, 255)), width=thickness,
-              joint="curve")
+    draw.line(
+        [tuple(p) for p in pts], fill=int(rng.uniform(150, 255)), width=thickness, joint="curve"
+    )
   return np.asarray(mask.filter(ImageFilter.GaussianBlur(0.6)), np.float32) / 255.0
 
 
@@ -458,13 +479,25 @@ def render_image(rng: np.random.Generator, label: int) -> np.ndarray:
   c, s = np.float32(np.cos(rotation)), np.float32(np.sin(rotation))
   u, v = c * dx + s * dy, -s * dx + c * dy
   theta = np.arctan2(v, u)
-  geom = _Geometry(u=u, v=v, rho=np.sqrt(u * u + v * v), theta=theta, theta_bin=_theta_bin(theta),
-                   cx=cx - x0, cy=cy - y0, radius=radius, rotation=rotation)
+  geom = _Geometry(
+      u=u,
+      v=v,
+      rho=np.sqrt(u * u + v * v),
+      theta=theta,
+      theta_bin=_theta_bin(theta),
+      cx=cx - x0,
+      cy=cy - y0,
+      radius=radius,
+      rotation=rotation,
+  )
   layers = _CLASS_RENDERERS[int(label)](rng, geom, pal)
 
   lesion = np.broadcast_to(pal.base.astype(np.float32), u.shape + (3,))
-  for weight, colour in ((layers.secondary, pal.secondary), (layers.accent, pal.accent),
-                         (layers.dark, pal.dark)):
+  for weight, colour in (
+      (layers.secondary, pal.secondary),
+      (layers.accent, pal.accent),
+      (layers.dark, pal.dark),
+  ):
     lesion = lesion + weight[..., None] * (colour.astype(np.float32) - lesion)
   grain = 1.0 + 0.05 * _noise(rng, u.shape, radius / 6.0, 2)
   lesion = lesion * (layers.shade * grain)[..., None]
@@ -517,4 +550,3 @@ def render_jpeg(seed: int, split: str, index: int, label: int) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
   return buf.getvalue()
-

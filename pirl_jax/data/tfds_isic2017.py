@@ -50,8 +50,9 @@ _CITATION = """\
 """
 
 
-_FILE_TABLE = "\n".join(f"    {stem + '.zip':<32}{csv_name}"
-                        for stem, csv_name in isic.SPLITS.values())
+_FILE_TABLE = "\n".join(
+    f"    {stem + '.zip':<32}{csv_name}" for stem, csv_name in isic.SPLITS.values()
+)
 _NESTED_EXAMPLE = "{0}/{0}/ISIC_0000000.jpg".format(isic.SPLITS["train"][0])
 _MISSING_SPLITS = "missing_splits"  # metadata key: split -> (message, paths looked for)
 
@@ -59,8 +60,7 @@ _MISSING_SPLITS = "missing_splits"  # metadata key: split -> (message, paths loo
 def _split_names(split) -> list[str]:
   """The split names in a tfds split argument ('train[:10%]+test', lists, dicts of them)."""
   if isinstance(split, str):
-    return [m.group(1) for m in (re.match(r"\s*([\w-]+)", part) for part in split.split("+"))
-            if m]
+    return [m.group(1) for m in (re.match(r"\s*([\w-]+)", part) for part in split.split("+")) if m]
   if isinstance(split, dict):
     split = list(split.values())
   if isinstance(split, (list, tuple)):
@@ -77,6 +77,7 @@ class Isic2017Config(tfds.core.BuilderConfig):
       ratio kept, never upscaled) and re-encoded as JPEG quality 95 while preparing. None keeps
       the original images (only non-RGB or non-JPEG files are re-encoded).
   """
+
   resize_short_side: int | None = None
 
 
@@ -87,10 +88,16 @@ class Isic2017(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
       Isic2017Config(name="full", description="The original images."),
-      Isic2017Config(name="resized_512", resize_short_side=512,
-                     description="Images downscaled so that the short side is at most 512."),
-      Isic2017Config(name="resized_256", resize_short_side=256,
-                     description="Images downscaled so that the short side is at most 256."),
+      Isic2017Config(
+          name="resized_512",
+          resize_short_side=512,
+          description="Images downscaled so that the short side is at most 512.",
+      ),
+      Isic2017Config(
+          name="resized_256",
+          resize_short_side=256,
+          description="Images downscaled so that the short side is at most 256.",
+      ),
   ]
   DEFAULT_CONFIG_NAME = "full"
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
@@ -109,13 +116,15 @@ class Isic2017(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "image_id": tfds.features.Text(),
-            "melanoma": tfds.features.ClassLabel(num_classes=2),
-            "seborrheic_keratosis": tfds.features.ClassLabel(num_classes=2),
-            "label": tfds.features.ClassLabel(names=list(isic.LABEL_NAMES)),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "image_id": tfds.features.Text(),
+                "melanoma": tfds.features.ClassLabel(num_classes=2),
+                "seborrheic_keratosis": tfds.features.ClassLabel(num_classes=2),
+                "label": tfds.features.ClassLabel(names=list(isic.LABEL_NAMES)),
+            }
+        ),
         supervised_keys=("image", "label"),
         homepage="https://challenge.isic-archive.com/landing/2017/",
         citation=_CITATION,
@@ -132,8 +141,10 @@ class Isic2017(tfds.core.GeneratorBasedBuilder):
       except isic.MissingSplitError as e:
         missing[name] = (str(e), list(e.looked_for))
     if not splits:
-      raise isic.IsicFormatError(f"{root}: no ISIC 2017 split to build; "
-                                 + "; ".join(message for message, _ in missing.values()))
+      raise isic.IsicFormatError(
+          f"{root}: no ISIC 2017 split to build; "
+          + "; ".join(message for message, _ in missing.values())
+      )
     for name, (message, _) in missing.items():
       logging.warning("isic2017: not building the %s split: %s", name, message)
     self.info.metadata[_MISSING_SPLITS] = missing
@@ -148,13 +159,20 @@ class Isic2017(tfds.core.GeneratorBasedBuilder):
         raise isic.MissingSplitError(
             f"{self.info.full_name} has no {name} split: its files were not in the manual "
             f"directory when the dataset was prepared ({message}). Place them there, delete "
-            f"{self.data_path} and prepare it again.", name, tuple(looked_for))
+            f"{self.data_path} and prepare it again.",
+            name,
+            tuple(looked_for),
+        )
     return super().as_dataset(split=split, **kwargs)
 
   def _generate_examples(self, split: isic.IsicSplit):
     for i, image_id in enumerate(split.image_ids):
-      image = images.prepare_image(split.read_bytes(i), split.refs[i].name, min_side=1,
-                                   max_side=self.builder_config.resize_short_side)
+      image = images.prepare_image(
+          split.read_bytes(i),
+          split.refs[i].name,
+          min_side=1,
+          max_side=self.builder_config.resize_short_side,
+      )
       yield image_id, {
           "image": image,
           "image_id": image_id,

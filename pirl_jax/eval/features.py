@@ -15,11 +15,15 @@ from pirl_jax import sharding as sharding_lib
 
 def feature_fn(trunk, mesh):
   """A jitted `(variables, images) -> (B, F)` pooled features, inference-mode BatchNorm."""
+
   def apply(variables, images):
     return trunk.apply(variables, images, train=False)
-  return jax.jit(apply, in_shardings=(sharding_lib.replicated(mesh),
-                                      sharding_lib.batch_sharding(mesh)),
-                 out_shardings=sharding_lib.replicated(mesh))
+
+  return jax.jit(
+      apply,
+      in_shardings=(sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)),
+      out_shardings=sharding_lib.replicated(mesh),
+  )
 
 
 def extract(fn, variables, eval_input, mesh) -> np.ndarray:
@@ -29,4 +33,4 @@ def extract(fn, variables, eval_input, mesh) -> np.ndarray:
     images = sharding_lib.global_batch({"image": batch["image"]}, mesh)["image"]
     # A replicated array is complete on every device, also on multi-host runs.
     outputs.append(np.asarray(fn(variables, images).addressable_data(0)))
-  return np.concatenate(outputs)[:eval_input.num_examples].astype(np.float32)
+  return np.concatenate(outputs)[: eval_input.num_examples].astype(np.float32)

@@ -35,14 +35,19 @@ def _host(x: jax.Array) -> np.ndarray:
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
   """sklearn's ROC AUC, NaN (with a warning) when `y_true` has a single class."""
   from sklearn import metrics as sk_metrics
+
   if len(np.unique(y_true)) < 2:
     logging.warning("ROC AUC is undefined: only one class among %d labels.", len(y_true))
     return float("nan")
   return float(sk_metrics.roc_auc_score(y_true, score))
 
 
-def split_metrics(split: labelled.LabelledSplit, melanoma: np.ndarray,
-                  seborrheic_keratosis: np.ndarray, probs: np.ndarray) -> dict:
+def split_metrics(
+    split: labelled.LabelledSplit,
+    melanoma: np.ndarray,
+    seborrheic_keratosis: np.ndarray,
+    probs: np.ndarray,
+) -> dict:
   """The challenge metrics of one split.
 
   Args:
@@ -52,6 +57,7 @@ def split_metrics(split: labelled.LabelledSplit, melanoma: np.ndarray,
     probs: (N, 3) probabilities, for accuracy and the confusion matrix.
   """
   from sklearn import metrics as sk_metrics
+
   auc_mel = roc_auc(split.melanoma, melanoma)
   auc_sk = roc_auc(split.seborrheic_keratosis, seborrheic_keratosis)
   predicted = np.argmax(probs, axis=-1)
@@ -94,25 +100,43 @@ def write_ground_truth(path: pathlib.Path, split: labelled.LabelledSplit) -> Non
   storage.path(path).write_text(text.getvalue())
 
 
-def plot_roc(path: pathlib.Path, split: labelled.LabelledSplit, melanoma: np.ndarray,
-             seborrheic_keratosis: np.ndarray, metrics: dict, title: str) -> None:
+def plot_roc(
+    path: pathlib.Path,
+    split: labelled.LabelledSplit,
+    melanoma: np.ndarray,
+    seborrheic_keratosis: np.ndarray,
+    metrics: dict,
+    title: str,
+) -> None:
   """The two ROC curves of `split` with their AUCs (matplotlib, Agg canvas; no global state)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   from sklearn import metrics as sk_metrics
+
   fig = Figure(figsize=(5.5, 5.0), dpi=120)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
-  for y, score, key, label in ((split.melanoma, melanoma, "auc_melanoma", "melanoma"),
-                               (split.seborrheic_keratosis, seborrheic_keratosis,
-                                "auc_seborrheic_keratosis", "seborrheic keratosis")):
+  for y, score, key, label in (
+      (split.melanoma, melanoma, "auc_melanoma", "melanoma"),
+      (
+          split.seborrheic_keratosis,
+          seborrheic_keratosis,
+          "auc_seborrheic_keratosis",
+          "seborrheic keratosis",
+      ),
+  ):
     if len(np.unique(y)) < 2:
       continue
     fpr, tpr, _ = sk_metrics.roc_curve(y, score)
     ax.plot(fpr, tpr, lw=2, label=f"{label} (AUC {metrics[key]:.3f})")
   ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-  ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-         title=title)
+  ax.set(
+      xlim=(0, 1),
+      ylim=(0, 1.01),
+      xlabel="false positive rate",
+      ylabel="true positive rate",
+      title=title,
+  )
   ax.legend(loc="lower right")
   fig.tight_layout()
   storage.save_figure(fig, path)
@@ -126,31 +150,48 @@ class IsicEvaluator:
   format), the ground truth it is scored against, and for the test split the ROC plot.
   """
 
-  def __init__(self, split: labelled.LabelledSplit, view: labelled_views.AugmentConfig, eval_step,
-               mesh, *, eval_batch_size: int, num_parallel_calls: int = -1):
+  def __init__(
+      self,
+      split: labelled.LabelledSplit,
+      view: labelled_views.AugmentConfig,
+      eval_step,
+      mesh,
+      *,
+      eval_batch_size: int,
+      num_parallel_calls: int = -1,
+  ):
     """`eval_step(state, batch) -> (B, 3) probabilities`: the classifier's jitted eval step."""
     self.name = split.split
     self.split = split
     self.mesh = mesh
     self._eval_step = eval_step
     self.input = labelled_input.EvalInput(
-        split, view, global_batch_size=eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_parallel_calls=num_parallel_calls)
+        split,
+        view,
+        global_batch_size=eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_parallel_calls=num_parallel_calls,
+    )
 
   def predict(self, state) -> np.ndarray:
     """(N, 3) class probabilities of the split's images, in the split's order."""
-    outputs = [self._eval_step(state, sharding_lib.global_batch(
-        {"image": batch["image"]}, self.mesh)) for batch in self.input.batches()]
-    return np.concatenate([_host(o) for o in outputs])[:len(self.split)]
+    outputs = [
+        self._eval_step(state, sharding_lib.global_batch({"image": batch["image"]}, self.mesh))
+        for batch in self.input.batches()
+    ]
+    return np.concatenate([_host(o) for o in outputs])[: len(self.split)]
 
   def run(self, state) -> dict:
     probs = self.predict(state)
     return split_metrics(self.split, probs[:, 0], probs[:, 1], probs)
 
   def describe(self, metrics: dict) -> str:
-    return (f"AUC melanoma {metrics['auc_melanoma']:.4f} SK "
-            f"{metrics['auc_seborrheic_keratosis']:.4f} mean {metrics['auc_mean']:.4f} "
-            f"acc {metrics['accuracy']:.3f}")
+    return (
+        f"AUC melanoma {metrics['auc_melanoma']:.4f} SK "
+        f"{metrics['auc_seborrheic_keratosis']:.4f} mean {metrics['auc_mean']:.4f} "
+        f"acc {metrics['accuracy']:.3f}"
+    )
 
   def write_outputs(self, state, workdir: pathlib.Path, plot_title: str) -> dict:
     """Predictions (and ground truth, ROC plot) of `state` in `workdir`; returns the metrics.

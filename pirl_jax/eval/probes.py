@@ -21,9 +21,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def knn_probabilities(index_features: np.ndarray, index_labels: np.ndarray,
-                      query_features: np.ndarray, num_classes: int, k: int = 20,
-                      temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
+def knn_probabilities(
+    index_features: np.ndarray,
+    index_labels: np.ndarray,
+    query_features: np.ndarray,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> np.ndarray:
   """Class probabilities of the queries by a similarity-weighted vote of their k nearest neighbours.
 
   Args:
@@ -43,7 +49,7 @@ def knn_probabilities(index_features: np.ndarray, index_labels: np.ndarray,
   k = min(int(k), len(index))
   out = np.zeros((len(query_features), num_classes), np.float64)
   for start in range(0, len(query_features), chunk):
-    query = l2_normalize(query_features[start:start + chunk])
+    query = l2_normalize(query_features[start : start + chunk])
     similarity = query @ index.T
     # Stable order: on equal similarity the lower index wins, as in sklearn's brute-force search.
     nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
@@ -51,13 +57,18 @@ def knn_probabilities(index_features: np.ndarray, index_labels: np.ndarray,
     # Shifting by the row maximum leaves the normalised votes unchanged and cannot overflow.
     votes = np.exp((sims - sims[:, :1]) / temperature)
     rows = np.repeat(np.arange(len(query))[:, None], k, axis=1)
-    np.add.at(out[start:start + chunk], (rows, labels[nearest]), votes)
+    np.add.at(out[start : start + chunk], (rows, labels[nearest]), votes)
   return out / out.sum(axis=1, keepdims=True)
 
 
-def linear_probe_probabilities(index_features: np.ndarray, index_labels: np.ndarray,
-                               query_features: np.ndarray, num_classes: int,
-                               regularization: float = 1.0, max_iter: int = 1000) -> np.ndarray:
+def linear_probe_probabilities(
+    index_features: np.ndarray,
+    index_labels: np.ndarray,
+    query_features: np.ndarray,
+    num_classes: int,
+    regularization: float = 1.0,
+    max_iter: int = 1000,
+) -> np.ndarray:
   """Class probabilities from multinomial logistic regression on standardised features.
 
   The features are standardised with the index set's mean and standard deviation; classes are
@@ -74,10 +85,12 @@ def linear_probe_probabilities(index_features: np.ndarray, index_labels: np.ndar
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+
   labels = np.asarray(index_labels, np.int64)
   model = make_pipeline(
       StandardScaler(),
-      LogisticRegression(C=regularization, max_iter=max_iter, class_weight="balanced"))
+      LogisticRegression(C=regularization, max_iter=max_iter, class_weight="balanced"),
+  )
   model.fit(np.asarray(index_features, np.float64), labels)
   probs = model.predict_proba(np.asarray(query_features, np.float64))
   out = np.zeros((len(query_features), num_classes), np.float64)
@@ -85,9 +98,12 @@ def linear_probe_probabilities(index_features: np.ndarray, index_labels: np.ndar
   return out
 
 
-def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
-                           class_names: tuple[str, ...],
-                           mean_over: tuple[str, ...] | None = None) -> dict[str, float]:
+def classification_metrics(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: tuple[str, ...],
+    mean_over: tuple[str, ...] | None = None,
+) -> dict[str, float]:
   """One-vs-rest ROC AUC per class, their mean, and accuracy.
 
   Args:
@@ -102,6 +118,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     only one of its two sides.
   """
   from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
+
   labels = np.asarray(labels)
   out = {}
   for c, name in enumerate(class_names):

@@ -53,9 +53,11 @@ def retrieval_ranks(g_hat: np.ndarray, f_hat: np.ndarray) -> np.ndarray:
 
 def retrieval_metrics(ranks: np.ndarray) -> dict[str, float]:
   ranks = np.asarray(ranks)
-  return {"retrieval_top1": float(np.mean(ranks == 1)),
-          "retrieval_median_rank": float(np.median(ranks)),
-          "retrieval_candidates": float(len(ranks))}
+  return {
+      "retrieval_top1": float(np.mean(ranks == 1)),
+      "retrieval_median_rank": float(np.median(ranks)),
+      "retrieval_candidates": float(len(ranks)),
+  }
 
 
 def shuffle_orders(count: int, num_tiles: int, seed: int = PERMUTATION_SEED) -> np.ndarray:
@@ -67,17 +69,19 @@ def shuffle_orders(count: int, num_tiles: int, seed: int = PERMUTATION_SEED) -> 
 def state_of_arrays(arrays: dict):
   """The fields the evaluator reads from a pretraining checkpoint's arrays; one written before
   the state kept tile statistics evaluates tiles with the image pass's."""
-  tile_stats = (arrays.get("tile_batch_stats")
-                or state_lib.tile_stats_of_earlier_version(arrays))
-  return types.SimpleNamespace(params=arrays["params"], batch_stats=arrays["batch_stats"],
-                               tile_batch_stats=tile_stats)
+  tile_stats = arrays.get("tile_batch_stats") or state_lib.tile_stats_of_earlier_version(arrays)
+  return types.SimpleNamespace(
+      params=arrays["params"], batch_stats=arrays["batch_stats"], tile_batch_stats=tile_stats
+  )
 
 
 def tile_variables(state) -> tuple[dict, dict]:
   """(trunk variables on tiles, network variables on tiles) of a pretraining state."""
   tile_stats = state.tile_batch_stats
-  return ({"params": state.params["trunk"], "batch_stats": tile_stats["trunk"]},
-          {"params": state.params, "batch_stats": {**state.batch_stats, **tile_stats}})
+  return (
+      {"params": state.params["trunk"], "batch_stats": tile_stats["trunk"]},
+      {"params": state.params, "batch_stats": {**state.batch_stats, **tile_stats}},
+  )
 
 
 class TilePathwayEvaluator:
@@ -85,8 +89,16 @@ class TilePathwayEvaluator:
 
   name = "tiles"
 
-  def __init__(self, probe_evaluator, model, views: jigsaw.ViewConfig, mesh, *,
-               retrieval: bool, num_parallel_calls: int = -1):
+  def __init__(
+      self,
+      probe_evaluator,
+      model,
+      views: jigsaw.ViewConfig,
+      mesh,
+      *,
+      retrieval: bool,
+      num_parallel_calls: int = -1,
+  ):
     """`probe_evaluator`: the run's `probe.ProbeEvaluator` (its sets, scores and eval view)."""
     self.probe = probe_evaluator
     self.model = model
@@ -95,12 +107,17 @@ class TilePathwayEvaluator:
     sets: probe_data.ProbeSets = probe_evaluator.sets
     batch = probe_evaluator.global_batch_size
     self._inputs = {
-        name: labelled_input.EvalInput(images, probe_evaluator.view, global_batch_size=batch,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count(),
-                                 num_parallel_calls=num_parallel_calls,
-                                 tiles=lambda image: jigsaw.eval_tiles(image, views))
-        for name, images in (("index", sets.index), ("query", sets.query))}
+        name: labelled_input.EvalInput(
+            images,
+            probe_evaluator.view,
+            global_batch_size=batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_parallel_calls=num_parallel_calls,
+            tiles=lambda image: jigsaw.eval_tiles(image, views),
+        )
+        for name, images in (("index", sets.index), ("query", sets.query))
+    }
     self._orders = shuffle_orders(len(sets.query), views.num_tiles)
     replicated, batched = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
     jit = lambda fn: jax.jit(fn, in_shardings=(replicated, batched), out_shardings=replicated)
@@ -109,6 +126,7 @@ class TilePathwayEvaluator:
       b, n = tiles.shape[:2]
       x = model.trunk.apply(variables, tiles.reshape((b * n,) + tiles.shape[2:]), train=False)
       return x.reshape(b, n, -1)
+
     self._trunk_on_tiles = jit(trunk_on_tiles)
     self._g = jit(lambda v, tiles: model.apply(v, tiles, train=False, method="embed_tiles"))
     self._f = jit(lambda v, images: model.apply(v, images, train=False, method="embed_images"))
@@ -129,7 +147,7 @@ class TilePathwayEvaluator:
         x = sharding_lib.global_batch({key: x}, self.mesh)[key]
         outputs[name].append(np.asarray(fn(variables, x).addressable_data(0)))
       start += eval_input.global_batch_size
-    return {name: np.concatenate(v)[:eval_input.num_examples] for name, v in outputs.items()}
+    return {name: np.concatenate(v)[: eval_input.num_examples] for name, v in outputs.items()}
 
   def run(self, state) -> dict[str, float]:
     trunk_vars, net_tile_vars = tile_variables(state)
@@ -148,10 +166,14 @@ class TilePathwayEvaluator:
     return metrics
 
   def describe(self, metrics: dict[str, float]) -> str:
-    text = (f"tile bag kNN AUC {metrics['tilebag_knn_auc_mean']:.4f} | linear AUC "
-            f"{metrics['tilebag_linear_auc_mean']:.4f}")
+    text = (
+        f"tile bag kNN AUC {metrics['tilebag_knn_auc_mean']:.4f} | linear AUC "
+        f"{metrics['tilebag_linear_auc_mean']:.4f}"
+    )
     if "retrieval_top1" in metrics:
-      text += (f" | g->f top-1 {metrics['retrieval_top1']:.3f} median rank "
-               f"{metrics['retrieval_median_rank']:.0f} of "
-               f"{metrics['retrieval_candidates']:.0f}")
+      text += (
+          f" | g->f top-1 {metrics['retrieval_top1']:.3f} median rank "
+          f"{metrics['retrieval_median_rank']:.0f} of "
+          f"{metrics['retrieval_candidates']:.0f}"
+      )
     return text

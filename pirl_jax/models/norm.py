@@ -31,6 +31,7 @@ class BatchNorm(nn.Module):
     use_running_average, momentum, epsilon, dtype, param_dtype, scale_init, bias_init: as
       `flax.linen.BatchNorm`.
   """
+
   groups: int = 1
   use_running_average: bool | None = None
   momentum: float = 0.99
@@ -42,13 +43,12 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
-    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
-                                         use_running_average)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
     features = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
-                            (features,))
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
-                           (features,))
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
     scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
     x32 = x.astype(jnp.float32)
@@ -61,14 +61,17 @@ class BatchNorm(nn.Module):
       grouped = x32.reshape((self.groups, x.shape[0] // self.groups) + x.shape[1:])
       axes = tuple(range(1, grouped.ndim - 1))
       mean = jnp.mean(grouped, axis=axes, keepdims=True)
-      var = jnp.maximum(jnp.mean(jnp.square(grouped), axis=axes, keepdims=True)
-                        - jnp.square(mean), 0.0)
+      var = jnp.maximum(
+          jnp.mean(jnp.square(grouped), axis=axes, keepdims=True) - jnp.square(mean), 0.0
+      )
       y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
       if not self.is_initializing():
         group_axes = tuple(range(grouped.ndim - 1))
-        ra_mean.value = (self.momentum * ra_mean.value +
-                         (1 - self.momentum) * jnp.mean(mean, axis=group_axes))
-        ra_var.value = (self.momentum * ra_var.value +
-                        (1 - self.momentum) * jnp.mean(var, axis=group_axes))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jnp.mean(
+            mean, axis=group_axes
+        )
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jnp.mean(
+            var, axis=group_axes
+        )
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(self.dtype or x.dtype)

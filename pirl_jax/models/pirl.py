@@ -59,6 +59,7 @@ class PIRLNet(nn.Module):
     num_permutations: Classes of the covariant jigsaw classifier.
     dtype: Compute dtype of the heads; outputs are float32.
   """
+
   trunk: nn.Module
   embed_dim: int = 128
   head: str = 'linear'
@@ -85,8 +86,9 @@ class PIRLNet(nn.Module):
     self.g_concat = dense(self.embed_dim, self.num_tiles * self.embed_dim)
     self.jigsaw_classifier = dense(self.num_permutations, self.num_tiles * self.embed_dim)
     self.rotation_classifier = dense(methods.NUM_ROTATIONS, features)
-    self.relative_position_classifier = dense(len(methods.RELATIVE_POSITION_CELLS),
-                                              2 * self.embed_dim)
+    self.relative_position_classifier = dense(
+        len(methods.RELATIVE_POSITION_CELLS), 2 * self.embed_dim
+    )
 
   def trunk_features(self, images: jax.Array, train: bool = False) -> jax.Array:
     """Pooled trunk features ``(B, F)`` of images, for evaluation (BN in inference mode by default)."""
@@ -122,8 +124,9 @@ class PIRLNet(nn.Module):
 
   def embed_rotated(self, images: jax.Array, train: bool) -> jax.Array:
     """g_hat of PIRL-rotation's rotated views ``(B, S, S, 3)``: its own head on the trunk."""
-    return l2_normalize(self.g_rot_out(self._head_input(images, train, 'g_rot'))
-                        .astype(jnp.float32))
+    return l2_normalize(
+        self.g_rot_out(self._head_input(images, train, 'g_rot')).astype(jnp.float32)
+    )
 
   def classify_permutation(self, tiles: jax.Array, train: bool) -> jax.Array:
     """Jigsaw logits ``(B, num_permutations)`` float32 of shuffled tiles ``(B, 9, T, T, 3)``."""
@@ -138,10 +141,12 @@ class PIRLNet(nn.Module):
     """Relative-position logits ``(B, 8)`` float32 of (centre, neighbour) ``(B, 2, T, T, 3)``."""
     self._check_tiles(patches, 2, 'patches')
     return self.relative_position_classifier(self._tile_embeddings(patches, train)).astype(
-        jnp.float32)
+        jnp.float32
+    )
 
-  def __call__(self, images: jax.Array, tiles: jax.Array,
-               train: bool) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+      self, images: jax.Array, tiles: jax.Array, train: bool
+  ) -> tuple[jax.Array, jax.Array]:
     """Embeds both views: the tiles first, then the images.
 
     Args:
@@ -153,8 +158,10 @@ class PIRLNet(nn.Module):
       ``(f_hat, g_hat)``, each ``(B, embed_dim)`` float32 and L2-normalised.
     """
     if tiles.shape[0] != images.shape[0]:
-      raise ValueError(f'tiles must have shape (B={images.shape[0]}, {self.num_tiles}, T, T, C), '
-                       f'got {tiles.shape}')
+      raise ValueError(
+          f'tiles must have shape (B={images.shape[0]}, {self.num_tiles}, T, T, C), '
+          f'got {tiles.shape}'
+      )
     # Tiles first, then images: the order in which the running BN statistics are updated.
     g = self.embed_tiles(tiles, train)
     f = self.embed_images(images, train)

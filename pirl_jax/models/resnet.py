@@ -53,8 +53,9 @@ def torch_linear_init(fan_in: int) -> Callable[..., jax.Array]:
   return init
 
 
-def torch_dense(features: int, fan_in: int, *, dtype: Dtype = jnp.float32,
-                name: str | None = None) -> nn.Dense:
+def torch_dense(
+    features: int, fan_in: int, *, dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.Dense:
   """Returns an ``nn.Dense`` initialised like torch.nn.Linear (kernel and bias uniform ±1/sqrt(fan_in)).
 
   Args:
@@ -64,8 +65,9 @@ def torch_dense(features: int, fan_in: int, *, dtype: Dtype = jnp.float32,
     name: Optional submodule name.
   """
   init = torch_linear_init(fan_in)
-  return nn.Dense(features, kernel_init=init, bias_init=init, dtype=dtype,
-                  param_dtype=jnp.float32, name=name)
+  return nn.Dense(
+      features, kernel_init=init, bias_init=init, dtype=dtype, param_dtype=jnp.float32, name=name
+  )
 
 
 _PAD3 = ((1, 1), (1, 1))
@@ -73,6 +75,7 @@ _PAD3 = ((1, 1), (1, 1))
 
 class BasicBlock(nn.Module):
   """ResNet basic block (two 3x3 convs), expansion 1."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -89,17 +92,20 @@ class BasicBlock(nn.Module):
     y = self.norm()(y)
     y = self.act(y)
     y = self.conv(self.filters, (3, 3), padding=_PAD3)(y)
-    y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_residual
-                  else nn.initializers.ones)(y)
+    y = self.norm(
+        scale_init=nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    )(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, padding='VALID',
-                           name='conv_proj')(residual)
+      residual = self.conv(self.filters, (1, 1), self.strides, padding='VALID', name='conv_proj')(
+          residual
+      )
       residual = self.norm(name='norm_proj')(residual)
     return self.act(residual + y)
 
 
 class Bottleneck(nn.Module):
   """ResNet v1.5 bottleneck block (1x1, strided 3x3, 1x1), expansion 4."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -119,11 +125,13 @@ class Bottleneck(nn.Module):
     y = self.norm()(y)
     y = self.act(y)
     y = self.conv(self.filters * self.expansion, (1, 1), padding='VALID')(y)
-    y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_residual
-                  else nn.initializers.ones)(y)
+    y = self.norm(
+        scale_init=nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    )(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.filters * self.expansion, (1, 1), self.strides, padding='VALID',
-                           name='conv_proj')(residual)
+      residual = self.conv(
+          self.filters * self.expansion, (1, 1), self.strides, padding='VALID', name='conv_proj'
+      )(residual)
       residual = self.norm(name='norm_proj')(residual)
     return self.act(residual + y)
 
@@ -132,8 +140,9 @@ def scaled_width(num_filters: int, width_multiplier: float) -> int:
   """`num_filters * width_multiplier`, rounded: the stem width of a trunk."""
   width = int(round(num_filters * width_multiplier))
   if width < 1:
-    raise ValueError(f'num_filters * width_multiplier must be >= 1, got {num_filters} * '
-                     f'{width_multiplier}')
+    raise ValueError(
+        f'num_filters * width_multiplier must be >= 1, got {num_filters} * ' f'{width_multiplier}'
+    )
   return width
 
 
@@ -157,6 +166,7 @@ class ResNet(nn.Module):
     bn_groups: 1: batch statistics over the whole batch; n > 1: over each of n contiguous parts
       of it (`norm.BatchNorm`: per-device statistics when n is the device count).
   """
+
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_filters: int = 64
@@ -189,15 +199,25 @@ class ResNet(nn.Module):
       ``(B, num_features)`` pooled features, or ``(B, num_classes)`` logits; float32.
     """
     width = scaled_width(self.num_filters, self.width_multiplier)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                             kernel_init=conv_kernel_init)
+    conv = functools.partial(
+        nn.Conv,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_kernel_init,
+    )
     if self.bn_groups > 1:
       batch_norm = functools.partial(norm_lib.BatchNorm, groups=self.bn_groups)
     else:
       batch_norm = nn.BatchNorm
-    norm = functools.partial(batch_norm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=jnp.float32)
+    norm = functools.partial(
+        batch_norm,
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+    )
 
     if self.small_input:
       x = conv(width, (3, 3), padding=_PAD3, name='conv_init')(x)
@@ -212,8 +232,14 @@ class ResNet(nn.Module):
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-        x = self.block_cls(filters=width * 2 ** i, strides=strides, conv=conv, norm=norm,
-                           act=self.act, zero_init_residual=self.zero_init_residual)(x)
+        x = self.block_cls(
+            filters=width * 2**i,
+            strides=strides,
+            conv=conv,
+            norm=norm,
+            act=self.act,
+            zero_init_residual=self.zero_init_residual,
+        )(x)
 
     # Pool in float32 so bf16 compute does not leak into the heads/losses.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -229,12 +255,15 @@ ResNet50 = functools.partial(ResNet, stage_sizes=[3, 4, 6, 3], block_cls=Bottlen
 ResNet101 = functools.partial(ResNet, stage_sizes=[3, 4, 23, 3], block_cls=Bottleneck)
 
 # Test/smoke-run variants: same code paths, a tiny fraction of the compute.
-ResNetTiny = functools.partial(ResNet, stage_sizes=[1, 1, 1, 1], block_cls=BasicBlock,
-                               num_filters=8)  # 64-d features
-ResNetTinyBottleneck = functools.partial(ResNet, stage_sizes=[1, 1, 1, 1], block_cls=Bottleneck,
-                                         num_filters=8)  # 256-d features
-ResNet18Small = functools.partial(ResNet, stage_sizes=[2, 2, 2, 2], block_cls=BasicBlock,
-                                  num_filters=16)  # 128-d features
+ResNetTiny = functools.partial(
+    ResNet, stage_sizes=[1, 1, 1, 1], block_cls=BasicBlock, num_filters=8
+)  # 64-d features
+ResNetTinyBottleneck = functools.partial(
+    ResNet, stage_sizes=[1, 1, 1, 1], block_cls=Bottleneck, num_filters=8
+)  # 256-d features
+ResNet18Small = functools.partial(
+    ResNet, stage_sizes=[2, 2, 2, 2], block_cls=BasicBlock, num_filters=16
+)  # 128-d features
 
 TRUNKS: dict[str, Callable[..., ResNet]] = {
     'resnet18': ResNet18,
@@ -247,8 +276,9 @@ TRUNKS: dict[str, Callable[..., ResNet]] = {
 }
 
 
-def get_trunk(name: str, width_multiplier: float = 1.0, dtype: Dtype = jnp.float32,
-              **kwargs) -> ResNet:
+def get_trunk(
+    name: str, width_multiplier: float = 1.0, dtype: Dtype = jnp.float32, **kwargs
+) -> ResNet:
   """Builds a feature trunk (``num_classes=None``) by name.
 
   Args:

@@ -118,11 +118,11 @@ def key_map(variables: Mapping) -> dict[tuple[str, ...], str]:
   trunk's {'params', 'batch_stats'} (arrays or shapes)."""
   positions = _block_positions(variables["params"])
   mapping = {}
-  for path in traverse_util.flatten_dict(
-      {c: variables[c] for c in ("params", "batch_stats")}):
+  for path in traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats")}):
     collection, *module, name = path
-    mapping[path] = (f"{_torch_module(tuple(module), positions)}."
-                     f"{_VARIABLES[(collection, name)]}")
+    mapping[path] = (
+        f"{_torch_module(tuple(module), positions)}." f"{_VARIABLES[(collection, name)]}"
+    )
   return mapping
 
 
@@ -142,7 +142,7 @@ def _strip_wrappers(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   state = dict(state)
   for prefix in _WRAPPER_PREFIXES:
     if state and all(k.startswith(prefix) for k in state):
-      state = {k[len(prefix):]: v for k, v in state.items()}
+      state = {k[len(prefix) :]: v for k, v in state.items()}
   return state
 
 
@@ -152,8 +152,12 @@ def _listing(names, limit: int = 12) -> str:
   return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def from_state_dict(state: Mapping[str, np.ndarray], variables: Mapping,
-                    source: str = "the weights", model: str = "") -> dict:
+def from_state_dict(
+    state: Mapping[str, np.ndarray],
+    variables: Mapping,
+    source: str = "the weights",
+    model: str = "",
+) -> dict:
   """{'params', 'batch_stats'} in the structure of `variables` from a torchvision state dict.
 
   Args:
@@ -171,8 +175,11 @@ def from_state_dict(state: Mapping[str, np.ndarray], variables: Mapping,
   flat = traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats")})
   needed = set(mapping.values())
   missing = needed - set(state)
-  unexpected = {k for k in state if k not in needed and not _CLASSIFIER.match(k)
-                and not k.endswith(".num_batches_tracked")}
+  unexpected = {
+      k
+      for k in state
+      if k not in needed and not _CLASSIFIER.match(k) and not k.endswith(".num_batches_tracked")
+  }
   out, mismatched, not_float, not_finite = {}, [], [], []
   for path, key in mapping.items():
     if key not in state:
@@ -187,8 +194,9 @@ def from_state_dict(state: Mapping[str, np.ndarray], variables: Mapping,
     value = _from_torch(path[-1], raw.astype(np.float32))
     if value.shape != tuple(flat[path].shape):
       expected = _torch_shape(path[-1], flat[path].shape)
-      mismatched.append(f"{key}: {tuple(np.shape(state[key]))} in the file, {expected} in the "
-                        "trunk")
+      mismatched.append(
+          f"{key}: {tuple(np.shape(state[key]))} in the file, {expected} in the " "trunk"
+      )
       continue
     out[path] = value
   problems = []
@@ -197,23 +205,28 @@ def from_state_dict(state: Mapping[str, np.ndarray], variables: Mapping,
   if unexpected:
     problems.append(f"{len(unexpected)} key(s) the trunk does not have: {_listing(unexpected)}")
   if mismatched:
-    problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:8])}"
-                    + (" ..." if len(mismatched) > 8 else ""))
+    problems.append(
+        f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:8])}"
+        + (" ..." if len(mismatched) > 8 else "")
+    )
   if not_float:
-    problems.append(f"{len(not_float)} tensor(s) of integers or other non-float type where "
-                    f"the trunk holds weights: {_listing(not_float)}")
+    problems.append(
+        f"{len(not_float)} tensor(s) of integers or other non-float type where "
+        f"the trunk holds weights: {_listing(not_float)}"
+    )
   if not_finite:
-    problems.append(f"{len(not_finite)} tensor(s) holding NaN or infinite values: "
-                    f"{_listing(not_finite)}")
+    problems.append(
+        f"{len(not_finite)} tensor(s) holding NaN or infinite values: " f"{_listing(not_finite)}"
+    )
   if problems:
     described = f" ({model})" if model else ""
-    raise WeightsError(f"{source} does not fit the trunk{described}: "
-                       + "; ".join(problems) + ".")
+    raise WeightsError(f"{source} does not fit the trunk{described}: " + "; ".join(problems) + ".")
   return traverse_util.unflatten_dict(out)
 
 
-def infer_architecture(state: Mapping[str, np.ndarray],
-                       source: str = "the weights") -> tuple[str, float]:
+def infer_architecture(
+    state: Mapping[str, np.ndarray], source: str = "the weights"
+) -> tuple[str, float]:
   """(trunk name in `resnet.TRUNKS`, width multiplier) of a torchvision-layout state dict.
 
   The block type is told by `conv3` (Bottleneck) or its absence (BasicBlock), the stage sizes by
@@ -225,12 +238,13 @@ def infer_architecture(state: Mapping[str, np.ndarray],
   """
   state = _strip_wrappers(state)
   if "conv1.weight" not in state:
-    raise WeightsError(f"{source} has no conv1.weight, so it is not a torchvision-layout ResNet "
-                       f"state dict; its first keys: {_listing(state, 6)}.")
+    raise WeightsError(
+        f"{source} has no conv1.weight, so it is not a torchvision-layout ResNet "
+        f"state dict; its first keys: {_listing(state, 6)}."
+    )
   sizes = []
   for stage in range(1, 5):
-    indices = {int(m.group(1)) for k in state
-               if (m := re.match(rf"^layer{stage}\.(\d+)\.", k))}
+    indices = {int(m.group(1)) for k in state if (m := re.match(rf"^layer{stage}\.(\d+)\.", k))}
     sizes.append(max(indices) + 1 if indices else 0)
   bottleneck = any(re.match(r"^layer\d+\.\d+\.conv3\.", k) for k in state)
   block_cls = resnet.Bottleneck if bottleneck else resnet.BasicBlock
@@ -242,8 +256,10 @@ def infer_architecture(state: Mapping[str, np.ndarray],
       width = stem_width / candidate.num_filters
       if resnet.scaled_width(candidate.num_filters, width) == stem_width:
         return name, float(width) if not math.isclose(width, 1.0) else 1.0
-  raise WeightsError(f"{source}: a ResNet of {block_cls.__name__} stages {sizes} is not one of "
-                     f"the trunks this project builds ({', '.join(sorted(resnet.TRUNKS))}).")
+  raise WeightsError(
+      f"{source}: a ResNet of {block_cls.__name__} stages {sizes} is not one of "
+      f"the trunks this project builds ({', '.join(sorted(resnet.TRUNKS))})."
+  )
 
 
 def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -261,6 +277,7 @@ def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   name = path.name.lower()
   if name.endswith(SAFETENSORS_SUFFIXES):
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+
     try:
       if url:
         return dict(safetensors_numpy.load(path.read_bytes()))
@@ -272,11 +289,14 @@ def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise WeightsError(f"{path} is a PyTorch file and torch is not installed: install torch, or "
-                       "convert it to .safetensors where torch is.") from None
+    raise WeightsError(
+        f"{path} is a PyTorch file and torch is not installed: install torch, or "
+        "convert it to .safetensors where torch is."
+    ) from None
   try:
-    loaded = torch.load(io.BytesIO(path.read_bytes()) if url else str(path), map_location="cpu",
-                        weights_only=True)
+    loaded = torch.load(
+        io.BytesIO(path.read_bytes()) if url else str(path), map_location="cpu", weights_only=True
+    )
   except Exception as e:  # pickle and torch raise many kinds
     raise WeightsError(f"{path} could not be read by torch.load(weights_only=True): {e}") from e
   for wrapper in ("state_dict", "model"):
@@ -287,10 +307,14 @@ def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
 
 
-def write(state: Mapping[str, np.ndarray], path: str | pathlib.Path,
-          metadata: Mapping[str, str] | None = None) -> None:
+def write(
+    state: Mapping[str, np.ndarray],
+    path: str | pathlib.Path,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
   """Writes a state dict to `path` as `.safetensors` (metadata: string -> string)."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+
   path = storage.path(path, absolute=False)
   path.parent.mkdir(parents=True, exist_ok=True)
   metadata = {"format": "pt", **dict(metadata or {})}

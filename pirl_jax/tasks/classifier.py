@@ -32,6 +32,7 @@ class Classifier(nn.Module):
     num_classes: 3 (melanoma, seborrheic keratosis, nevus).
     probe: linear probe: the trunk always runs in inference mode and passes no gradient.
   """
+
   trunk: nn.Module
   num_classes: int = len(CLASS_NAMES)
   probe: bool = False
@@ -41,8 +42,9 @@ class Classifier(nn.Module):
     """Logits (B, num_classes), float32."""
     if self.probe:
       features = jax.lax.stop_gradient(self.trunk(images, train=False))
-      features = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                              name="head_norm")(features)
+      features = nn.BatchNorm(
+          use_running_average=not train, momentum=0.9, epsilon=1e-5, name="head_norm"
+      )(features)
     else:
       features = self.trunk(images, train=train)
     return resnet.torch_dense(self.num_classes, features.shape[-1], name="head")(features)
@@ -50,14 +52,18 @@ class Classifier(nn.Module):
 
 def create_model(config) -> Classifier:
   """The classifier of a fine-tuning config: its trunk, frozen under protocol 'linear'."""
-  trunk = resnet.get_trunk(config.model.trunk, width_multiplier=config.model.width_multiplier,
-                           dtype=state_lib.compute_dtype(config.model.dtype))
+  trunk = resnet.get_trunk(
+      config.model.trunk,
+      width_multiplier=config.model.width_multiplier,
+      dtype=state_lib.compute_dtype(config.model.dtype),
+  )
   return Classifier(trunk=trunk, probe=config.protocol == "linear")
 
 
 @flax.struct.dataclass
 class FinetuneState:
   """Everything that changes while fine-tuning; checkpointed, sharded and donated as one."""
+
   step: jax.Array
   params: Any  # {'trunk': ..., 'head': ...} (+ 'head_norm' for the probe)
   batch_stats: Any
@@ -78,24 +84,30 @@ def create_optimizer(optim_cfg, total_steps: int, probe: bool):
   schedule = lr_schedule(optim_cfg, total_steps)
   tx = optax.chain(
       optax.add_decayed_weights(optim_cfg.weight_decay, mask=state_lib.weight_decay_mask),
-      optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov))
+      optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
+  )
   if probe:
     # set_to_zero makes the trunk's update exactly zero (weight decay included) and keeps no
     # optimizer state for it.
     tx = optax.multi_transform(
         {"train": tx, "frozen": optax.set_to_zero()},
-        lambda params: {k: "frozen" if k == TRUNK else "train" for k in params})
+        lambda params: {k: "frozen" if k == TRUNK else "train" for k in params},
+    )
   return tx, schedule
 
 
-def create_state_variables(model: Classifier, tx, image_size: int,
-                           rng: jax.Array | None = None) -> FinetuneState:
+def create_state_variables(
+    model: Classifier, tx, image_size: int, rng: jax.Array | None = None
+) -> FinetuneState:
   """The initial state from `rng` (unsharded; `jax.eval_shape` of it gives the shapes)."""
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0) if rng is None else rng, images, train=False)
-  return FinetuneState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"],
-                       opt_state=tx.init(variables["params"]))
+  return FinetuneState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+  )
 
 
 def create_state(model: Classifier, tx, image_size: int, mesh, seed: int):
@@ -109,8 +121,17 @@ def create_state(model: Classifier, tx, image_size: int, mesh, seed: int):
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def train_step(state: FinetuneState, batch, *, model: Classifier, tx, schedule, class_weights,
-               uda: uda_lib.UdaSettings | None = None, total_steps: int = 0):
+def train_step(
+    state: FinetuneState,
+    batch,
+    *,
+    model: Classifier,
+    tx,
+    schedule,
+    class_weights,
+    uda: uda_lib.UdaSettings | None = None,
+    total_steps: int = 0,
+):
   """One SGD step. Returns (new_state, metrics).
 
   The loss is the weighted softmax cross-entropy of the labelled batch; with `uda`, the batch also
@@ -124,11 +145,16 @@ def train_step(state: FinetuneState, batch, *, model: Classifier, tx, schedule, 
     images = batch["image"]
   else:
     images = jnp.concatenate(
-        [batch["image"], batch["unlabelled"], batch["unlabelled_strong"]], axis=0)
+        [batch["image"], batch["unlabelled"], batch["unlabelled_strong"]], axis=0
+    )
 
   def loss_fn(params):
-    logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                   images, train=True, mutable=["batch_stats"])
+    logits, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
     labelled_logits = logits[:num_labelled]
     if uda is None:
       weights = class_weights[labels]
@@ -137,13 +163,19 @@ def train_step(state: FinetuneState, batch, *, model: Classifier, tx, schedule, 
       parts = {}
     else:
       clean_logits, strong_logits = jnp.split(logits[num_labelled:], 2)
-      loss, parts = uda_lib.uda_loss(labelled_logits, labels, clean_logits, strong_logits,
-                                     class_weights=class_weights, step=state.step,
-                                     total_steps=total_steps, settings=uda)
+      loss, parts = uda_lib.uda_loss(
+          labelled_logits,
+          labels,
+          clean_logits,
+          strong_logits,
+          class_weights=class_weights,
+          step=state.step,
+          total_steps=total_steps,
+          settings=uda,
+      )
     return loss, (labelled_logits, new_vars, parts)
 
-  (loss, (logits, new_vars, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (logits, new_vars, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -153,27 +185,34 @@ def train_step(state: FinetuneState, batch, *, model: Classifier, tx, schedule, 
       "grad_norm": optax.global_norm(grads),
       **parts,
   }
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=new_vars["batch_stats"], opt_state=opt_state)
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=new_vars["batch_stats"], opt_state=opt_state
+  )
   return new_state, metrics
 
 
 def eval_step(state: FinetuneState, batch, *, model: Classifier) -> jax.Array:
   """Class probabilities (B, 3), BatchNorm in inference mode; the state is not changed."""
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                       batch["image"], train=False)
+  logits = model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+  )
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 def jit_train_step(mesh, shardings, **kwargs):
   """`train_step` under jit with explicit shardings; the input state is donated."""
-  return jax.jit(lambda state, batch: train_step(state, batch, **kwargs),
-                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+      lambda state, batch: train_step(state, batch, **kwargs),
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=0,
+  )
 
 
 def jit_eval_step(mesh, shardings, model: Classifier):
   """`eval_step` under jit; the probabilities come back replicated (readable on every host)."""
-  return jax.jit(lambda state, batch: eval_step(state, batch, model=model),
-                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=sharding_lib.replicated(mesh))
+  return jax.jit(
+      lambda state, batch: eval_step(state, batch, model=model),
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=sharding_lib.replicated(mesh),
+  )

@@ -28,21 +28,24 @@ TASK_NAME = "pretraining"
 def describe(means: dict) -> str:
   """The method's part of the progress line."""
   if "accuracy" in means:  # a covariant pretext: a classifier
-    return (f"loss {means['loss']:.4f} accuracy {means['accuracy']:.3f} "
-            f"lr {means['learning_rate']:.4g}")
+    return (
+        f"loss {means['loss']:.4f} accuracy {means['accuracy']:.3f} "
+        f"lr {means['learning_rate']:.4g}"
+    )
   terms = ""
   for name in ("jigsaw", "rotated"):
     if f"loss_{name}" in means:
       terms = f" [{name} {means[f'loss_{name}']:.4f} image {means['loss_image']:.4f}]"
-  return (f"loss {means['loss']:.4f}{terms} pos {means['positive_similarity']:.3f} neg "
-          f"{means['negative_similarity']:.3f} lr {means['learning_rate']:.4g}")
+  return (
+      f"loss {means['loss']:.4f}{terms} pos {means['positive_similarity']:.3f} neg "
+      f"{means['negative_similarity']:.3f} lr {means['learning_rate']:.4g}"
+  )
 
 
 def _dataset_fingerprint(source) -> dict:
   """The image behind each memory-bank row, as `Run.check_dataset` compares it on resume."""
   if isinstance(source, sources.InMemorySource):
-    return preflight.dataset_fingerprint(source.num_examples, source.image_names,
-                                         source.encoded)
+    return preflight.dataset_fingerprint(source.num_examples, source.image_names, source.encoded)
   return preflight.dataset_fingerprint(source.num_examples, [])
 
 
@@ -52,7 +55,9 @@ def _check_bank_rows(num_examples: int, directory):
     if saved_rows < num_examples:
       raise checkpointing.CheckpointMismatchError(
           f"The checkpoints in {directory} have a memory bank of {saved_rows} rows but the "
-          f"dataset has {num_examples} images: they belong to another dataset.")
+          f"dataset has {num_examples} images: they belong to another dataset."
+      )
+
   return check
 
 
@@ -77,41 +82,72 @@ def train_and_evaluate(config, workdir: str) -> dict:
     num_examples = source.num_examples
     configuration.validate_dataset_size(config, num_examples)
     schedule = configuration.resolve_schedule(config, num_examples)
-    logging.info("Data: %s, %d images, %d steps/epoch, %d steps in all.", source.name,
-                 num_examples, schedule.steps_per_epoch, schedule.total_steps)
+    logging.info(
+        "Data: %s, %d images, %d steps/epoch, %d steps in all.",
+        source.name,
+        num_examples,
+        schedule.steps_per_epoch,
+        schedule.total_steps,
+    )
     if getattr(source, "skipped", None):
-      logging.warning("%d bad images were skipped (data.on_bad_image='skip').",
-                      len(source.skipped))
+      logging.warning("%d bad images were skipped (data.on_bad_image='skip').", len(source.skipped))
     run.check_dataset(_dataset_fingerprint(source))
 
     model = state_lib.create_model(config.model, run.mesh.size, config.jigsaw_permutations)
     tx, lr_schedule = state_lib.create_optimizer(
-        config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps)
+        config.optim, schedule.learning_rate, schedule.warmup_steps, schedule.total_steps
+    )
     abstract_state, _ = state_lib.abstract_train_state(config, model, tx, num_examples, run.mesh)
     run.check_disk(abstract_state)
     evaluators = probe.evaluators_for_pretraining(config, model, run.mesh)
 
     data = pipeline.PretrainInput(
-        source, pipeline.view_config(config.data.views), seed=config.seed,
-        global_batch_size=config.global_batch_size, process_index=run.process_index,
-        process_count=run.process_count, num_parallel_calls=config.data.num_parallel_calls,
+        source,
+        pipeline.view_config(config.data.views),
+        seed=config.seed,
+        global_batch_size=config.global_batch_size,
+        process_index=run.process_index,
+        process_count=run.process_count,
+        num_parallel_calls=config.data.num_parallel_calls,
         prefetch_batches=config.data.prefetch_batches,
-        method=config.method, jigsaw_permutations=config.jigsaw_permutations)
-    state, shardings = state_lib.create_train_state(config, model, tx, num_examples, run.mesh,
-                                                    config.seed)
+        method=config.method,
+        jigsaw_permutations=config.jigsaw_permutations,
+    )
+    state, shardings = state_lib.create_train_state(
+        config, model, tx, num_examples, run.mesh, config.seed
+    )
     train_step = step_lib.jit_train_step(
-        run.mesh, shardings, model=model, tx=tx, schedule=lr_schedule, loss_cfg=config.loss,
-        bank_momentum=config.memory_bank.momentum, num_examples=num_examples,
+        run.mesh,
+        shardings,
+        model=model,
+        tx=tx,
+        schedule=lr_schedule,
+        loss_cfg=config.loss,
+        bank_momentum=config.memory_bank.momentum,
+        num_examples=num_examples,
         score_chunk_size=config.memory_bank.score_chunk_size,
-        skip_nonfinite=config.skip_nonfinite_steps, method=config.method,
-        running_stats_from_images=config.model.bn_running_stats == "images")
+        skip_nonfinite=config.skip_nonfinite_steps,
+        method=config.method,
+        running_stats_from_images=config.model.bn_running_stats == "images",
+    )
     task = loop.Task(
-        state=state, shardings=shardings, train_step=train_step, batches=data.iterate,
-        total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch,
-        describe=describe, evaluators=evaluators, eval_every_steps=config.eval_every_steps,
-        resize=("bank",), derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version},
-        check_restorable=(_check_bank_rows(num_examples, run.checkpointer.directory)
-                          if methods.uses_bank(config.method) else None))
+        state=state,
+        shardings=shardings,
+        train_step=train_step,
+        batches=data.iterate,
+        total_steps=schedule.total_steps,
+        steps_per_epoch=schedule.steps_per_epoch,
+        describe=describe,
+        evaluators=evaluators,
+        eval_every_steps=config.eval_every_steps,
+        resize=("bank",),
+        derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version},
+        check_restorable=(
+            _check_bank_rows(num_examples, run.checkpointer.directory)
+            if methods.uses_bank(config.method)
+            else None
+        ),
+    )
     return run.train(task)
 
 
@@ -127,24 +163,32 @@ def next_steps(config, summary: dict) -> str:
   labels = "" if tiny else "--config.label_fraction=0.1 "
   if data.source == "synthetic":
     scarce = "" if tiny else ", with 10% of the labels"
-    return (f"  fine-tune on the embedded ISIC-layout set from it{scarce}:\n"
-            f"    python main.py --config=configs/finetune_isic.py{':tiny' if tiny else ''} "
-            f"--config.init.checkpoint={workdir} {labels}--workdir={workdir}-finetune\n"
-            f"  probe its frozen features (kNN and linear, vs a random trunk):\n    {probe_cmd}")
+    return (
+        f"  fine-tune on the embedded ISIC-layout set from it{scarce}:\n"
+        f"    python main.py --config=configs/finetune_isic.py{':tiny' if tiny else ''} "
+        f"--config.init.checkpoint={workdir} {labels}--workdir={workdir}-finetune\n"
+        f"  probe its frozen features (kNN and linear, vs a random trunk):\n    {probe_cmd}"
+    )
   if data.source == "isic":
     scarce = "" if tiny else ", with 10% of the labels"
-    return (f"  fine-tune on the same ISIC 2017 data from it{scarce}:\n"
-            "    python main.py --config=configs/finetune_isic.py"
-            f"{':tiny --config.data.source=isic' if tiny else ':isic'} "
-            f"--config.data.path={data.path} --config.init.checkpoint={workdir} "
-            f"{labels}--workdir={workdir}-finetune\n"
-            f"  probe its frozen features (kNN and linear, vs a random trunk):\n"
-            f"    {probe_cmd} --data=isic:{data.path}")
+    return (
+        f"  fine-tune on the same ISIC 2017 data from it{scarce}:\n"
+        "    python main.py --config=configs/finetune_isic.py"
+        f"{':tiny --config.data.source=isic' if tiny else ':isic'} "
+        f"--config.data.path={data.path} --config.init.checkpoint={workdir} "
+        f"{labels}--workdir={workdir}-finetune\n"
+        f"  probe its frozen features (kNN and linear, vs a random trunk):\n"
+        f"    {probe_cmd} --data=isic:{data.path}"
+    )
   if data.source == "folder":
-    return ("  probe its frozen features on your labelled images (kNN and linear, vs a random "
-            "trunk):\n"
-            f"    {probe_cmd} --data={data.path} --labels=LABELS.csv   "
-            "# LABELS.csv: lines 'file,label' (file relative to --data)")
-  return ("  probe its frozen features on a labelled tfds dataset (kNN and linear, vs a random "
-          f"trunk):\n    {probe_cmd} --data=tfds:{data.tfds_name} "
-          f"--tfds_data_dir={data.tfds_data_dir or 'DIR'}")
+    return (
+        "  probe its frozen features on your labelled images (kNN and linear, vs a random "
+        "trunk):\n"
+        f"    {probe_cmd} --data={data.path} --labels=LABELS.csv   "
+        "# LABELS.csv: lines 'file,label' (file relative to --data)"
+    )
+  return (
+      "  probe its frozen features on a labelled tfds dataset (kNN and linear, vs a random "
+      f"trunk):\n    {probe_cmd} --data=tfds:{data.tfds_name} "
+      f"--tfds_data_dir={data.tfds_data_dir or 'DIR'}"
+  )

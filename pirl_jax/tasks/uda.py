@@ -45,6 +45,7 @@ class UdaSettings:
       probability is above it (0 = every image).
     tsa: training signal annealing schedule: 'none', 'linear', 'log' or 'exp'.
   """
+
   weight: float = 1.0
   temperature: float = 0.4
   confidence_threshold: float = 0.5
@@ -52,8 +53,12 @@ class UdaSettings:
 
   @classmethod
   def from_config(cls, uda_cfg) -> "UdaSettings":
-    return cls(weight=float(uda_cfg.weight), temperature=float(uda_cfg.temperature),
-               confidence_threshold=float(uda_cfg.confidence_threshold), tsa=str(uda_cfg.tsa))
+    return cls(
+        weight=float(uda_cfg.weight),
+        temperature=float(uda_cfg.temperature),
+        confidence_threshold=float(uda_cfg.confidence_threshold),
+        tsa=str(uda_cfg.tsa),
+    )
 
 
 def tsa_threshold(step, total_steps: int, schedule: str, num_classes: int) -> jax.Array:
@@ -77,8 +82,9 @@ def tsa_threshold(step, total_steps: int, schedule: str, num_classes: int) -> ja
   return alpha * (1.0 - start) + start
 
 
-def supervised_loss(logits: jax.Array, labels: jax.Array, class_weights: jax.Array,
-                    threshold) -> tuple[jax.Array, jax.Array]:
+def supervised_loss(
+    logits: jax.Array, labels: jax.Array, class_weights: jax.Array, threshold
+) -> tuple[jax.Array, jax.Array]:
   """Class-weighted cross-entropy over the examples TSA keeps.
 
   An example is kept while its correct-class probability is at most `threshold`; the loss is
@@ -103,8 +109,13 @@ def kl_divergence_with_logits(p_logits: jax.Array, q_logits: jax.Array) -> jax.A
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
 
 
-def consistency_loss(clean_logits: jax.Array, strong_logits: jax.Array, *, temperature: float,
-                     confidence_threshold: float) -> tuple[jax.Array, jax.Array]:
+def consistency_loss(
+    clean_logits: jax.Array,
+    strong_logits: jax.Array,
+    *,
+    temperature: float,
+    confidence_threshold: float,
+) -> tuple[jax.Array, jax.Array]:
   """mean over the unlabelled batch of mask * KL(sharpened clean || strong).
 
   The target is softmax(clean_logits / temperature) under stop-gradient; the mask keeps images
@@ -121,15 +132,31 @@ def consistency_loss(clean_logits: jax.Array, strong_logits: jax.Array, *, tempe
   return jnp.mean(mask * kl), jnp.mean(mask)
 
 
-def uda_loss(labelled_logits, labels, clean_logits, strong_logits, *, class_weights, step,
-             total_steps: int, settings: UdaSettings) -> tuple[jax.Array, dict]:
+def uda_loss(
+    labelled_logits,
+    labels,
+    clean_logits,
+    strong_logits,
+    *,
+    class_weights,
+    step,
+    total_steps: int,
+    settings: UdaSettings,
+) -> tuple[jax.Array, dict]:
   """supervised (with TSA) + weight * consistency, and the pieces as metrics."""
   threshold = tsa_threshold(step, total_steps, settings.tsa, labelled_logits.shape[-1])
   supervised, kept = supervised_loss(labelled_logits, labels, class_weights, threshold)
   consistency, confident = consistency_loss(
-      clean_logits, strong_logits, temperature=settings.temperature,
-      confidence_threshold=settings.confidence_threshold)
-  metrics = {"supervised_loss": supervised, "consistency_loss": consistency,
-             "tsa_threshold": threshold, "tsa_kept_fraction": kept,
-             "confident_fraction": confident}
+      clean_logits,
+      strong_logits,
+      temperature=settings.temperature,
+      confidence_threshold=settings.confidence_threshold,
+  )
+  metrics = {
+      "supervised_loss": supervised,
+      "consistency_loss": consistency,
+      "tsa_threshold": threshold,
+      "tsa_kept_fraction": kept,
+      "confident_fraction": confident,
+  }
   return supervised + settings.weight * consistency, metrics

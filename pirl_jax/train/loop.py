@@ -59,6 +59,7 @@ WATCHED = ("loss", "grad_norm")  # a step with either non-finite is an error (or
 
 class Evaluator(Protocol):
   """Scores a state; run inside any loop on a schedule (and at the end)."""
+
   name: str
 
   def run(self, state) -> dict[str, float]:
@@ -94,6 +95,7 @@ class Task:
     finish: called with the final state after the last step; returns results for the summary.
     state_step: reads the step counter of a state.
   """
+
   state: Any
   shardings: Any
   train_step: Callable
@@ -120,23 +122,31 @@ def format_duration(seconds: float) -> str:
 
 @jax.jit
 def _empty_window(metrics):
-  return {"sums": jax.tree.map(jnp.zeros_like, metrics), "count": jnp.zeros((), jnp.int32),
-          "first_bad": {k: jnp.full((), _NEVER, jnp.int32) for k in WATCHED}}
+  return {
+      "sums": jax.tree.map(jnp.zeros_like, metrics),
+      "count": jnp.zeros((), jnp.int32),
+      "first_bad": {k: jnp.full((), _NEVER, jnp.int32) for k in WATCHED},
+  }
 
 
 def _window_record(window, steps: int) -> dict:
   """A fetched log window as JSON, saved with a checkpoint written between two logs."""
-  return {"steps": steps, "count": int(window["count"]),
-          "sums": {k: [float(v), str(np.asarray(v).dtype)] for k, v in window["sums"].items()},
-          "first_bad": {k: int(v) for k, v in window["first_bad"].items()}}
+  return {
+      "steps": steps,
+      "count": int(window["count"]),
+      "sums": {k: [float(v), str(np.asarray(v).dtype)] for k, v in window["sums"].items()},
+      "first_bad": {k: int(v) for k, v in window["first_bad"].items()},
+  }
 
 
 def _window_from_record(record: dict | None):
   """(window, steps) from `_window_record`'s JSON; (None, 0) for None or another layout."""
   try:
-    window = {"sums": {k: np.asarray(v, dtype) for k, (v, dtype) in record["sums"].items()},
-              "count": np.asarray(record["count"], np.int32),
-              "first_bad": {k: np.asarray(record["first_bad"][k], np.int32) for k in WATCHED}}
+    window = {
+        "sums": {k: np.asarray(v, dtype) for k, (v, dtype) in record["sums"].items()},
+        "count": np.asarray(record["count"], np.int32),
+        "first_bad": {k: np.asarray(record["first_bad"][k], np.int32) for k in WATCHED},
+    }
     return window, int(record["steps"])
   except (TypeError, KeyError, ValueError):
     return None, 0
@@ -152,10 +162,11 @@ def _accumulate(window, metrics, step):
   state is never saved.
   """
   ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-  sums = jax.tree.map(lambda a, m: a + jnp.where(ok, m, jnp.zeros_like(m)), window["sums"],
-                      metrics)
-  first_bad = {k: jnp.where(jnp.isfinite(metrics[k]), v, jnp.minimum(v, step))
-               for k, v in window["first_bad"].items()}
+  sums = jax.tree.map(lambda a, m: a + jnp.where(ok, m, jnp.zeros_like(m)), window["sums"], metrics)
+  first_bad = {
+      k: jnp.where(jnp.isfinite(metrics[k]), v, jnp.minimum(v, step))
+      for k, v in window["first_bad"].items()
+  }
   return {"sums": sums, "count": window["count"] + ok.astype(jnp.int32), "first_bad": first_bad}
 
 
@@ -167,8 +178,10 @@ class _TermSignal:
     self._previous = None
 
   def __enter__(self):
-    if (not jax.distributed.is_initialized() and
-        threading.current_thread() is threading.main_thread()):
+    if (
+        not jax.distributed.is_initialized()
+        and threading.current_thread() is threading.main_thread()
+    ):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     if signals.startup_sigterm_received():  # a start-up SIGTERM whose exception was swallowed
       self.__exit__(None, None, None)
@@ -200,8 +213,9 @@ class Run:
     preflight.agree(lambda: preflight.check_workdir_writable(self.workdir))
     devices = configuration.select_devices(config, jax.devices(), jax.process_count())
     self.mesh = sharding_lib.create_mesh(devices)
-    self.checkpointer = checkpointing.Checkpointer(self.workdir / "checkpoints",
-                                                   keep=config.get("keep_checkpoints", 1))
+    self.checkpointer = checkpointing.Checkpointer(
+        self.workdir / "checkpoints", keep=config.get("keep_checkpoints", 1)
+    )
     try:
       self.latest = self.checkpointer.latest_step()
       preflight.agree(lambda: preflight.check_resume(config, self.workdir, self.latest))
@@ -246,11 +260,11 @@ class Run:
     # A forced resume with another config (e.g. more steps) is not the run that finished.
     saved_config = self.workdir / "config.json"
     if saved_config.is_file() and preflight.config_differences(
-        json.loads(saved_config.read_text()), preflight.config_as_dict(self.config)):
+        json.loads(saved_config.read_text()), preflight.config_as_dict(self.config)
+    ):
       return None
     # The workdir may have moved since: report where it is now.
-    return dict(summary, workdir=str(self.workdir),
-                checkpoint_dir=str(self.checkpointer.directory))
+    return dict(summary, workdir=str(self.workdir), checkpoint_dir=str(self.checkpointer.directory))
 
   def check_dataset(self, fingerprint: dict) -> None:
     """Refuses to resume over another dataset; records the dataset of a new run.
@@ -262,15 +276,19 @@ class Run:
     """
     path = self.workdir / "dataset.json"
     if self.latest is not None and not path.is_file():
-      message = (f"{path} is missing: it records which image each of the checkpoints' rows "
-                 f"refers to (latest step {self.latest}), so resuming cannot check that the "
-                 "images are the same.")
+      message = (
+          f"{path} is missing: it records which image each of the checkpoints' rows "
+          f"refers to (latest step {self.latest}), so resuming cannot check that the "
+          "images are the same."
+      )
       if self.config.get("resume") != "force":
         raise preflight.PreflightError(
             f"{message} Restore it, start a new run in another --workdir, or resume anyway with "
-            "--config.resume=force (the images found now are recorded as the run's).")
-      logging.warning("%s Resuming anyway (config.resume='force'); recording the images found "
-                      "now.", message)
+            "--config.resume=force (the images found now are recorded as the run's)."
+        )
+      logging.warning(
+          "%s Resuming anyway (config.resume='force'); recording the images found " "now.", message
+      )
     if self.latest is not None and path.is_file():
       try:
         saved = json.loads(path.read_text())
@@ -279,7 +297,8 @@ class Run:
       except (ValueError, UnicodeDecodeError) as e:
         raise preflight.PreflightError(
             f"{path} is damaged ({e}); it records which images the checkpoints refer to. "
-            "Restore it, or start a new run in another --workdir.") from None
+            "Restore it, or start a new run in another --workdir."
+        ) from None
       differences = preflight.dataset_differences(saved, fingerprint)
 
       def check():
@@ -288,7 +307,9 @@ class Run:
               f"The dataset changed since {self.workdir} was checkpointed (step {self.latest}); "
               f"its checkpoints refer to the images recorded in {path}:"
               f"{user_errors.listing(differences)}\n"
-              "Restore the original images, or start a new run in another --workdir.")
+              "Restore the original images, or start a new run in another --workdir."
+          )
+
       preflight.agree(check)
     elif self.is_main:
       path.write_text(json.dumps(fingerprint))
@@ -303,9 +324,13 @@ class Run:
     """
     keep = self.config.get("keep_checkpoints", 1)
     existing = len(self.checkpointer.all_steps())
-    preflight.agree(lambda: preflight.check_free_disk(
-        self.checkpointer.directory, preflight.state_bytes(abstract_state),
-        max(1, keep + 1 - existing) + extra_copies))
+    preflight.agree(
+        lambda: preflight.check_free_disk(
+            self.checkpointer.directory,
+            preflight.state_bytes(abstract_state),
+            max(1, keep + 1 - existing) + extra_copies,
+        )
+    )
 
   def save_config(self) -> None:
     """Writes config.json; a differing one (forced resume) is kept as config.<n>.json."""
@@ -328,14 +353,24 @@ class Run:
     if task.check_restorable is not None:
       check = lambda step, saved_shapes: task.check_restorable(saved_shapes)
     state, step = self.checkpointer.restore_latest(
-        checkpointing.abstract_like(task.state, task.shardings), resize=task.resize, check=check,
-        derive=task.derive)
+        checkpointing.abstract_like(task.state, task.shardings),
+        resize=task.resize,
+        check=check,
+        derive=task.derive,
+    )
     if state is None:
       return task.state
-    skipped = "".join(f"; skipped damaged step {d.step} ({d.reason}), kept as {d.kept_as}"
-                      for d in self.checkpointer.damaged_steps)
-    logging.info("Resumed from %s at step %d on %d device(s)%s.", self.checkpointer.directory,
-                 step, self.mesh.size, skipped)
+    skipped = "".join(
+        f"; skipped damaged step {d.step} ({d.reason}), kept as {d.kept_as}"
+        for d in self.checkpointer.damaged_steps
+    )
+    logging.info(
+        "Resumed from %s at step %d on %d device(s)%s.",
+        self.checkpointer.directory,
+        step,
+        self.mesh.size,
+        skipped,
+    )
     return state
 
   def train(self, task: Task) -> dict:
@@ -343,22 +378,30 @@ class Run:
     config = self.config
     state = self._restore(task)
     self.save_config()
-    writer = (storage.TensorBoardWriter(self.workdir) if self.is_main
-              else metric_writers.MultiWriter([]))
+    writer = (
+        storage.TensorBoardWriter(self.workdir) if self.is_main else metric_writers.MultiWriter([])
+    )
     first_step = task.state_step(state)
     total = task.total_steps
     skip_nonfinite = config.get("skip_nonfinite_steps", False)
     log_every = config.log_every_steps
     checkpoint_every = config.get("checkpoint_every_steps", 0) or total
-    logging.info("%s: steps %d..%d on %d device(s) in %d process(es), global batch %d.",
-                 self.task_name.capitalize(), first_step, total, self.mesh.size,
-                 jax.process_count(), config.global_batch_size)
+    logging.info(
+        "%s: steps %d..%d on %d device(s) in %d process(es), global batch %d.",
+        self.task_name.capitalize(),
+        first_step,
+        total,
+        self.mesh.size,
+        jax.process_count(),
+        config.global_batch_size,
+    )
 
     batches = task.batches(first_step)
     # A checkpoint written between two logs carries the sums since the last log, so that the
     # next log (and the final loss) averages the same steps as an uninterrupted run.
     window, carried_steps = _window_from_record(
-        self.checkpointer.log_window(first_step) if self.latest is not None else None)
+        self.checkpointer.log_window(first_step) if self.latest is not None else None
+    )
     last_metrics, evaluations, history = {}, {}, []
     done, preempted = first_step, False
     window_start, window_steps = time.time(), 0
@@ -369,8 +412,11 @@ class Run:
         state, metrics = task.train_step(state, batch)
         if window is not None and set(window["sums"]) != set(metrics):
           window, carried_steps = None, 0  # saved by a version with other metrics
-        window = _accumulate(_empty_window(metrics) if window is None else window, metrics,
-                             jnp.asarray(step + 1, jnp.int32))
+        window = _accumulate(
+            _empty_window(metrics) if window is None else window,
+            metrics,
+            jnp.asarray(step + 1, jnp.int32),
+        )
         window_steps += 1
         done = step + 1
         # Every process calls reached_preemption at every step (JAX's sync point requires it).
@@ -378,7 +424,8 @@ class Run:
         last = done == total
         log_now = done % log_every == 0 or last
         eval_now = bool(task.evaluators) and (
-            last or (task.eval_every_steps > 0 and done % task.eval_every_steps == 0))
+            last or (task.eval_every_steps > 0 and done % task.eval_every_steps == 0)
+        )
         save_now = done % checkpoint_every == 0 or last or preempted
         fetched = None
         if log_now:
@@ -396,9 +443,19 @@ class Run:
             wall_per_step = (now - window_start) / max(window_steps, 1)
           else:
             wall_per_step = (now - first_log[1]) / max(done - first_log[0], 1)
-          last_metrics = self._log(task, writer, state, fetched, done, total, window_steps,
-                                   now - window_start, now - train_start,
-                                   (total - done) * wall_per_step, skip_nonfinite)
+          last_metrics = self._log(
+              task,
+              writer,
+              state,
+              fetched,
+              done,
+              total,
+              window_steps,
+              now - window_start,
+              now - train_start,
+              (total - done) * wall_per_step,
+              skip_nonfinite,
+          )
           window, window_start, window_steps, carried_steps = None, time.time(), 0, 0
         if eval_now:
           eval_start = time.time()
@@ -409,13 +466,20 @@ class Run:
           # Evaluation time is not training time: keep it out of the steps/s window.
           window_start += time.time() - eval_start
         if save_now:
-          log_window = (None if window is None else
-                        _window_record(jax.device_get(window), window_steps + carried_steps))
+          log_window = (
+              None
+              if window is None
+              else _window_record(jax.device_get(window), window_steps + carried_steps)
+          )
           self.checkpointer.save(done, state, force=preempted, log_window=log_window)
           writer.flush()  # the events so far reach the workdir with each checkpoint
         if preempted and not last:
-          logging.warning("SIGTERM: stopped after step %d/%d with a checkpoint; run the same "
-                          "command again to resume.", done, total)
+          logging.warning(
+              "SIGTERM: stopped after step %d/%d with a checkpoint; run the same "
+              "command again to resume.",
+              done,
+              total,
+          )
           break
     preempted = preempted and done < total
 
@@ -423,12 +487,20 @@ class Run:
     results = task.finish(state) if (task.finish is not None and not preempted) else {}
     writer.close()
     summary = dict(
-        task=self.task_name, step=done, total_steps=total, complete=done == total,
-        preempted=preempted, metrics=last_metrics, evaluations=evaluations,
-        evaluation_history=history, results=results,
+        task=self.task_name,
+        step=done,
+        total_steps=total,
+        complete=done == total,
+        preempted=preempted,
+        metrics=last_metrics,
+        evaluations=evaluations,
+        evaluation_history=history,
+        results=results,
         nonfinite_steps=int(jax.device_get(getattr(state, "nonfinite_steps", 0))),
-        workdir=str(self.workdir), checkpoint_dir=str(self.checkpointer.directory),
-        wall_seconds=time.time() - self.start_time)
+        workdir=str(self.workdir),
+        checkpoint_dir=str(self.checkpointer.directory),
+        wall_seconds=time.time() - self.start_time,
+    )
     if self.is_main:
       (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -441,15 +513,31 @@ class Run:
     first = min(bad.values())
     names = " and ".join(k for k, v in bad.items() if v == first)
     later = "".join(f"; {k} first at step {v}" for k, v in bad.items() if v != first)
-    skip = ("" if "skip_nonfinite_steps" not in self.config else
-            ", or set config.skip_nonfinite_steps=True to skip such steps")
+    skip = (
+        ""
+        if "skip_nonfinite_steps" not in self.config
+        else ", or set config.skip_nonfinite_steps=True to skip such steps"
+    )
     raise FloatingPointError(
         f"Non-finite {names} at step {first}{later}. Stopped without checkpointing this state; "
         f"the latest good checkpoint is step {self.checkpointer.latest_step()} in "
-        f"{self.checkpointer.directory}. Lower the learning rate{skip}.")
+        f"{self.checkpointer.directory}. Lower the learning rate{skip}."
+    )
 
-  def _log(self, task: Task, writer, state, fetched, done: int, total: int, window_steps: int,
-           window_seconds: float, elapsed: float, eta: float, skip_nonfinite: bool) -> dict:
+  def _log(
+      self,
+      task: Task,
+      writer,
+      state,
+      fetched,
+      done: int,
+      total: int,
+      window_steps: int,
+      window_seconds: float,
+      elapsed: float,
+      eta: float,
+      skip_nonfinite: bool,
+  ) -> dict:
     """Writes the window's mean metrics and the progress line; returns the means."""
     count = int(fetched["count"])
     skipped = fetched["steps"] - count  # the window may have begun before a resume
@@ -461,14 +549,27 @@ class Run:
       means["nonfinite_steps"] = float(jax.device_get(state.nonfinite_steps))
       if skipped:
         first = min(int(v) for v in fetched["first_bad"].values())
-        logging.warning("Skipped %d of the last %d step(s) for a non-finite loss or gradient "
-                        "norm (first at step %d); %d skipped in all.", skipped, fetched["steps"],
-                        first, int(means["nonfinite_steps"]))
+        logging.warning(
+            "Skipped %d of the last %d step(s) for a non-finite loss or gradient "
+            "norm (first at step %d); %d skipped in all.",
+            skipped,
+            fetched["steps"],
+            first,
+            int(means["nonfinite_steps"]),
+        )
     writer.write_scalars(done, {k: v for k, v in means.items() if np.isfinite(v)})
-    logging.info("step %d/%d (%.1f%%) epoch %.1f %s | %.2f steps/s %.0f img/s | elapsed %s ETA %s",
-                 done, total, 100.0 * done / total, done / max(task.steps_per_epoch, 1),
-                 task.describe(means), steps_per_sec, means["images_per_sec"],
-                 format_duration(elapsed), format_duration(eta))
+    logging.info(
+        "step %d/%d (%.1f%%) epoch %.1f %s | %.2f steps/s %.0f img/s | elapsed %s ETA %s",
+        done,
+        total,
+        100.0 * done / total,
+        done / max(task.steps_per_epoch, 1),
+        task.describe(means),
+        steps_per_sec,
+        means["images_per_sec"],
+        format_duration(elapsed),
+        format_duration(eta),
+    )
     return means
 
   def _evaluate(self, task: Task, state, writer, step: int) -> dict:
@@ -477,8 +578,19 @@ class Run:
       start = time.time()
       metrics = evaluator.run(state)
       results[evaluator.name] = metrics
-      writer.write_scalars(step, {f"{evaluator.name}/{k}": v for k, v in metrics.items()
-                                  if isinstance(v, (int, float)) and np.isfinite(v)})
-      logging.info("step %d %s: %s (%.0f s)", step, evaluator.name, evaluator.describe(metrics),
-                   time.time() - start)
+      writer.write_scalars(
+          step,
+          {
+              f"{evaluator.name}/{k}": v
+              for k, v in metrics.items()
+              if isinstance(v, (int, float)) and np.isfinite(v)
+          },
+      )
+      logging.info(
+          "step %d %s: %s (%.0f s)",
+          step,
+          evaluator.name,
+          evaluator.describe(metrics),
+          time.time() - start,
+      )
     return results

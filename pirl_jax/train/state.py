@@ -19,6 +19,7 @@ from pirl_jax.models import resnet
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes during pretraining; checkpointed, sharded and donated as one."""
+
   step: jax.Array  # int32 scalar
   params: Any
   batch_stats: Any  # running statistics for evaluation: the image pass's (see `bn_running_stats`)
@@ -43,8 +44,9 @@ def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def create_model(model_cfg, num_devices: int = 1,
-                 num_permutations: int = 1000) -> pirl_model.PIRLNet:
+def create_model(
+    model_cfg, num_devices: int = 1, num_permutations: int = 1000
+) -> pirl_model.PIRLNet:
   """The PIRL network of a `model` config block.
 
   Args:
@@ -54,17 +56,26 @@ def create_model(model_cfg, num_devices: int = 1,
     num_permutations: the jigsaw classifier's classes (`config.jigsaw_permutations`).
   """
   groups = num_devices if model_cfg.get("batch_norm", "global") == "per_device" else 1
-  trunk = resnet.get_trunk(model_cfg.trunk, width_multiplier=model_cfg.width_multiplier,
-                           dtype=compute_dtype(model_cfg.dtype), bn_groups=groups)
-  return pirl_model.PIRLNet(trunk=trunk, embed_dim=model_cfg.embed_dim, head=model_cfg.head,
-                            head_batch_norm=model_cfg.get("head_batch_norm", False),
-                            num_permutations=num_permutations)
+  trunk = resnet.get_trunk(
+      model_cfg.trunk,
+      width_multiplier=model_cfg.width_multiplier,
+      dtype=compute_dtype(model_cfg.dtype),
+      bn_groups=groups,
+  )
+  return pirl_model.PIRLNet(
+      trunk=trunk,
+      embed_dim=model_cfg.embed_dim,
+      head=model_cfg.head,
+      head_batch_norm=model_cfg.get("head_batch_norm", False),
+      num_permutations=num_permutations,
+  )
 
 
 def weight_decay_mask(params):
   """True for conv and dense kernels; BatchNorm parameters and biases are not decayed."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+  )
 
 
 def create_optimizer(optim_cfg, learning_rate: float, warmup_steps: int, total_steps: int):
@@ -72,11 +83,16 @@ def create_optimizer(optim_cfg, learning_rate: float, warmup_steps: int, total_s
   end_value = learning_rate * optim_cfg.final_learning_rate_fraction
   if warmup_steps > 0:
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
-        decay_steps=total_steps, end_value=end_value)
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=end_value,
+    )
   else:
     schedule = optax.cosine_decay_schedule(
-        learning_rate, decay_steps=total_steps, alpha=optim_cfg.final_learning_rate_fraction)
+        learning_rate, decay_steps=total_steps, alpha=optim_cfg.final_learning_rate_fraction
+    )
   tx = optax.chain(
       optax.add_decayed_weights(optim_cfg.weight_decay, mask=weight_decay_mask),
       optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
@@ -95,9 +111,12 @@ def _example_inputs(config) -> dict:
   views = config.data.views
   image = jnp.zeros((1, views.image_size, views.image_size, 3), jnp.float32)
   tile = (views.tile_size, views.tile_size, 3)
-  return {"image": image, "rotated": image,
-          "tiles": jnp.zeros((1, views.grid ** 2) + tile, jnp.float32),
-          "patches": jnp.zeros((1, 2) + tile, jnp.float32)}
+  return {
+      "image": image,
+      "rotated": image,
+      "tiles": jnp.zeros((1, views.grid**2) + tile, jnp.float32),
+      "patches": jnp.zeros((1, 2) + tile, jnp.float32),
+  }
 
 
 def init_variables(model, rng, config):
@@ -127,8 +146,11 @@ def init_variables(model, rng, config):
 def _init_fn(config, model, tx, num_examples: int, num_shards: int):
   # Covariant methods have no memory bank: a zero row per device keeps the state's structure
   # (and Orbax cannot save an empty array).
-  num_rows = (memory_bank.padded_size(num_examples, num_shards)
-              if methods.uses_bank(config.method) else num_shards)
+  num_rows = (
+      memory_bank.padded_size(num_examples, num_shards)
+      if methods.uses_bank(config.method)
+      else num_shards
+  )
 
   def init(rng):
     params_rng, bank_rng, step_rng = jax.random.split(rng, 3)
@@ -149,6 +171,7 @@ def _init_fn(config, model, tx, num_examples: int, num_shards: int):
         rng=step_rng,
         nonfinite_steps=jnp.zeros((), jnp.int32),
     )
+
   return init
 
 

@@ -29,8 +29,9 @@ def rotation_batch(images):
   Returns:
     (rotated (4B, S, S, C), labels int32 (4B,)).
   """
-  rotated = jnp.stack([jnp.rot90(images, k, axes=(1, 2)) for k in range(methods.NUM_ROTATIONS)],
-                      axis=1)
+  rotated = jnp.stack(
+      [jnp.rot90(images, k, axes=(1, 2)) for k in range(methods.NUM_ROTATIONS)], axis=1
+  )
   labels = jnp.tile(jnp.arange(methods.NUM_ROTATIONS, dtype=jnp.int32), images.shape[0])
   return rotated.reshape((-1,) + images.shape[1:]), labels
 
@@ -46,30 +47,46 @@ def classification_logits(model, variables, batch, method: str, train: bool = Tr
     inputs, labels = rotation_batch(batch["image"])
     apply_method = "classify_rotation"
   else:
-    inputs, labels = (batch["tiles"], batch["label"]) if method == "jigsaw" else (
-        batch["patches"], batch["label"])
-    apply_method = ("classify_permutation" if method == "jigsaw"
-                    else "classify_relative_position")
-  logits, new_vars = model.apply(variables, inputs, train=train, mutable=["batch_stats"],
-                                 method=apply_method)
+    inputs, labels = (
+        (batch["tiles"], batch["label"])
+        if method == "jigsaw"
+        else (batch["patches"], batch["label"])
+    )
+    apply_method = "classify_permutation" if method == "jigsaw" else "classify_relative_position"
+  logits, new_vars = model.apply(
+      variables, inputs, train=train, mutable=["batch_stats"], method=apply_method
+  )
   return logits, labels, new_vars["batch_stats"]
 
 
-def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: int, mesh,
-                  score_chunk_size: int, running_stats_from_images: bool, method: str):
+def _bank_loss_fn(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    loss_cfg,
+    num_examples: int,
+    mesh,
+    score_chunk_size: int,
+    running_stats_from_images: bool,
+    method: str,
+):
   """The memory-bank loss of PIRL (or its rotation variant, or NPID) as a function of params."""
   rng, transformed_rng, image_rng = jax.random.split(state.rng, 3)
   index = batch["index"]
   k = loss_cfg.num_negatives
   negatives_transformed = memory_bank.sample_negatives(
-      transformed_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
+      transformed_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive
+  )
   negatives_image = memory_bank.sample_negatives(
-      image_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive)
+      image_rng, index, k, num_examples, exclude_positive=loss_cfg.exclude_positive
+  )
   if mesh is not None:
     # Each device draws only its queries' negatives (B/devices x K), not all of them.
     negatives_transformed, negatives_image = (
         jax.lax.with_sharding_constraint(n, sharding_lib.batch_sharding(mesh))
-        for n in (negatives_transformed, negatives_image))
+        for n in (negatives_transformed, negatives_image)
+    )
   transformed = methods.transformed_view(method)
 
   def embed(params):
@@ -85,13 +102,19 @@ def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: in
       g_hat, g_vars = apply(variables, batch["rotated"], method="embed_rotated")
       f_hat, new_vars = apply(variables, batch["image"], method="embed_images")
       stats = {**new_vars["batch_stats"], **_head_stats(g_vars["batch_stats"])}
-      return (f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), stats,
-              {"trunk": stats["trunk"]})
+      return (
+          f_hat.astype(jnp.float32),
+          g_hat.astype(jnp.float32),
+          stats,
+          {"trunk": stats["trunk"]},
+      )
     # The tile pass starts from (and updates) the trunk's tile statistics, the image pass the
     # image statistics. Training does not read either (each pass normalises with its own batch
     # statistics); evaluation of the trunk and g on tiles uses the first, of images the second.
-    tile_variables = {"params": params,
-                      "batch_stats": {**state.batch_stats, **state.tile_batch_stats}}
+    tile_variables = {
+        "params": params,
+        "batch_stats": {**state.batch_stats, **state.tile_batch_stats},
+    }
     g_hat, g_vars = apply(tile_variables, batch["tiles"], method="embed_tiles")
     tile_stats = {"trunk": g_vars["batch_stats"]["trunk"]}
     image_stats = state.batch_stats
@@ -100,23 +123,42 @@ def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: in
       # statistics first, then the images'. The tile pass above added (1 - m) * moments to m *
       # its own statistics; the same increment applied to m * the shared statistics.
       momentum = model.trunk.bn_momentum
-      increment = jax.tree.map(lambda new, old: new - momentum * old, tile_stats["trunk"],
-                               state.tile_batch_stats["trunk"])
-      image_stats = {**state.batch_stats, "trunk": jax.tree.map(
-          lambda shared, inc: momentum * shared + inc, state.batch_stats["trunk"], increment)}
-    f_hat, new_vars = apply({"params": params, "batch_stats": image_stats}, batch["image"],
-                            method="embed_images")
+      increment = jax.tree.map(
+          lambda new, old: new - momentum * old,
+          tile_stats["trunk"],
+          state.tile_batch_stats["trunk"],
+      )
+      image_stats = {
+          **state.batch_stats,
+          "trunk": jax.tree.map(
+              lambda shared, inc: momentum * shared + inc, state.batch_stats["trunk"], increment
+          ),
+      }
+    f_hat, new_vars = apply(
+        {"params": params, "batch_stats": image_stats}, batch["image"], method="embed_images"
+    )
     # g's own head BatchNorm (model.head_batch_norm) sees the tiles only: it keeps that pass's.
     stats = {**new_vars["batch_stats"], **_head_stats(g_vars["batch_stats"])}
     return f_hat.astype(jnp.float32), g_hat.astype(jnp.float32), stats, tile_stats
 
   def loss_fn(params):
     f_hat, g_hat, batch_stats, tile_batch_stats = embed(params)
-    logits_transformed = None if g_hat is None else memory_bank.score(
-        g_hat, state.bank, index, negatives_transformed, loss_cfg.temperature, mesh,
-        score_chunk_size)
-    logits_image = memory_bank.score(f_hat, state.bank, index, negatives_image,
-                                     loss_cfg.temperature, mesh, score_chunk_size)
+    logits_transformed = (
+        None
+        if g_hat is None
+        else memory_bank.score(
+            g_hat,
+            state.bank,
+            index,
+            negatives_transformed,
+            loss_cfg.temperature,
+            mesh,
+            score_chunk_size,
+        )
+    )
+    logits_image = memory_bank.score(
+        f_hat, state.bank, index, negatives_image, loss_cfg.temperature, mesh, score_chunk_size
+    )
     scored = [l for l in (logits_transformed, logits_image) if l is not None]
     if loss_cfg.kind == "nce":
       # Z from both terms' scores, or (VISSL) from the jigsaw term's only.
@@ -125,9 +167,15 @@ def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: in
       z = jnp.where(state.nce_z > 0, state.nce_z, z_batch)
     else:
       z_batch = z = jnp.zeros((), jnp.float32)
-    loss = losses.pirl_loss(logits_transformed, logits_image, kind=loss_cfg.kind, z=z,
-                            num_examples=num_examples, lam=loss_cfg.jigsaw_weight,
-                            nce_eps=loss_cfg.nce_eps)
+    loss = losses.pirl_loss(
+        logits_transformed,
+        logits_image,
+        kind=loss_cfg.kind,
+        z=z,
+        num_examples=num_examples,
+        lam=loss_cfg.jigsaw_weight,
+        nce_eps=loss_cfg.nce_eps,
+    )
     tau = loss_cfg.temperature
     metrics = {
         "loss_image": loss.image,
@@ -137,9 +185,13 @@ def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: in
     }
     if loss.jigsaw is not None:
       metrics["loss_jigsaw" if transformed == "tiles" else "loss_rotated"] = loss.jigsaw
-    aux = dict(batch_stats=batch_stats, tile_batch_stats=tile_batch_stats, f_hat=f_hat,
-               z_batch=z_batch,
-               metrics=jax.lax.stop_gradient(metrics))
+    aux = dict(
+        batch_stats=batch_stats,
+        tile_batch_stats=tile_batch_stats,
+        f_hat=f_hat,
+        z_batch=z_batch,
+        metrics=jax.lax.stop_gradient(metrics),
+    )
     return loss.total, aux
 
   return loss_fn, rng
@@ -147,21 +199,38 @@ def _bank_loss_fn(state: TrainState, batch, *, model, loss_cfg, num_examples: in
 
 def _classification_loss_fn(state: TrainState, batch, *, model, method: str):
   """The covariant pretext's softmax cross-entropy as a function of params."""
+
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
     logits, labels, batch_stats = classification_logits(model, variables, batch, method)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
     # One pass: on tiles (jigsaw, relative_patch) or on rotated images (rotation).
-    return loss, dict(batch_stats=batch_stats, tile_batch_stats={"trunk": batch_stats["trunk"]},
-                      metrics={"accuracy": accuracy})
+    return loss, dict(
+        batch_stats=batch_stats,
+        tile_batch_stats={"trunk": batch_stats["trunk"]},
+        metrics={"accuracy": accuracy},
+    )
+
   return loss_fn
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_momentum: float,
-               num_examples: int, mesh=None, score_chunk_size: int = 1024,
-               skip_nonfinite: bool = False, running_stats_from_images: bool = True,
-               method: str = "pirl"):
+def train_step(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    tx,
+    schedule,
+    loss_cfg,
+    bank_momentum: float,
+    num_examples: int,
+    mesh=None,
+    score_chunk_size: int = 1024,
+    skip_nonfinite: bool = False,
+    running_stats_from_images: bool = True,
+    method: str = "pirl",
+):
   """One pretraining step of `method` (`pirl_jax.methods`): forward, loss, optimizer, bank write.
 
   PIRL: both trunk passes, heads, loss, then the bank write. PIRL-rotation: the same with the
@@ -194,9 +263,16 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   bank_method = methods.uses_bank(method)
   if bank_method:
     loss_fn, rng = _bank_loss_fn(
-        state, batch, model=model, loss_cfg=loss_cfg, num_examples=num_examples, mesh=mesh,
-        score_chunk_size=score_chunk_size, running_stats_from_images=running_stats_from_images,
-        method=method)
+        state,
+        batch,
+        model=model,
+        loss_cfg=loss_cfg,
+        num_examples=num_examples,
+        mesh=mesh,
+        score_chunk_size=score_chunk_size,
+        running_stats_from_images=running_stats_from_images,
+        method=method,
+    )
   else:
     loss_fn, rng = _classification_loss_fn(state, batch, model=model, method=method), state.rng
 
@@ -208,9 +284,11 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
   if bank_method:
     bank = memory_bank.update(state.bank, batch["index"], aux["f_hat"], bank_momentum, mesh)
     if loss_cfg.kind == "nce":
-      nce_z = jnp.where(state.nce_z > 0,
-                        losses.update_z(state.nce_z, aux["z_batch"], loss_cfg.nce_z_ema),
-                        aux["z_batch"])
+      nce_z = jnp.where(
+          state.nce_z > 0,
+          losses.update_z(state.nce_z, aux["z_batch"], loss_cfg.nce_z_ema),
+          aux["z_batch"],
+      )
 
   metrics = {
       "loss": loss,
@@ -218,19 +296,30 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, loss_cfg, bank_
       "learning_rate": schedule(state.step),
       "grad_norm": optax.global_norm(grads),
   }
-  learned = dict(params=params, batch_stats=aux["batch_stats"],
-                 tile_batch_stats=aux["tile_batch_stats"], opt_state=opt_state, bank=bank,
-                 nce_z=nce_z)
+  learned = dict(
+      params=params,
+      batch_stats=aux["batch_stats"],
+      tile_batch_stats=aux["tile_batch_stats"],
+      opt_state=opt_state,
+      bank=bank,
+      nce_z=nce_z,
+  )
   nonfinite_steps = state.nonfinite_steps
   if skip_nonfinite:
     ok = is_finite_step(metrics)
-    old = dict(params=state.params, batch_stats=state.batch_stats,
-               tile_batch_stats=state.tile_batch_stats, opt_state=state.opt_state,
-               bank=state.bank, nce_z=state.nce_z)
+    old = dict(
+        params=state.params,
+        batch_stats=state.batch_stats,
+        tile_batch_stats=state.tile_batch_stats,
+        opt_state=state.opt_state,
+        bank=state.bank,
+        nce_z=state.nce_z,
+    )
     learned = jax.tree.map(lambda new, prev: jnp.where(ok, new, prev), learned, old)
     nonfinite_steps = nonfinite_steps + jnp.where(ok, 0, 1).astype(nonfinite_steps.dtype)
-  new_state = state.replace(step=state.step + 1, rng=rng, nonfinite_steps=nonfinite_steps,
-                            **learned)
+  new_state = state.replace(
+      step=state.step + 1, rng=rng, nonfinite_steps=nonfinite_steps, **learned
+  )
   return new_state, metrics
 
 
