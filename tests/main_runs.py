@@ -9,7 +9,11 @@ import sys
 import threading
 import time
 
+import helpers  # tests/helpers.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
+steps = helpers.steps
+item = helpers.item
 
 
 def env(cache_root, devices=None, compilation_cache=None) -> dict:
@@ -26,18 +30,6 @@ def env(cache_root, devices=None, compilation_cache=None) -> dict:
     result["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     result["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return result
-
-
-def steps(workdir) -> list[int]:
-  """The finished checkpoint steps in `workdir`."""
-  folder = pathlib.Path(workdir) / "checkpoints"
-  if not folder.is_dir():
-    return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-
-
-def item(workdir, step) -> pathlib.Path:
-  return pathlib.Path(workdir) / "checkpoints" / str(step) / "default"
 
 
 class Run:

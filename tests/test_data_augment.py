@@ -11,6 +11,7 @@ from pirl_jax.data import augment
 from pirl_jax.data import jigsaw
 from pirl_jax.data import labelled_views
 from pirl_jax.user_errors import UserError
+import helpers  # tests/helpers.py
 
 SMALL_VIEWS = jigsaw.ViewConfig(image_size=64, jigsaw_crop_size=75, tile_size=21)
 FINETUNE_CONFIGS = [
@@ -21,17 +22,8 @@ JITTER = dict(color_jitter=(0.4, 0.4, 0.4, 0.2), grayscale_prob=0.2, flip_prob=0
 NO_JITTER = dict(color_jitter=(0.0, 0.0, 0.0, 0.0), grayscale_prob=0.0, flip_prob=0.0)
 
 
-def _noise_image(seed, height, width):
-  """Smooth random image: unique local patterns."""
-  rng = np.random.default_rng(seed)
-  coarse = rng.uniform(0, 255, (height // 4 + 1, width // 4 + 1, 3))
-  fine = rng.uniform(-40, 40, (height, width, 3))
-  up = np.kron(coarse, np.ones((4, 4, 1)))[:height, :width]
-  return np.clip(up + fine, 0, 255).astype(np.uint8)
-
-
 def _jpeg(i):
-  return tf.io.encode_jpeg(_noise_image(i, 90 + 13 * i, 120), quality=95).numpy()
+  return tf.io.encode_jpeg(helpers.noise_image(i, 90 + 13 * i, 120), quality=95).numpy()
 
 
 def _seed(i):
@@ -152,7 +144,7 @@ def test_example_seed_is_distinct():
 
 
 def test_decode_returns_uint8_rgb():
-  image = augment.decode(tf.io.encode_jpeg(_noise_image(0, 30, 40)).numpy())
+  image = augment.decode(tf.io.encode_jpeg(helpers.noise_image(0, 30, 40)).numpy())
   assert image.dtype == tf.uint8 and image.shape == (30, 40, 3)
 
 
@@ -194,7 +186,7 @@ def test_random_resized_crop_falls_back_to_centre_crop():
 
 
 def test_random_resized_crop_full_scale_is_a_resize():
-  image = _noise_image(1, 50, 50)
+  image = helpers.noise_image(1, 50, 50)
   out = augment.random_resized_crop(image, _seed(0), 40, (1.0, 1.0), (1.0, 1.0))
   expected = tf.image.resize(image, [40, 40], antialias=True) / 255.0
   np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-6)
@@ -205,7 +197,7 @@ def test_random_resized_crop_full_scale_is_a_resize():
 
 
 def test_color_augment_range_identity_grayscale_and_flip():
-  image = tf.constant(_noise_image(2, 32, 32), tf.float32) / 255.0
+  image = tf.constant(helpers.noise_image(2, 32, 32), tf.float32) / 255.0
   for i in range(4):
     out = augment.color_augment(image, _seed(i), **JITTER).numpy()
     assert out.shape == (32, 32, 3) and 0.0 <= out.min() and out.max() <= 1.0
@@ -219,7 +211,7 @@ def test_color_augment_range_identity_grayscale_and_flip():
 
 def test_color_jitter_matches_torchvision_formulas():
   """Each jitter op alone: brightness scales, contrast/saturation blend with grey."""
-  image = tf.constant(_noise_image(4, 16, 16), tf.float32) / 255.0
+  image = tf.constant(helpers.noise_image(4, 16, 16), tf.float32) / 255.0
   x = image.numpy()
   gray_w = np.array([0.2989, 0.587, 0.114], np.float32)
   gray = (x @ gray_w)[..., None]
@@ -245,7 +237,7 @@ def test_color_jitter_matches_torchvision_formulas():
 
 
 def test_rot90_flip_and_rotation_permute_or_resample_pixels():
-  image = tf.constant(_noise_image(3, 24, 24), tf.float32) / 255.0
+  image = tf.constant(helpers.noise_image(3, 24, 24), tf.float32) / 255.0
   x = image.numpy()
   rotations = {tuple(augment.random_rot90(image, _seed(i)).numpy()[0, 0]) for i in range(16)}
   assert rotations == {tuple(x[0, 0]), tuple(x[0, -1]), tuple(x[-1, 0]), tuple(x[-1, -1])}

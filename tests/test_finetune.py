@@ -3,7 +3,6 @@ resuming, config errors, outputs recomputed from the written files, and the CLI 
 the session's tiny pretraining run (`tiny_pretraining` in conftest.py)."""
 
 import csv
-import hashlib
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ from pirl_jax.eval import isic
 from pirl_jax.tasks import classifier
 from pirl_jax.tasks import finetune
 
+import helpers  # tests/helpers.py
 import tree_arrays
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,17 +39,7 @@ def _set(config, overrides):
   return config
 
 
-def _tiny(isic_root, cache_dir, **overrides):
-  config = finetune_isic.get_config("tiny")
-  return _set(
-      config,
-      {
-          "data.source": "isic",
-          "data.path": str(isic_root),
-          "data.cache_dir": str(cache_dir),
-          **overrides,
-      },
-  )
+_tiny = helpers.tiny_finetuning_config
 
 
 def _no_data(*args, **kwargs):
@@ -711,30 +701,18 @@ def test_cli_linear_probe_keeps_the_pretrained_trunk(cli_run, tiny_pretraining):
     _assert_trees_equal(_trunk_arrays(item, like), _trunk_arrays(pre_item, like))
 
 
-def _snapshot(workdir: pathlib.Path) -> dict:
-  """Every file under `workdir`: relative path -> (mtime in ns, content digest)."""
-  return {
-      str(p.relative_to(workdir)): (
-          p.stat().st_mtime_ns,
-          hashlib.sha256(p.read_bytes()).hexdigest(),
-      )
-      for p in sorted(workdir.rglob("*"))
-      if p.is_file()
-  }
-
-
 @pytest.mark.slow
 def test_rerunning_a_finished_command_changes_nothing(cli_run):
   """Last of the cli_run tests: the same command again reports the run complete, exits 0, and
   leaves every file (metrics.json, the predictions, best/, checkpoints/, ...) as it was."""
   workdir, args, cache, _ = cli_run
-  before = _snapshot(workdir)
+  before = helpers.snapshot(workdir)
   assert {"metrics.json", "predictions_validation.csv", "predictions_test.csv"} <= before.keys()
   assert any(name.startswith("best/") for name in before)
   result = _main_py(args, cache)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "is already complete; nothing was changed" in result.stdout
-  assert _snapshot(workdir) == before
+  assert helpers.snapshot(workdir) == before
 
 
 def test_the_roc_title_names_the_data_and_the_share_of_labels(small_isic_root, shared_cache_dir):

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from pirl_jax.data import augment
 from pirl_jax.data import jigsaw
+import helpers  # tests/helpers.py
 
 SMALL = jigsaw.ViewConfig(image_size=64, jigsaw_crop_size=75, tile_size=21)
 PAPER = jigsaw.ViewConfig()
@@ -26,15 +27,6 @@ def _plain(cfg, **overrides):
       std=(1.0, 1.0, 1.0),
       **overrides,
   )
-
-
-def _noise_image(seed, height, width):
-  """Smooth random image: unique local patterns, so tiles can be located exactly."""
-  rng = np.random.default_rng(seed)
-  coarse = rng.uniform(0, 255, (height // 4 + 1, width // 4 + 1, 3))
-  fine = rng.uniform(-40, 40, (height, width, 3))
-  up = np.kron(coarse, np.ones((4, 4, 1)))[:height, :width]
-  return np.clip(up + fine, 0, 255).astype(np.uint8)
 
 
 def _jpeg(array):
@@ -104,7 +96,7 @@ def test_config_validation_names_the_field(kwargs, field):
 
 @pytest.mark.parametrize("cfg", [SMALL, PAPER], ids=["small", "paper"])
 def test_make_views_shapes_and_dtypes(cfg):
-  data = [_jpeg(_noise_image(i, 200 + 40 * i, 260)) for i in range(2)]
+  data = [_jpeg(helpers.noise_image(i, 200 + 40 * i, 260)) for i in range(2)]
   ds = tf.data.Dataset.from_tensor_slices((data, np.arange(2, dtype=np.int64)))
   ds = ds.map(
       lambda b, i: jigsaw.make_views(b, i, 0, 0, cfg), num_parallel_calls=tf.data.AUTOTUNE
@@ -127,7 +119,7 @@ def test_tiles_are_exact_windows_of_their_cells():
   cell, t = cfg.cell_size, cfg.tile_size
   offsets = []
   for i in range(12):
-    image = _noise_image(i, 90 + 7 * i, 120)
+    image = helpers.noise_image(i, 90 + 7 * i, 120)
     tiles, perm, crop = (x.numpy() for x in _small_plain_view(image, _seed(i)))
     assert sorted(perm.tolist()) == list(range(9))
     for k in range(9):
@@ -145,7 +137,7 @@ def test_tiles_are_exact_windows_of_their_cells():
 
 def test_paper_size_tiles_are_normalised_windows_of_their_cells():
   cfg = dataclasses.replace(PAPER, tile_photometric=False)
-  image = _noise_image(3, 300, 380)
+  image = helpers.noise_image(3, 300, 380)
   seed = _seed(3)
   tiles, perm = jigsaw.jigsaw_view(image, seed, cfg, return_permutation=True)
   crop = jigsaw.jigsaw_crop(image, seed, cfg).numpy()
@@ -161,7 +153,7 @@ def test_paper_size_tiles_are_normalised_windows_of_their_cells():
 
 def test_permutations_are_uniformish_and_cover_every_position():
   perms = []
-  image = _noise_image(0, 80, 80)
+  image = helpers.noise_image(0, 80, 80)
   for i in range(60):
     _, perm, _ = _small_plain_view(image, _seed(1000 + i))
     perms.append(perm.numpy())
@@ -193,7 +185,7 @@ def test_tile_flip_is_drawn_per_tile():
   cell = cfg.cell_size
   flipped = []
   for i in range(3):
-    image = _noise_image(i, 100, 100)
+    image = helpers.noise_image(i, 100, 100)
     tiles, perm = jigsaw.jigsaw_view(image, _seed(i), cfg, return_permutation=True)
     crop = jigsaw.jigsaw_crop(image, _seed(i), cfg).numpy()
     for k, p in enumerate(perm.numpy()):
@@ -218,7 +210,7 @@ def _pipeline(data, indices, seed, epoch, cfg=SMALL):
 
 
 def test_pipeline_is_deterministic_and_keyed_by_seed_epoch_index():
-  data = [_jpeg(_noise_image(i, 96, 128)) for i in range(4)]
+  data = [_jpeg(helpers.noise_image(i, 96, 128)) for i in range(4)]
   indices = np.arange(4, dtype=np.int64)
   first = _pipeline(data, indices, 0, 3)
   second = _pipeline(data, indices, 0, 3)
@@ -245,7 +237,7 @@ def test_pipeline_is_deterministic_and_keyed_by_seed_epoch_index():
 
 
 def test_image_view_is_normalised():
-  image = _noise_image(5, 120, 150)
+  image = helpers.noise_image(5, 120, 150)
   cfg = SMALL
   views = np.stack([jigsaw.image_view(image, _seed(i), cfg).numpy() for i in range(4)])
   pixels = views * np.array(cfg.std, np.float32) + np.array(cfg.mean, np.float32)

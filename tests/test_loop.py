@@ -44,19 +44,11 @@ from pirl_jax.data import pipeline
 from pirl_jax.tasks import pretrain
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
+import helpers  # tests/helpers.py
 import tree_arrays  # tests/tree_arrays.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _flat = tree_arrays.flat
-
-
-def _steps(workdir):
-  folder = pathlib.Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-
-
-def _item(workdir, step):
-  return pathlib.Path(workdir) / "checkpoints" / str(step) / "default"
 
 
 def _assert_bitwise_equal(a, b):
@@ -97,7 +89,7 @@ def test_a_truncated_array_file_falls_back_in_one_warning_without_tracebacks(tmp
   first = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stderr[-3000:]
   (tmp_path / "run" / "summary.json").unlink()
-  for data_file in sorted((_item(tmp_path / "run", 4) / "d").iterdir()):
+  for data_file in sorted((helpers.item(tmp_path / "run", 4) / "d").iterdir()):
     data_file.write_bytes(data_file.read_bytes()[:10])
   second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert second.returncode == 0, second.stderr[-3000:]
@@ -112,8 +104,8 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_pr
   damaged: the same command resumes from step 2 (not from scratch), saying which step it skipped,
   and ends bitwise where the uninterrupted run ended."""
   workdir = _copy_run(tiny_pretraining, tmp_path / "run")
-  assert _steps(workdir) == [2, 4]
-  (_item(workdir, 4) / "_METADATA").unlink()
+  assert helpers.steps(workdir) == [2, 4]
+  (helpers.item(workdir, 4) / "_METADATA").unlink()
   (workdir / "summary.json").unlink()
   config = tiny_pretraining.config.copy_and_resolve_references()
   config.probe.enabled = False  # resumable in pretraining; the probes do not touch the state
@@ -138,10 +130,10 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_pr
       for m in infos
   ), infos
   assert any(m.startswith("Pretraining: steps 2..4 ") for m in infos), infos  # not 0..4
-  assert kept.is_dir() and _steps(workdir) == [2, 4]
+  assert kept.is_dir() and helpers.steps(workdir) == [2, 4]
   _assert_bitwise_equal(
-      checkpointing.load_arrays(_item(workdir, 4)),
-      checkpointing.load_arrays(_item(tiny_pretraining.workdir, 4)),
+      checkpointing.load_arrays(helpers.item(workdir, 4)),
+      checkpointing.load_arrays(helpers.item(tiny_pretraining.workdir, 4)),
   )
   assert summary["metrics"]["loss"] == tiny_pretraining.summary["metrics"]["loss"]
 
@@ -220,7 +212,7 @@ def interrupted_folder_run(tmp_path_factory):
     _crash_at(m, 3)
     with pytest.raises(_Crash):
       pretrain.train_and_evaluate(config, str(workdir))
-  assert _steps(workdir) == [2] and not (workdir / "summary.json").exists()
+  assert helpers.steps(workdir) == [2] and not (workdir / "summary.json").exists()
   names = json.loads((workdir / "dataset.json").read_text())["names"]
   assert names == [f"img_{i:02d}.jpg" for i in range(NUM_FOLDER_IMAGES)]
   return types.SimpleNamespace(folder=folder, pristine=pristine, config=config, workdir=workdir)
@@ -270,7 +262,7 @@ def test_changed_dataset_is_refused_before_training(
     _swap_in(run.folder, run.pristine)
   for pattern in expected:
     assert re.search(pattern, str(raised.value)), f"{pattern!r} not in:\n{raised.value}"
-  assert _steps(workdir) == [2]
+  assert helpers.steps(workdir) == [2]
   assert (workdir / "dataset.json").read_text() == recorded
 
 
@@ -306,7 +298,7 @@ def test_a_missing_or_damaged_dataset_record_is_refused(
       pretrain.train_and_evaluate(run.config, str(workdir))
   finally:
     _swap_in(run.folder, run.pristine)
-  assert _steps(workdir) == [2]
+  assert helpers.steps(workdir) == [2]
 
 
 def test_a_missing_dataset_record_resumes_with_force_and_is_written_again(
@@ -338,23 +330,15 @@ def test_unchanged_dataset_resumes(tmp_path, interrupted_folder_run, caplog):
   assert any(
       m.startswith(f"Resumed from {workdir / 'checkpoints'} at step 2 ") for m in _messages(caplog)
   ), _messages(caplog)
-  assert _steps(workdir) == [2, 4]
+  assert helpers.steps(workdir) == [2, 4]
 
 
 # --- A finished run is not run again ---------------------------------------------------------------
 
 
-def _snapshot(folder):
-  """Every path under `folder`: file -> (bytes, mtime_ns), folder -> None."""
-  return {
-      str(p.relative_to(folder)): ((p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None)
-      for p in sorted(pathlib.Path(folder).rglob("*"))
-  }
-
-
 def test_finished_run_is_not_run_again(tmp_path, tiny_pretraining, monkeypatch):
   workdir = _copy_run(tiny_pretraining, tmp_path / "run")
-  before = _snapshot(workdir)
+  before = helpers.snapshot(workdir)
   saved_summary = json.loads((workdir / "summary.json").read_text())
   assert saved_summary["complete"] and saved_summary["step"] == 4
 
@@ -371,7 +355,7 @@ def test_finished_run_is_not_run_again(tmp_path, tiny_pretraining, monkeypatch):
   assert {k: v for k, v in summary.items() if k not in places} == {
       k: v for k, v in dict(saved_summary, already_complete=True).items() if k not in places
   }
-  assert _snapshot(workdir) == before  # no file added, removed, rewritten or touched
+  assert helpers.snapshot(workdir) == before  # no file added, removed, rewritten or touched
 
 
 def test_finished_run_moved_elsewhere_reports_its_new_place(tmp_path, tiny_pretraining):
@@ -428,7 +412,7 @@ def _cli_env(tmp_path):
 def test_cli_reports_an_already_complete_run(tmp_path, tiny_pretraining, small_isic_root):
   """The tiny run's config from the command line (its other fields are resumable ones)."""
   workdir = _copy_run(tiny_pretraining, tmp_path / "run")
-  before = _snapshot(workdir)
+  before = helpers.snapshot(workdir)
   result = subprocess.run(
       [
           sys.executable,
@@ -452,7 +436,7 @@ def test_cli_reports_an_already_complete_run(tmp_path, tiny_pretraining, small_i
       result.stdout,
   ), result.stdout
   assert "Traceback" not in result.stderr
-  assert _snapshot(workdir) == before
+  assert helpers.snapshot(workdir) == before
 
 
 # --- SIGTERM while the CLI starts up ----------------------------------------------------------------
@@ -523,7 +507,7 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path, small_isic_root):
   assert code == 0, stderr[-3000:]
   assert "Traceback" not in stderr, stderr[-3000:]
   assert "Stopped by SIGTERM outside the training steps" in stderr, stderr[-3000:]
-  assert not (workdir / "checkpoints").is_dir() or _steps(workdir) == []
+  assert not (workdir / "checkpoints").is_dir() or helpers.steps(workdir) == []
 
 
 def test_a_startup_sigterm_swallowed_by_a_finalizer_still_stops_before_the_first_step(
@@ -548,7 +532,7 @@ def test_a_startup_sigterm_swallowed_by_a_finalizer_still_stops_before_the_first
     workdir = tmp_path / "run"
     with pytest.raises(signals.StartupInterrupted):
       pretrain.train_and_evaluate(config, str(workdir))
-    assert not (workdir / "checkpoints").is_dir() or _steps(workdir) == []
+    assert not (workdir / "checkpoints").is_dir() or helpers.steps(workdir) == []
   finally:
     signal.signal(signal.SIGTERM, previous)
     signals.clear()

@@ -23,8 +23,8 @@ from pirl_jax.data import jigsaw
 from pirl_jax.data import permutations
 from pirl_jax.train import state as state_lib
 from pirl_jax.train import step as step_lib
-from tests.cli_in_process import main_in_process
-from tests.test_jigsaw import _noise_image
+from cli_in_process import main_in_process  # tests/cli_in_process.py
+import helpers  # tests/helpers.py
 
 SMALL = jigsaw.ViewConfig(image_size=48, jigsaw_crop_size=75, tile_size=19)
 PLAIN = dataclasses.replace(
@@ -87,7 +87,7 @@ def test_min_hamming_distance_matches_a_double_loop():
 
 def test_jigsaw_class_view_shuffles_by_the_labelled_permutation():
   perms = tf.constant(permutations.max_hamming_permutations(30))
-  image = _noise_image(1, 96, 112)
+  image = helpers.noise_image(1, 96, 112)
   labels = []
   for i in range(4):
     tiles, label = jigsaw.jigsaw_class_view(image, _seed(i), PLAIN, perms)
@@ -100,14 +100,14 @@ def test_jigsaw_class_view_shuffles_by_the_labelled_permutation():
 
 def test_jigsaw_labels_cover_the_set_uniformly():
   perms = tf.constant(permutations.max_hamming_permutations(4))
-  image = _noise_image(2, 40, 40)
+  image = helpers.noise_image(2, 40, 40)
   draw = tf.function(lambda s: jigsaw.jigsaw_class_view(image, s, PLAIN, perms)[1])
   counts = np.bincount([int(draw(_seed(i))) for i in range(400)], minlength=4)
   assert counts.min() > 70, counts  # 100 expected per class
 
 
 def test_relative_patch_is_the_centre_tile_and_the_labelled_neighbour():
-  image = _noise_image(3, 96, 112)
+  image = helpers.noise_image(3, 96, 112)
   draw = tf.function(lambda s: jigsaw.relative_patch_view(image, s, PLAIN))
   labels = []
   for i in range(300):
@@ -128,7 +128,7 @@ def test_relative_patch_is_the_centre_tile_and_the_labelled_neighbour():
 def test_relative_patch_tiles_keep_their_gap_and_jitter():
   """Each tile sits at a random offset in its cell: between the two tiles there is a gap of
   0 to 2 * (cell - tile) pixels along each axis they are apart on, varying with the draw."""
-  image = _noise_image(4, 96, 112)
+  image = helpers.noise_image(4, 96, 112)
   cell, t = PLAIN.cell_size, PLAIN.tile_size
 
   def position(tile, crop, cell_index):  # the tile's top-left corner in the crop
@@ -152,7 +152,7 @@ def test_relative_patch_tiles_keep_their_gap_and_jitter():
 
 
 def test_rotated_view_is_an_image_view_turned_counter_clockwise():
-  image = _noise_image(5, 96, 112)
+  image = helpers.noise_image(5, 96, 112)
   ks = []
   for i in range(6):
     view, k = jigsaw.rotated_view(image, _seed(i), PLAIN, return_rotation=True)
@@ -182,7 +182,7 @@ def test_rotation_batch_turns_each_image_four_ways_counter_clockwise():
 def test_make_views_makes_each_methods_views():
   cfg = SMALL
   perms = tf.constant(permutations.max_hamming_permutations(10))
-  encoded = tf.io.encode_jpeg(_noise_image(6, 96, 112))
+  encoded = tf.io.encode_jpeg(helpers.noise_image(6, 96, 112))
   expected = {
       "pirl": {"image", "tiles", "index"},
       "npid": {"image", "index"},

@@ -25,6 +25,7 @@ from pirl_jax.data import sources
 from pirl_jax.tasks import pretrain
 from pirl_jax.train import loop
 from pirl_jax.train import state as state_lib
+import helpers  # tests/helpers.py
 import tree_arrays  # tests/tree_arrays.py
 
 
@@ -41,14 +42,6 @@ def _config(root, cache_dir, source="folder", **overrides):
   config.probe.enabled = False  # the probes watch training; these tests are about the loop
   config.update_from_flattened_dict(overrides)
   return config
-
-
-def _item(workdir, step):
-  return workdir / "checkpoints" / str(step) / "default"
-
-
-def _steps(workdir):
-  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 _flat = tree_arrays.flat
@@ -86,7 +79,7 @@ def test_nonfinite_step_stops_or_is_skipped(tmp_path, small_isic_root, cache_dir
       match=r"Non-finite loss and grad_norm at step 5\. .*latest good checkpoint " r"is step 3",
   ):
     pretrain.train_and_evaluate(config, str(work))
-  assert _steps(work) == [3]  # the poisoned state of step 6 was not saved
+  assert helpers.steps(work) == [3]  # the poisoned state of step 6 was not saved
 
   # Resuming into the same workdir with another experiment's config is refused ...
   changed = _config(
@@ -115,13 +108,13 @@ def test_nonfinite_step_stops_or_is_skipped(tmp_path, small_isic_root, cache_dir
   summary = pretrain.train_and_evaluate(skip, str(work))
   assert summary["step"] == 8 and summary["nonfinite_steps"] == 1
   assert np.isfinite(summary["metrics"]["loss"])
-  before, after = (checkpointing.load_arrays(_item(work, s)) for s in (4, 5))
+  before, after = (checkpointing.load_arrays(helpers.item(work, s)) for s in (4, 5))
   assert (
       _max_diff(after, before, keys=("params", "batch_stats", "opt_state", "bank", "nce_z")) == 0.0
   )  # step 5 changed nothing ...
   assert (after["step"], after["nonfinite_steps"]) == (5, 1)  # ... but was counted
   assert before["nonfinite_steps"] == 0
-  final = checkpointing.load_arrays(_item(work, 8))
+  final = checkpointing.load_arrays(helpers.item(work, 8))
   assert all(np.all(np.isfinite(x)) for x in _flat(final).values())
 
 

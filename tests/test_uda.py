@@ -28,6 +28,7 @@ from pirl_jax.tasks import classifier
 from pirl_jax.tasks import finetune
 from pirl_jax.tasks import uda
 
+import helpers  # tests/helpers.py
 import cli_in_process
 import tree_arrays
 
@@ -175,19 +176,6 @@ def test_uda_loss_adds_the_weighted_consistency_to_the_annealed_supervised_term(
 # --- The step on 1 and 8 devices ------------------------------------------------------------------
 
 
-def _tiny(isic_root, cache_dir, **overrides):
-  config = finetune_isic.get_config("tiny")
-  config.update_from_flattened_dict(
-      {
-          "data.source": "isic",
-          "data.path": str(isic_root),
-          "data.cache_dir": str(cache_dir),
-          **overrides,
-      }
-  )
-  return config
-
-
 def _uda_batch(config, seed, ratio):
   rng = np.random.default_rng(seed)
   b, s = config.global_batch_size, config.augment.image_size
@@ -203,7 +191,7 @@ def _uda_batch(config, seed, ratio):
 def test_uda_step_on_eight_devices_equals_one_and_uses_the_unlabelled_images(
     small_isic_root, shared_cache_dir
 ):
-  config = _tiny(small_isic_root, shared_cache_dir)
+  config = helpers.tiny_finetuning_config(small_isic_root, shared_cache_dir)
   model = classifier.create_model(config)
   tx, schedule = classifier.create_optimizer(config.optim, 4, probe=False)
   # Threshold 0 and temperature 1: every unlabelled image contributes to the gradient.
@@ -253,7 +241,7 @@ def test_uda_step_on_eight_devices_equals_one_and_uses_the_unlabelled_images(
 
 @pytest.fixture(scope="module")
 def splits(small_isic_root, shared_cache_dir):
-  config = _tiny(small_isic_root, shared_cache_dir)
+  config = helpers.tiny_finetuning_config(small_isic_root, shared_cache_dir)
   return config, {s: labelled.load_split(config.data, s) for s in labelled.SPLITS}
 
 
@@ -336,7 +324,7 @@ def test_the_layouts_unlabelled_folder_joins_the_pool(tmp_path, shared_cache_dir
 
   root = tmp_path / "isic"
   synthetic.generate(root, seed=0, num_train=12, num_val=6, num_test=6, num_unlabeled=3)
-  config = _tiny(root, shared_cache_dir)
+  config = helpers.tiny_finetuning_config(root, shared_cache_dir)
   train = labelled.load_split(config.data, "train")
   held = [labelled.load_split(config.data, s) for s in ("validation", "test")]
   positions = labelled.stratified_subset(train.label, 0.5, seed=0)
@@ -444,7 +432,7 @@ def test_uda_fine_tuning_resumes_after_sigterm_with_the_same_result(
   assert threading.current_thread() is threading.main_thread()
 
   def config():
-    return _tiny(
+    return helpers.tiny_finetuning_config(
         small_isic_root,
         shared_cache_dir,
         **{
