@@ -174,9 +174,8 @@ THUMBNAIL_SIDE = 16
 def thumbnail(data: bytes, name: str = "image") -> np.ndarray:
   """The image's pixels averaged down to THUMBNAIL_SIDE x THUMBNAIL_SIDE RGB (float32, 0-255).
 
-  Two encodings of the same pixels (a JPEG and a lossless PNG of it, or a re-encode at quality
-  95) give thumbnails within a fraction of a grey level of each other; different photographs
-  differ by tens.
+  Two encodings of the same picture, each prepared (downscaled, re-encoded), give thumbnails a
+  few grey levels apart; different photographs differ by ten or more.
   """
   img, _ = _open(data, name)
   rgb = Image.fromarray(_to_rgb_array(img))

@@ -246,8 +246,10 @@ def unlabelled_pool(
 
 
 # Root-mean-square difference of two thumbnails (grey levels) below which two images are the same
-# picture: re-encoding moves a thumbnail by well under one level, another photograph by tens.
-SAME_PICTURE_RMS = 2.0
+# picture. The same picture in another encoding, prepared again (downscaled and re-encoded), moved
+# by at most 4.1 levels at 48 px and 1.9 at 128 px (20 PNG copies of test images); distinct images
+# of the embedded set are at least 10 levels apart.
+SAME_PICTURE_RMS = 6.0
 
 
 def _check_not_held_out(
