@@ -32,12 +32,10 @@ What lives here, once:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from absl import logging
 from clu import metric_writers
@@ -52,65 +50,11 @@ from pirl_jax import sharding as sharding_lib
 from pirl_jax import signals
 from pirl_jax import storage
 from pirl_jax import user_errors
+from pirl_jax.train import metric_window
+from pirl_jax.train import task as task_lib
 
-_NEVER = np.iinfo(np.int32).max
-WATCHED = ("loss", "grad_norm")  # a step with either non-finite is an error (or skipped)
-
-
-class Evaluator(Protocol):
-  """Scores a state; run inside any loop on a schedule (and at the end)."""
-
-  name: str
-
-  def run(self, state) -> dict[str, float]:
-    """Metrics of `state` (flat, scalar). May write files of its own into the workdir."""
-
-  def describe(self, metrics: dict[str, float]) -> str:
-    """A short text of the headline metrics, for the progress log."""
-
-
-@dataclasses.dataclass
-class Task:
-  """What a run trains: the task-specific pieces the loop drives.
-
-  Attributes:
-    state: the initial state, born sharded with `shardings`.
-    shardings: the state's shardings (the restore target's).
-    train_step: jitted `(state, batch) -> (state, metrics)`; metrics are scalars and include
-      `loss` and `grad_norm`.
-    batches: `batches(start_step)` iterates this process's host batches from that step on.
-    total_steps: steps of the whole run.
-    steps_per_epoch: for the progress line.
-    describe: text of a log window's mean metrics for the progress line.
-    evaluators: run every `eval_every_steps` and after the last step.
-    eval_every_steps: 0 = only after the last step.
-    resize: top-level state fields whose leading dimension may differ in a checkpoint written on
-      another device count (the memory bank's padding rows).
-    derive: state fields a checkpoint of an earlier version may lack -> a function computing
-      each from the restored fields (`checkpointing.Checkpointer.restore`).
-    check_restorable: called with a checkpoint's saved shapes before restoring it; raises when
-      the checkpoint cannot belong to this run.
-    on_evaluation: called with (step, state, {evaluator name: metrics}) after each evaluation
-      (model selection).
-    finish: called with the final state after the last step; returns results for the summary.
-    state_step: reads the step counter of a state.
-  """
-
-  state: Any
-  shardings: Any
-  train_step: Callable
-  batches: Callable[[int], Iterator[dict]]
-  total_steps: int
-  steps_per_epoch: int
-  describe: Callable[[dict], str]
-  evaluators: Sequence[Evaluator] = ()
-  eval_every_steps: int = 0
-  resize: tuple[str, ...] = ()
-  derive: dict | None = None
-  check_restorable: Callable[[dict], None] | None = None
-  on_evaluation: Callable[[int, Any, dict], None] | None = None
-  finish: Callable[[Any], dict] | None = None
-  state_step: Callable[[Any], int] = lambda state: int(jax.device_get(state.step))
+Evaluator = task_lib.Evaluator
+Task = task_lib.Task
 
 
 def format_duration(seconds: float) -> str:
@@ -118,56 +62,6 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-@jax.jit
-def _empty_window(metrics):
-  return {
-      "sums": jax.tree.map(jnp.zeros_like, metrics),
-      "count": jnp.zeros((), jnp.int32),
-      "first_bad": {k: jnp.full((), _NEVER, jnp.int32) for k in WATCHED},
-  }
-
-
-def _window_record(window, steps: int) -> dict:
-  """A fetched log window as JSON, saved with a checkpoint written between two logs."""
-  return {
-      "steps": steps,
-      "count": int(window["count"]),
-      "sums": {k: [float(v), str(np.asarray(v).dtype)] for k, v in window["sums"].items()},
-      "first_bad": {k: int(v) for k, v in window["first_bad"].items()},
-  }
-
-
-def _window_from_record(record: dict | None):
-  """(window, steps) from `_window_record`'s JSON; (None, 0) for None or another layout."""
-  try:
-    window = {
-        "sums": {k: np.asarray(v, dtype) for k, (v, dtype) in record["sums"].items()},
-        "count": np.asarray(record["count"], np.int32),
-        "first_bad": {k: np.asarray(record["first_bad"][k], np.int32) for k in WATCHED},
-    }
-    return window, int(record["steps"])
-  except (TypeError, KeyError, ValueError):
-    return None, 0
-
-
-@jax.jit
-def _accumulate(window, metrics, step):
-  """Adds one step's metrics to the log window, on device.
-
-  Sums only finite steps (so means stay meaningful when steps are skipped) and records, per
-  watched quantity, the first step at which it was not finite. The host reads the window only
-  at log and checkpoint steps, and a checkpoint is written only after that read, so a poisoned
-  state is never saved.
-  """
-  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-  sums = jax.tree.map(lambda a, m: a + jnp.where(ok, m, jnp.zeros_like(m)), window["sums"], metrics)
-  first_bad = {
-      k: jnp.where(jnp.isfinite(metrics[k]), v, jnp.minimum(v, step))
-      for k, v in window["first_bad"].items()
-  }
-  return {"sums": sums, "count": window["count"] + ok.astype(jnp.int32), "first_bad": first_bad}
 
 
 class _TermSignal:
@@ -399,7 +293,7 @@ class Run:
     batches = task.batches(first_step)
     # A checkpoint written between two logs carries the sums since the last log, so that the
     # next log (and the final loss) averages the same steps as an uninterrupted run.
-    window, carried_steps = _window_from_record(
+    window, carried_steps = metric_window.from_record(
         self.checkpointer.log_window(first_step) if self.latest is not None else None
     )
     last_metrics, evaluations, history = {}, {}, []
@@ -412,8 +306,8 @@ class Run:
         state, metrics = task.train_step(state, batch)
         if window is not None and set(window["sums"]) != set(metrics):
           window, carried_steps = None, 0  # saved by a version with other metrics
-        window = _accumulate(
-            _empty_window(metrics) if window is None else window,
+        window = metric_window.accumulate(
+            metric_window.empty(metrics) if window is None else window,
             metrics,
             jnp.asarray(step + 1, jnp.int32),
         )
@@ -469,7 +363,7 @@ class Run:
           log_window = (
               None
               if window is None
-              else _window_record(jax.device_get(window), window_steps + carried_steps)
+              else metric_window.record(jax.device_get(window), window_steps + carried_steps)
           )
           self.checkpointer.save(done, state, force=preempted, log_window=log_window)
           writer.flush()  # the events so far reach the workdir with each checkpoint
@@ -506,7 +400,11 @@ class Run:
     return summary
 
   def _raise_if_nonfinite(self, first_bad: dict) -> None:
-    bad = {k: int(first_bad[k]) for k in WATCHED if int(first_bad[k]) != _NEVER}
+    bad = {
+        k: int(first_bad[k])
+        for k in metric_window.WATCHED
+        if int(first_bad[k]) != metric_window.NEVER
+    }
     if not bad:
       return
     self.checkpointer.wait_until_finished()  # so that "latest" below is the last complete one
