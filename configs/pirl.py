@@ -78,6 +78,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   views.grayscale_prob = 0.2
   views.flip_prob = 0.5
   views.tile_photometric = True
+  # The two-view methods (moco_v2, simclr) blur their image views (their papers): with this
+  # probability, sigma uniform in blur_sigma pixels of a 224 px view, scaled to image_size.
+  views.blur_prob = 0.5
+  views.blur_sigma = (0.1, 2.0)
 
   # --- Model ----------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -112,6 +116,21 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # and 'relative_patch' (position of a tile next to the centre one, 8-way).
   config.method = "pirl"
   config.jigsaw_permutations = 1000  # method='jigsaw': classes (Noroozi & Favaro; Goyal et al.)
+  # method='moco_v2' (docs/methods.md): the key encoder is an EMA of the network with this
+  # momentum; the queue holds the last queue_size keys (at most N - global_batch_size).
+  config.moco = moco = ml_collections.ConfigDict()
+  moco.momentum = 0.999
+  moco.temperature = 0.2
+  moco.queue_size = 1024
+  # MoCo's shuffling BN: with model.batch_norm='per_device' the key batch is shuffled across
+  # devices (global BatchNorm statistics do not depend on the order: nothing to shuffle).
+  moco.shuffle_bn = True
+  # method='simclr': NT-Xent over the global batch.
+  config.simclr = simclr = ml_collections.ConfigDict()
+  simclr.temperature = 0.2
+  # An EMA of the parameters kept in the state (state.ema_params), for any method but moco_v2
+  # (whose EMA is its key encoder): 0 = none.
+  config.ema_decay = 0.0
 
   config.loss = loss = ml_collections.ConfigDict()
   loss.kind = "infonce"  # 'nce' (paper/VISSL) | 'infonce' (softmax cross-entropy)
@@ -126,6 +145,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
   # --- Optimisation -----------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
+  optim.name = "sgd"  # 'sgd' | 'lars' (SimCLR's recipe: BatchNorm and biases not adapted)
+  optim.lars_trust_coefficient = 0.001
   optim.base_learning_rate = 0.03  # scaled by global_batch_size / 256
   optim.momentum = 0.9
   optim.nesterov = False
@@ -189,6 +210,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     views.tile_size = 10
     config_blocks.set_trunk(model, "tiny")
     loss.num_negatives = 64
+    moco.queue_size = 64
     config.global_batch_size = 16
     config.num_epochs = 1.0
     config.num_train_steps = 6
@@ -227,6 +249,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     loss.temperature = 0.07
     loss.num_negatives = 32000
     config.memory_bank.score_chunk_size = 256
+    moco.queue_size = 65536
     config.global_batch_size = 1024
     optim.base_learning_rate = 0.03
     config.num_epochs = 200.0

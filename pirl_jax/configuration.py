@@ -27,6 +27,7 @@ _PRETRAIN_CHOICES = {
     "model.batch_norm": ("global", "per_device"),
     "loss.kind": ("nce", "infonce"),
     "loss.nce_z_from": ("both", "jigsaw"),
+    "optim.name": ("sgd", "lars"),
     "resume": ("auto", "never", "force"),
 }
 _FINETUNE_CHOICES = {
@@ -257,9 +258,37 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
               0.0 <= optim.final_learning_rate_fraction <= 1.0,
               "must be in [0, 1]",
           ),
+          (
+              "optim.lars_trust_coefficient",
+              _finite(optim.lars_trust_coefficient) and optim.lars_trust_coefficient > 0,
+              "must be a positive number",
+          ),
           ("checkpoint_every_steps", config.checkpoint_every_steps >= 1, "must be >= 1"),
           ("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1"),
           ("eval_every_steps", config.eval_every_steps >= 0, "must be >= 0 (0: at the end only)"),
+          ("ema_decay", 0.0 <= config.ema_decay < 1.0, "must be in [0, 1) (0: no EMA)"),
+          (
+              "ema_decay",
+              not methods.uses_key_queue(config.method) or config.ema_decay == 0.0,
+              "moco_v2's EMA is its key encoder, set by config.moco.momentum: leave it 0",
+          ),
+          ("moco.momentum", 0.0 <= config.moco.momentum < 1.0, "must be in [0, 1)"),
+          (
+              "moco.temperature",
+              _finite(config.moco.temperature) and config.moco.temperature > 0,
+              "must be a positive number",
+          ),
+          (
+              "moco.queue_size",
+              config.moco.queue_size >= config.global_batch_size,
+              f"must be >= global_batch_size={config.global_batch_size} (each step enqueues "
+              "a batch of keys)",
+          ),
+          (
+              "simclr.temperature",
+              _finite(config.simclr.temperature) and config.simclr.temperature > 0,
+              "must be a positive number",
+          ),
       ]
       + _probe_checks(config.probe),
   )
@@ -407,7 +436,16 @@ def validate_dataset_size(config: ml_collections.ConfigDict, num_examples: int) 
         f"config.global_batch_size={config.global_batch_size}."
     )
   limit = num_examples - 1 if config.loss.exclude_positive else num_examples
-  if config.loss.num_negatives > limit:
+  if methods.uses_key_queue(config.method) and (
+      config.moco.queue_size > num_examples - config.global_batch_size
+  ):
+    raise ConfigError(
+        f"config.moco.queue_size={config.moco.queue_size} must be <= the dataset size "
+        f"N={num_examples} - global_batch_size={config.global_batch_size} = "
+        f"{num_examples - config.global_batch_size}: a longer queue holds keys of a query's own "
+        "image from the epoch before, as negatives."
+    )
+  if methods.uses_bank(config.method) and config.loss.num_negatives > limit:
     raise ConfigError(
         f"config.loss.num_negatives={config.loss.num_negatives} must be < the dataset size "
         f"N={num_examples} (at most {limit} negatives with "

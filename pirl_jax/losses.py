@@ -1,4 +1,5 @@
-"""PIRL contrastive losses against a memory bank: scores, NCE (paper / VISSL), InfoNCE, and Z.
+"""PIRL contrastive losses against a memory bank: scores, NCE (paper / VISSL), InfoNCE, and Z;
+SimCLR's NT-Xent over the batch (`nt_xent_loss`).
 
 All functions are pure ``jnp`` and jit-friendly. Notation: B queries, K negatives per query, D embedding
 size, N dataset size, tau temperature.
@@ -175,3 +176,38 @@ def pirl_loss(
     return PIRLLoss(total=loss_f, jigsaw=None, image=loss_f)
   loss_g = loss_fn(logits_g)
   return PIRLLoss(total=lam * loss_g + (1.0 - lam) * loss_f, jigsaw=loss_g, image=loss_f)
+
+
+def nt_xent_loss(
+    embeddings: jax.Array, temperature: float, precision=jax.lax.Precision.HIGHEST
+) -> tuple[jax.Array, dict]:
+  """SimCLR's NT-Xent over a batch of view pairs, mean over all 2B views.
+
+  Each view's positive is its partner, its negatives the other 2B - 2 views of the (global)
+  batch: ``l_i = -log(exp(s_i,p(i)) / sum_{j != i} exp(s_ij))`` with ``s_ij = <z_i, z_j> / tau``.
+
+  Args:
+    embeddings: ``(2B, D)`` L2-normalised, rows 2i and 2i + 1 the two views of example i (a
+      device's share of the batch keeps both views of its examples).
+    temperature: tau.
+    precision: matmul precision (HIGHEST: TF32 would perturb logits of ~1/tau scale).
+
+  Returns:
+    (scalar float32 loss, metrics: mean positive and negative similarity).
+  """
+  z = embeddings.astype(jnp.float32)
+  count = z.shape[0]
+  if count % 2:
+    raise ValueError(f'nt_xent_loss needs pairs of views (an even count), got {count} rows')
+  similarity = jnp.einsum('id,jd->ij', z, z, precision=precision)
+  self_pair = jnp.eye(count, dtype=bool)
+  logits = jnp.where(self_pair, -jnp.inf, similarity / temperature)
+  partner = jnp.arange(count) ^ 1
+  positive = jnp.take_along_axis(similarity, partner[:, None], axis=1)[:, 0]
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive / temperature)
+  negatives = ~self_pair & (jnp.arange(count)[None, :] != partner[:, None])
+  metrics = {
+      'positive_similarity': jnp.mean(positive),
+      'negative_similarity': jnp.sum(jnp.where(negatives, similarity, 0.0)) / (count * (count - 2)),
+  }
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

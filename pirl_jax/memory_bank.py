@@ -284,6 +284,21 @@ def update(
   Returns:
     The new bank (same shape, dtype and sharding).
   """
+
+  def combine(old, emb):
+    return l2_normalize(momentum * old + (1.0 - momentum) * emb)
+
+  return _write_rows(bank, indices, embeddings, combine, mesh)
+
+
+def replace_rows(bank: jax.Array, indices: jax.Array, rows: jax.Array, mesh=None) -> jax.Array:
+  """``bank[indices] = rows`` (indices unique), each device writing only the rows it holds on
+  `mesh` (as `update`); the rows are stop-gradient'ed. MoCo's queue write (`key_queue`)."""
+  return _write_rows(bank, indices, rows, lambda old, new: new, mesh)
+
+
+def _write_rows(bank, indices, embeddings, combine, mesh):
+  """``bank[indices] = combine(bank[indices], embeddings)``, row-sharded on `mesh`."""
   indices = indices.astype(jnp.int32)
   embeddings = jax.lax.stop_gradient(embeddings)
 
@@ -291,7 +306,7 @@ def update(
     local = idx - first_row
     mine = (local >= 0) & (local < rows.shape[0])
     old = jnp.take(rows, jnp.where(mine, local, 0), axis=0)
-    new = l2_normalize(momentum * old + (1.0 - momentum) * emb.astype(rows.dtype))
+    new = combine(old, emb.astype(rows.dtype))
     # Rows held elsewhere get an out-of-range index and are dropped.
     target = jnp.where(mine, local, rows.shape[0])
     return rows.at[target].set(new.astype(rows.dtype), mode="drop", unique_indices=True)

@@ -10,6 +10,13 @@ Invariant (memory-bank NCE/InfoNCE losses, `memory_bank`):
                   (the paper's section 5 variant).
   npid            the image view alone (instance discrimination, Wu et al. 2018; PIRL with
                   lambda = 0).
+Two views, no memory bank (the methods that followed PIRL):
+  moco_v2         MoCo v2 (He et al. 2020; Chen et al. 2020): a query view through the network, a
+                  key view through its momentum (EMA) copy, InfoNCE against the key and a queue
+                  of earlier keys (`key_queue`); MLP projection head.
+  simclr          SimCLR (Chen et al. 2020): two views, NT-Xent over the global batch (each
+                  view's partner is its positive, the other 2B - 2 views its negatives); MLP
+                  projection head.
 Covariant (predict the transform; softmax cross-entropy, no memory bank):
   jigsaw          which of `jigsaw_permutations` fixed permutations shuffled the nine tiles
                   (Noroozi & Favaro 2016; Goyal et al. 2019), the same tiles as PIRL.
@@ -20,8 +27,9 @@ Covariant (predict the transform; softmax cross-entropy, no memory bank):
 """
 
 BANK_METHODS = ("pirl", "pirl_rotation", "npid")
+TWO_VIEW_METHODS = ("moco_v2", "simclr")
 CLASSIFICATION_METHODS = ("jigsaw", "rotation", "relative_patch")
-METHODS = BANK_METHODS + CLASSIFICATION_METHODS
+METHODS = BANK_METHODS + TWO_VIEW_METHODS + CLASSIFICATION_METHODS
 
 NUM_ROTATIONS = 4
 # Row-major cells of the 3x3 grid around the centre cell 4; class c is the c-th of them.
@@ -33,6 +41,11 @@ NEEDS_3X3_GRID = ("jigsaw", "relative_patch")
 def uses_bank(method: str) -> bool:
   """True for the methods trained against the memory bank."""
   return method in BANK_METHODS
+
+
+def uses_key_queue(method: str) -> bool:
+  """True for the methods trained against a queue of keys from a momentum encoder (MoCo)."""
+  return method == "moco_v2"
 
 
 def transformed_view(method: str) -> str | None:

@@ -10,6 +10,8 @@ seed and never on thread scheduling.
 * `color_augment` follows torchvision's `ColorJitter` (multiplicative brightness, contrast against
   the mean grey level, saturation against the grey image, hue rotation in HSV; the four applied in
   a random order), then `RandomGrayscale` and `RandomHorizontalFlip`.
+* `random_gaussian_blur` is the blur of the two-view methods (SimCLR, MoCo v2): sigma uniform in
+  a range, applied with a probability; a separable kernel, borders reflected.
 * `random_rot90`, `random_rotation` and `random_flip` are the geometric augmentations of
   fine-tuning; `normalize` subtracts the mean and divides by the standard deviation.
 * `rotate`, `projective_transform`, `grayscale` and `blend` are shared with `randaugment`.
@@ -220,6 +222,36 @@ def _color_augment(image, seed, color_jitter, grayscale_prob, flip_prob):
     flip = tf.random.stateless_uniform([], flip_seed) < flip_prob
     image = tf.cond(flip, lambda x=image: tf.reverse(x, axis=[1]), lambda x=image: x)
   return image
+
+
+def gaussian_blur(image, sigma, radius: int) -> tf.Tensor:
+  """(H, W, C) float `image` convolved with a Gaussian of std `sigma` pixels (a scalar tensor),
+  truncated to `2 * radius + 1` taps and renormalised; borders reflected (as PIL's filter)."""
+  offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+  sigma = tf.maximum(tf.cast(sigma, tf.float32), 1e-3)
+  kernel = tf.exp(-0.5 * tf.square(offsets / sigma))
+  kernel = kernel / tf.reduce_sum(kernel)
+  channels = image.shape[-1]
+  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
+  rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+  cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+  out = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+  out = tf.nn.depthwise_conv2d(out, cols, [1, 1, 1, 1], "VALID")
+  return out[0]
+
+
+def random_gaussian_blur(image, seed, prob: float, sigma_range: Sequence[float]) -> tf.Tensor:
+  """`gaussian_blur` with probability `prob`, sigma uniform in `sigma_range` (pixels); the kernel
+  reaches 3 sigma of the largest sigma (at most a third of the image side)."""
+  if prob <= 0:
+    return image
+  apply_seed, sigma_seed = split_seed(seed, 2)
+  lo, hi = (float(v) for v in sigma_range)
+  side = min(int(image.shape[0]), int(image.shape[1]))
+  radius = max(1, min(int(math.ceil(3.0 * hi)), (side - 1) // 3))
+  sigma = tf.random.stateless_uniform([], sigma_seed, minval=lo, maxval=hi)
+  blur = tf.random.stateless_uniform([], apply_seed) < prob
+  return tf.cond(blur, lambda: gaussian_blur(image, sigma, radius), lambda: image)
 
 
 def random_flip(image, seed, axis: int) -> tf.Tensor:

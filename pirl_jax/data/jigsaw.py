@@ -53,6 +53,10 @@ class ViewConfig:
     flip_prob: probability of a horizontal flip of a view (or tile).
     tile_photometric: apply colour jitter, grayscale and flip to each tile.
     image_photometric: apply colour jitter, grayscale and flip to the image.
+    blur_prob: probability of a Gaussian blur of each image view of the two-view methods
+      (moco_v2, simclr; their papers' 0.5); the other methods' views are not blurred.
+    blur_sigma: (min, max) standard deviation of that blur in pixels of a 224 px view (the
+      papers' 0.1-2.0), scaled with `image_size`.
     mean: per-channel mean subtracted after augmentation (in [0, 1] units).
     std: per-channel standard deviation divided by after augmentation.
   """
@@ -69,6 +73,8 @@ class ViewConfig:
   flip_prob: float = 0.5
   tile_photometric: bool = True
   image_photometric: bool = True
+  blur_prob: float = 0.5
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
   mean: tuple[float, float, float] = augment.IMAGENET_MEAN
   std: tuple[float, float, float] = augment.IMAGENET_STD
 
@@ -79,6 +85,7 @@ class ViewConfig:
         ("crop_ratio", 2),
         ("jigsaw_crop_scale", 2),
         ("color_jitter", 4),
+        ("blur_sigma", 2),
         ("mean", 3),
         ("std", 3),
     ):
@@ -114,7 +121,10 @@ class ViewConfig:
     problem = augment.color_jitter_problem(self.color_jitter)
     if problem:
       raise _field_error("color_jitter", self.color_jitter, problem)
-    for name in ("grayscale_prob", "flip_prob"):
+    lo, hi = self.blur_sigma
+    if not 0.0 < lo <= hi:
+      raise _field_error("blur_sigma", (lo, hi), "need 0 < min <= max")
+    for name in ("grayscale_prob", "flip_prob", "blur_prob"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
         raise _field_error(name, value, "must be a probability in [0, 1]")
@@ -149,13 +159,15 @@ def _normalize(image, cfg: ViewConfig):
   return augment.normalize(image, cfg.mean, cfg.std)
 
 
-def image_view(image_uint8, seed, cfg: ViewConfig) -> tf.Tensor:
+def image_view(image_uint8, seed, cfg: ViewConfig, blur: bool = False) -> tf.Tensor:
   """The image view v_I.
 
   Args:
     image_uint8: (H, W, 3) uint8 image.
     seed: stateless seed, shape (2,).
     cfg: view configuration.
+    blur: after the colours, a Gaussian blur with probability `cfg.blur_prob` (the two-view
+      methods).
 
   Returns:
     float32 (S, S, 3), S = cfg.image_size, normalised with cfg.mean/cfg.std.
@@ -166,6 +178,11 @@ def image_view(image_uint8, seed, cfg: ViewConfig) -> tf.Tensor:
   )
   if cfg.image_photometric:
     image = _photometric(image, photo_seed, cfg)
+  if blur:
+    scale = cfg.image_size / 224.0
+    sigma = (cfg.blur_sigma[0] * scale, cfg.blur_sigma[1] * scale)
+    blur_seed = tf.random.experimental.stateless_fold_in(photo_seed, 1)
+    image = augment.random_gaussian_blur(image, blur_seed, cfg.blur_prob, sigma)
   return _normalize(image, cfg)
 
 
@@ -348,7 +365,8 @@ def make_views(
 
   Returns:
     'index' int32 scalar and, by method: 'image' float32 (S, S, 3) (pirl, pirl_rotation, npid,
-    rotation); 'tiles' float32 (grid**2, T, T, 3) (pirl, jigsaw); 'rotated' float32 (S, S, 3)
+    rotation, and blurred: moco_v2, simclr); 'image_2' float32 (S, S, 3), a second blurred
+    image view with its own crop and colours (moco_v2's key, simclr's second view); 'tiles' float32 (grid**2, T, T, 3) (pirl, jigsaw); 'rotated' float32 (S, S, 3)
     (pirl_rotation); 'patches' float32 (2, T, T, 3) (relative_patch); 'label' int32 scalar
     (jigsaw, relative_patch).
   """
@@ -359,6 +377,9 @@ def make_views(
   views = {"index": tf.cast(index, tf.int32)}
   if method in ("pirl", "pirl_rotation", "npid", "rotation"):
     views["image"] = image_view(image, image_seed, cfg)
+  if method in methods.TWO_VIEW_METHODS:
+    views["image"] = image_view(image, image_seed, cfg, blur=True)
+    views["image_2"] = image_view(image, transform_seed, cfg, blur=True)
   if method == "pirl":
     views["tiles"] = jigsaw_view(image, transform_seed, cfg)
   elif method == "pirl_rotation":

@@ -21,6 +21,8 @@ its own parameters (g_rot_*) on the rotated image; the covariant classifiers put
 same inputs: jigsaw on the 9 concatenated tile embeddings (9E -> P permutations, where PIRL's
 g_concat has 9E -> E), relative patch on the centre and neighbour tile embeddings (2E -> 8),
 rotation on the image features (F -> 4; after f's BatchNorm / hidden layer when configured).
+MoCo v2 and SimCLR embed both their image views with a projection MLP of their papers, whatever
+`head` says: Linear(F->F), ReLU, Linear(F->E) (proj_hidden, proj_out), L2-normalised.
 
 Parameter layout: ``params['trunk']`` is exactly the parameter tree of the trunk module alone, so
 evaluation can apply the trunk with ``{'params': params['trunk'], 'batch_stats':
@@ -45,7 +47,7 @@ class PIRLNet(nn.Module):
   """Shared trunk + heads f (image) and g (jigsaw), and the heads of the other methods.
 
   Only the heads a method calls get parameters (`methods`): PIRL f_*, g_tile_*, g_concat;
-  PIRL-rotation f_*, g_rot_*; NPID f_*; jigsaw g_tile_*, jigsaw_classifier; rotation f_*
+  PIRL-rotation f_*, g_rot_*; NPID f_*; MoCo v2 and SimCLR proj_*; jigsaw g_tile_*, jigsaw_classifier; rotation f_*
   (norm/hidden), rotation_classifier; relative patch g_tile_*, relative_position_classifier.
 
   Attributes:
@@ -83,6 +85,9 @@ class PIRLNet(nn.Module):
     if self.head_batch_norm:
       norm = lambda: nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
       self.f_norm, self.g_tile_norm, self.g_rot_norm = norm(), norm(), norm()
+      self.proj_norm = norm()
+    self.proj_hidden = dense(features, features)
+    self.proj_out = dense(self.embed_dim, features)
     self.g_concat = dense(self.embed_dim, self.num_tiles * self.embed_dim)
     self.jigsaw_classifier = dense(self.num_permutations, self.num_tiles * self.embed_dim)
     self.rotation_classifier = dense(methods.NUM_ROTATIONS, features)
@@ -99,7 +104,7 @@ class PIRLNet(nn.Module):
     x = self.trunk(x, train=train)
     if self.head_batch_norm:
       x = getattr(self, f'{branch}_norm')(x, use_running_average=not train)
-    if self.head == 'mlp':
+    if self.head == 'mlp' or branch == 'proj':
       x = nn.relu(getattr(self, f'{branch}_hidden')(x))
     return x
 
@@ -116,6 +121,11 @@ class PIRLNet(nn.Module):
   def embed_images(self, images: jax.Array, train: bool) -> jax.Array:
     """f_hat of the image views ``(B, S, S, 3)``: ``(B, embed_dim)`` float32, L2-normalised."""
     return l2_normalize(self.f_out(self._head_input(images, train, 'f')).astype(jnp.float32))
+
+  def embed_projected(self, images: jax.Array, train: bool) -> jax.Array:
+    """MoCo v2's / SimCLR's embedding of image views ``(B, S, S, 3)``: the projection MLP on the
+    trunk, ``(B, embed_dim)`` float32, L2-normalised."""
+    return l2_normalize(self.proj_out(self._head_input(images, train, 'proj')).astype(jnp.float32))
 
   def embed_tiles(self, tiles: jax.Array, train: bool) -> jax.Array:
     """g_hat of the jigsaw views ``(B, num_tiles, T, T, 3)``, tiles in their shuffled order."""

@@ -129,6 +129,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         skip_nonfinite=config.skip_nonfinite_steps,
         method=config.method,
         running_stats_from_images=config.model.bn_running_stats == "images",
+        moco_cfg=config.moco,
+        simclr_cfg=config.simclr,
+        ema_decay=state_lib.ema_decay(config),
+        shuffle_keys=config.moco.shuffle_bn and config.model.batch_norm == "per_device",
     )
     task = loop.Task(
         state=state,
@@ -140,8 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         describe=describe,
         evaluators=evaluators,
         eval_every_steps=config.eval_every_steps,
-        resize=("bank",),
-        derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version},
+        resize=("bank", "key_queue"),
+        derive=state_lib.fields_of_earlier_version(config, abstract_state),
         check_restorable=(
             _check_bank_rows(num_examples, run.checkpointer.directory)
             if methods.uses_bank(config.method)

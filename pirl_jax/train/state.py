@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pirl_jax import key_queue
 from pirl_jax import memory_bank
 from pirl_jax import methods
 from pirl_jax import sharding as sharding_lib
@@ -32,12 +33,43 @@ class TrainState:
   nce_z: jax.Array  # float32 scalar; 0 until estimated at the first NCE step
   rng: jax.Array  # raw uint32 PRNG key for the negatives
   nonfinite_steps: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
+  # An exponential moving average of `params` (`ema_decay`): moco_v2's key (momentum) encoder,
+  # or any method's with config.ema_decay > 0; a float32 0 when neither.
+  ema_params: Any
+  # moco_v2's queue of keys (`key_queue`; K padded to a multiple of the device count, embed_dim),
+  # rows sharded as the bank's; a zero row per device for the other methods.
+  key_queue: jax.Array
 
 
 def tile_stats_of_earlier_version(fields: dict) -> dict:
   """`tile_batch_stats` for a checkpoint written before the state kept them: the image pass's,
   the statistics such a run evaluated tiles with."""
   return {"trunk": jax.tree.map(jnp.copy, fields["batch_stats"]["trunk"])}
+
+
+def ema_decay(config) -> float:
+  """The decay of the parameter EMA in the state: moco_v2's key-encoder momentum, or
+  `config.ema_decay` (0: none)."""
+  if methods.uses_key_queue(config.method):
+    return float(config.moco.momentum)
+  return float(config.get("ema_decay", 0.0))
+
+
+def fields_of_earlier_version(config, abstract: "TrainState") -> dict:
+  """How to derive the fields a checkpoint written by an earlier version lacks: the tile
+  statistics (the image pass's), the EMA (the parameters themselves) and the key queue (zero
+  rows: only methods without one were written before it existed)."""
+
+  def ema(fields):
+    if ema_decay(config) > 0:
+      return jax.tree.map(jnp.copy, fields["params"])
+    return jnp.zeros((), jnp.float32)
+
+  return {
+      "tile_batch_stats": tile_stats_of_earlier_version,
+      "ema_params": ema,
+      "key_queue": lambda fields: jnp.zeros(abstract.key_queue.shape, abstract.key_queue.dtype),
+  }
 
 
 def compute_dtype(name: str):
@@ -79,7 +111,8 @@ def weight_decay_mask(params):
 
 
 def create_optimizer(optim_cfg, learning_rate: float, warmup_steps: int, total_steps: int):
-  """SGD with momentum, masked weight decay, cosine learning rate with optional warmup."""
+  """SGD with momentum and masked weight decay (or LARS, `optim.name='lars'`), cosine learning
+  rate with optional warmup."""
   end_value = learning_rate * optim_cfg.final_learning_rate_fraction
   if warmup_steps > 0:
     schedule = optax.warmup_cosine_decay_schedule(
@@ -93,6 +126,19 @@ def create_optimizer(optim_cfg, learning_rate: float, warmup_steps: int, total_s
     schedule = optax.cosine_decay_schedule(
         learning_rate, decay_steps=total_steps, alpha=optim_cfg.final_learning_rate_fraction
     )
+  if optim_cfg.get("name", "sgd") == "lars":
+    # SimCLR's recipe: LARS, with BatchNorm parameters and biases excluded from both the weight
+    # decay and the trust-ratio adaptation.
+    tx = optax.lars(
+        schedule,
+        weight_decay=optim_cfg.weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        trust_coefficient=optim_cfg.get("lars_trust_coefficient", 0.001),
+        trust_ratio_mask=weight_decay_mask,
+        momentum=optim_cfg.momentum,
+        nesterov=optim_cfg.nesterov,
+    )
+    return tx, schedule
   tx = optax.chain(
       optax.add_decayed_weights(optim_cfg.weight_decay, mask=weight_decay_mask),
       optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
@@ -101,9 +147,12 @@ def create_optimizer(optim_cfg, learning_rate: float, warmup_steps: int, total_s
 
 
 def state_shardings(abstract_state: TrainState, mesh):
-  """Everything replicated except the memory bank, whose rows are split over 'data'."""
+  """Everything replicated except the memory bank and the key queue, whose rows are split over
+  'data'."""
   shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
-  return shardings.replace(bank=sharding_lib.bank_sharding(mesh))
+  return shardings.replace(
+      bank=sharding_lib.bank_sharding(mesh), key_queue=sharding_lib.bank_sharding(mesh)
+  )
 
 
 def _example_inputs(config) -> dict:
@@ -134,6 +183,8 @@ def init_variables(model, rng, config):
     # Both inits draw the trunk from the same `rng`, so the trunks are identical: f's variables
     # plus g's head.
     return {c: {**rotated[c], **variables[c]} for c in variables}
+  if method in methods.TWO_VIEW_METHODS:
+    return init(x["image"], method="embed_projected")
   if method == "jigsaw":
     return init(x["tiles"], method="classify_permutation")
   if method == "rotation":
@@ -152,6 +203,13 @@ def _init_fn(config, model, tx, num_examples: int, num_shards: int):
       else num_shards
   )
 
+  embed_dim = config.model.embed_dim
+  queue_rows = (
+      memory_bank.padded_size(config.moco.queue_size, num_shards)
+      if methods.uses_key_queue(config.method)
+      else num_shards
+  )
+
   def init(rng):
     params_rng, bank_rng, step_rng = jax.random.split(rng, 3)
     variables = init_variables(model, params_rng, config)
@@ -159,7 +217,15 @@ def _init_fn(config, model, tx, num_examples: int, num_shards: int):
     if methods.uses_bank(config.method):
       bank = memory_bank.init_bank(bank_rng, num_examples, config.model.embed_dim, num_rows)
     else:
-      bank = jnp.zeros((num_rows, config.model.embed_dim), jnp.float32)
+      bank = jnp.zeros((num_rows, embed_dim), jnp.float32)
+    if methods.uses_key_queue(config.method):
+      # Its own key, so that the bank methods' draws stay what they were.
+      queue_rng = jax.random.fold_in(bank_rng, 1)
+      queue = key_queue.init_queue(queue_rng, config.moco.queue_size, embed_dim, queue_rows)
+    else:
+      queue = jnp.zeros((queue_rows, embed_dim), jnp.float32)
+    # The key encoder starts as a copy of the query encoder (MoCo).
+    ema = jax.tree.map(jnp.copy, params) if ema_decay(config) > 0 else jnp.zeros((), jnp.float32)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -170,6 +236,8 @@ def _init_fn(config, model, tx, num_examples: int, num_shards: int):
         nce_z=jnp.zeros((), jnp.float32),
         rng=step_rng,
         nonfinite_steps=jnp.zeros((), jnp.int32),
+        ema_params=ema,
+        key_queue=queue,
     )
 
   return init

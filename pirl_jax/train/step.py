@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pirl_jax import key_queue
 from pirl_jax import losses
 from pirl_jax import memory_bank
 from pirl_jax import methods
@@ -197,6 +198,86 @@ def _bank_loss_fn(
   return loss_fn, rng
 
 
+def ema_update(ema, params, decay: float):
+  """``decay * ema + (1 - decay) * params``, leaf by leaf (no gradient)."""
+  return jax.tree.map(
+      lambda e, p: decay * e + (1.0 - decay) * jax.lax.stop_gradient(p).astype(e.dtype),
+      ema,
+      params,
+  )
+
+
+def pair_views(first, second):
+  """(B, ...) and (B, ...) -> (2B, ...) with an example's two views in adjacent rows, so that a
+  device's share of the batch keeps both views of its examples (per-device BatchNorm groups)."""
+  return jnp.stack([first, second], axis=1).reshape((-1,) + first.shape[1:])
+
+
+def _moco_loss_fn(state: TrainState, batch, *, model, moco_cfg, mesh, shuffle_keys: bool):
+  """MoCo v2's loss as a function of params, and the key encoder and keys of this step.
+
+  As MoCo: the key encoder (the EMA of the parameters) first moves towards the current query
+  encoder, then embeds the key views (BatchNorm in training mode; with per-device BatchNorm the
+  key batch is shuffled across devices and un-shuffled after, MoCo's shuffling BN); the queries
+  are scored against their keys and the old queue.
+  """
+  rng, shuffle_rng = jax.random.split(state.rng)
+  key_params = ema_update(state.ema_params, state.params, moco_cfg.momentum)
+  key_views = batch["image_2"]
+  if shuffle_keys:
+    order = jax.random.permutation(shuffle_rng, key_views.shape[0])
+    key_views = key_views[order]
+  keys, _ = model.apply(
+      {"params": key_params, "batch_stats": state.batch_stats},
+      key_views,
+      train=True,
+      mutable=["batch_stats"],
+      method="embed_projected",
+  )
+  if shuffle_keys:
+    keys = keys[jnp.argsort(order)]
+  keys = jax.lax.stop_gradient(keys.astype(jnp.float32))
+
+  def loss_fn(params):
+    queries, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+        method="embed_projected",
+    )
+    loss, metrics = key_queue.moco_loss(
+        queries, keys, state.key_queue, moco_cfg.queue_size, moco_cfg.temperature, mesh
+    )
+    stats = new_vars["batch_stats"]
+    return loss, dict(
+        batch_stats=stats, tile_batch_stats={"trunk": stats["trunk"]}, metrics=metrics
+    )
+
+  return loss_fn, rng, key_params, keys
+
+
+def _simclr_loss_fn(state: TrainState, batch, *, model, simclr_cfg):
+  """SimCLR's NT-Xent as a function of params: both views in one pass over the 2B views."""
+
+  def loss_fn(params):
+    views = pair_views(batch["image"], batch["image_2"])
+    embeddings, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        views,
+        train=True,
+        mutable=["batch_stats"],
+        method="embed_projected",
+    )
+    loss, metrics = losses.nt_xent_loss(embeddings, simclr_cfg.temperature)
+    stats = new_vars["batch_stats"]
+    return loss, dict(
+        batch_stats=stats, tile_batch_stats={"trunk": stats["trunk"]}, metrics=metrics
+    )
+
+  return loss_fn
+
+
 def _classification_loss_fn(state: TrainState, batch, *, model, method: str):
   """The covariant pretext's softmax cross-entropy as a function of params."""
 
@@ -230,6 +311,10 @@ def train_step(
     skip_nonfinite: bool = False,
     running_stats_from_images: bool = True,
     method: str = "pirl",
+    moco_cfg=None,
+    simclr_cfg=None,
+    ema_decay: float = 0.0,
+    shuffle_keys: bool = False,
 ):
   """One pretraining step of `method` (`pirl_jax.methods`): forward, loss, optimizer, bank write.
 
@@ -237,16 +322,22 @@ def train_step(
   rotated image view in place of the tiles. NPID: no transformed view: the image pass, the image
   term of the loss (Z, for NCE, from its scores) and the bank write. The covariant methods
   (jigsaw, rotation, relative_patch): one pass, softmax cross-entropy on the transform's label;
-  their state has an empty bank and no step touches it.
+  their state has an empty bank and no step touches it. MoCo v2: the key encoder (the EMA in
+  the state) moves towards the query encoder and embeds the key views, InfoNCE of the queries
+  against their keys and the old queue (`key_queue`), the optimizer step, then the keys replace
+  the oldest rows of the queue. SimCLR: NT-Xent over the batch's 2B views, one pass.
+
+  Any other method with `ema_decay` > 0 keeps an EMA of its parameters, updated after the
+  optimizer step (`state.ema_params`).
 
   The order matters: both loss terms score against the *old* bank rows; only the image
   embedding f(v_I) is written, after the gradient step, without gradient. On a `mesh` the bank
   stays row-sharded throughout (`memory_bank.score` / `update`); None runs on plain arrays.
 
   With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves params,
-  batch_stats, opt_state, bank and nce_z as they were; the step counter and the negatives' key
-  still advance (so the data and the randomness of later steps do not depend on skips) and
-  `nonfinite_steps` counts it. The optimizer's own step count is part of the kept state, so its
+  batch_stats, opt_state, bank, nce_z, the EMA and the key queue as they were; the step counter
+  and the negatives' key still advance (so the data and the randomness of later steps do not
+  depend on skips) and `nonfinite_steps` counts it. The optimizer's own step count is part of the kept state, so its
   learning-rate schedule runs one step behind `state.step` per skipped step.
 
   Running statistics (only evaluation reads them; training normalises each pass with its own
@@ -273,6 +364,12 @@ def train_step(
         running_stats_from_images=running_stats_from_images,
         method=method,
     )
+  elif method == "moco_v2":
+    loss_fn, rng, key_params, keys = _moco_loss_fn(
+        state, batch, model=model, moco_cfg=moco_cfg, mesh=mesh, shuffle_keys=shuffle_keys
+    )
+  elif method == "simclr":
+    loss_fn, rng = _simclr_loss_fn(state, batch, model=model, simclr_cfg=simclr_cfg), state.rng
   else:
     loss_fn, rng = _classification_loss_fn(state, batch, model=model, method=method), state.rng
 
@@ -290,6 +387,13 @@ def train_step(
           aux["z_batch"],
       )
 
+  ema_params, queue = state.ema_params, state.key_queue
+  if method == "moco_v2":
+    ema_params = key_params
+    queue = key_queue.write(state.key_queue, keys, state.step, moco_cfg.queue_size, mesh)
+  elif ema_decay > 0:
+    ema_params = ema_update(state.ema_params, params, ema_decay)
+
   metrics = {
       "loss": loss,
       **aux["metrics"],
@@ -303,6 +407,8 @@ def train_step(
       opt_state=opt_state,
       bank=bank,
       nce_z=nce_z,
+      ema_params=ema_params,
+      key_queue=queue,
   )
   nonfinite_steps = state.nonfinite_steps
   if skip_nonfinite:
@@ -314,6 +420,8 @@ def train_step(
         opt_state=state.opt_state,
         bank=state.bank,
         nce_z=state.nce_z,
+        ema_params=state.ema_params,
+        key_queue=state.key_queue,
     )
     learned = jax.tree.map(lambda new, prev: jnp.where(ok, new, prev), learned, old)
     nonfinite_steps = nonfinite_steps + jnp.where(ok, 0, 1).astype(nonfinite_steps.dtype)
