@@ -66,7 +66,7 @@ def test_no_module_imports_itself_through_others():
 # Lowest first: a module may import its own layer and those below it, never one above.
 LAYERS = (
     ("user_errors", "storage", "sharding", "signals", "methods", "distributed", "config_blocks"),
-    ("data", "models", "losses", "memory_bank"),
+    ("data", "models", "losses", "memory_bank", "key_queue"),
     ("checkpointing", "configuration", "preflight", "trunk_init", "inference"),
     ("train",),
     ("eval",),

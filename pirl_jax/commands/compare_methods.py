@@ -45,6 +45,8 @@ TITLES = {
     "pirl": "PIRL (jigsaw)",
     "pirl_rotation": "PIRL (rotation)",
     "npid": "NPID",
+    "moco_v2": "MoCo v2",
+    "simclr": "SimCLR",
     "jigsaw": "Jigsaw",
     "rotation": "RotNet",
     "relative_patch": "Relative patch",
@@ -133,7 +135,7 @@ def markdown_table(rows: dict[str, dict[int, dict]], header: str) -> str:
   for name, by_seed in rows.items():
     kind = (
         "invariant"
-        if name in methods_lib.BANK_METHODS
+        if name in methods_lib.BANK_METHODS + methods_lib.TWO_VIEW_METHODS
         else "covariant"
         if name in methods_lib.CLASSIFICATION_METHODS
         else "reference"
@@ -208,7 +210,7 @@ def plot(rows: dict[str, dict[int, dict]], path, title: str) -> None:
       mean, std = _mean_std(values)
       color = (
           "tab:blue"
-          if name in methods_lib.BANK_METHODS
+          if name in methods_lib.BANK_METHODS + methods_lib.TWO_VIEW_METHODS
           else "tab:orange"
           if name in methods_lib.CLASSIFICATION_METHODS
           else "tab:gray"
