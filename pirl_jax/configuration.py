@@ -280,7 +280,8 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
           ),
           (
               "moco.queue_size",
-              config.moco.queue_size >= config.global_batch_size,
+              not methods.uses_key_queue(config.method)
+              or config.moco.queue_size >= config.global_batch_size,
               f"must be >= global_batch_size={config.global_batch_size} (each step enqueues "
               "a batch of keys)",
           ),

@@ -849,7 +849,7 @@ def test_a_workdir_written_before_tile_statistics_restores(tmp_path):
   with pytest.raises(checkpointing.CheckpointMismatchError, match="tile_batch_stats"):
     reader.restore(0, target)  # without a way to derive it, a missing field is a mismatch
   restored = reader.restore(
-      0, target, derive={"tile_batch_stats": state_lib.tile_stats_of_earlier_version}
+      0, target, derive=state_lib.fields_of_earlier_version(_step_config(), target)
   )
   reader.close()
   assert isinstance(restored, state_lib.TrainState)
@@ -859,6 +859,9 @@ def test_a_workdir_written_before_tile_statistics_restores(tmp_path):
     assert set(a) == set(b), name
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}.{key}")
+  # No EMA and no key queue in this method: the placeholders.
+  assert np.asarray(restored.ema_params).shape == () and not np.any(restored.key_queue)
+  assert restored.key_queue.shape == start.key_queue.shape
   a, b = _flat(restored.tile_batch_stats["trunk"]), _flat(start.batch_stats["trunk"])
   assert set(a) == set(b)
   for key in a:

@@ -255,7 +255,7 @@ def test_checkpoint_roundtrip_is_identical(tmp_path):
         ("loss.kind", "ntxent", "config.loss.kind='ntxent'"),
         ("loss.temperature", 0.0, "config.loss.temperature"),
         ("data.source", "s3", "config.data.source='s3'"),
-        ("method", "simclr", "config.method='simclr'"),
+        ("method", "byol", "config.method='byol'"),
     ],
 )
 def test_config_errors_name_the_field(field, value, message):

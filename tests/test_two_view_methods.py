@@ -178,7 +178,7 @@ _RUNS = {}
 
 
 def _run_steps(config, num_devices, num_steps=2):
-  key = (config.method, num_devices, num_steps, config.model.batch_norm)
+  key = (config.method, num_devices, num_steps, config.model.batch_norm, config.ema_decay)
   if key in _RUNS:
     return _RUNS[key]
   mesh = sharding_lib.create_mesh(jax.devices()[:num_devices])
