@@ -355,6 +355,19 @@ def test_help_of_a_command_that_shares_main_py_flags_lists_its_own_with_status_0
   )
   assert helped.returncode == 0, helped.stderr[-3000:]
   assert "--pirl:" in helped.stdout and "--verbosity" in helped.stdout, helped.stdout
+  assert helped.stderr == "", helped.stderr  # as quiet as main.py: no TensorFlow load notices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "module", ["probe", "compare_methods", "curves", "invariance", "export", "synthetic"]
+)
+def test_every_module_command_is_as_quiet_as_main_py(module, tmp_path):
+  helped = _run(["--help"], tmp_path, module=f"pirl_jax.commands.{module}")
+  assert helped.returncode == 0, helped.stderr[-3000:]
+  assert helped.stderr == "", helped.stderr
+  verbose = _run(["--help", "--verbosity=1"], tmp_path, module=f"pirl_jax.commands.{module}")
+  assert "oneDNN custom operations" in verbose.stderr  # kept for whoever asks for it
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli_in_process
+from pirl_jax.commands import synthetic as synthetic_command
 from pirl_jax.data import isic
 from pirl_jax.data import paths
 from pirl_jax.data import synthetic
@@ -258,38 +260,40 @@ def test_concurrent_ensure_synthetic_calls_agree(tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == [roots[0].name]  # no temporary folders left
 
 
-def test_cli_writes_the_set_and_reports_where_and_how_long(tmp_path, capsys):
+def test_the_command_writes_the_set_and_reports_where_and_how_long(tmp_path, capsys, monkeypatch):
   out = tmp_path / "cli"
-  synthetic.main(
-      [
-          "--out",
-          str(out),
-          "--seed",
-          "2",
-          "--num-train",
-          "5",
-          "--num-val",
-          "2",
-          "--num-test",
-          "3",
-          "--num-unlabeled",
-          "4",
-      ]
+  counts = ["--num_train=5", "--num_val=2", "--num_test=3", "--num_unlabeled=4"]
+  code, printed, _ = cli_in_process.command_in_process(
+      synthetic_command.main,
+      ["synthetic.py", f"--out={out}", "--seed=2", *counts],
+      capsys,
+      monkeypatch,
   )
-  printed = capsys.readouterr().out
+  assert code == 0
   assert str(out) in printed and re.search(r"in \d+\.\d s", printed)
   assert synthetic.is_complete(out)
   assert len(list(out.rglob("*.jpg"))) == 14
   assert json.loads((out / synthetic.COMPLETE_MARKER).read_text())["seed"] == 2
+  in_process = synthetic.generate(
+      tmp_path / "api", seed=2, num_train=5, num_val=2, num_test=3, num_unlabeled=4
+  )
+  assert _files(out) == _files(in_process)
 
 
-def test_runs_as_a_module_and_writes_what_generate_writes(tmp_path, capsys):
-  # The arguments of `python -m pirl_jax.data.synthetic ...`, in this process.
-  counts = ["--num-train", "3", "--num-val", "1", "--num-test", "2"]
-  synthetic.main(["--out", str(tmp_path / "cli"), "--seed", "4", *counts])
-  assert capsys.readouterr().out.startswith(f"wrote 6 synthetic images to {tmp_path / 'cli'} in ")
-  in_process = synthetic.generate(tmp_path / "api", seed=4, num_train=3, num_val=1, num_test=2)
-  assert _files(tmp_path / "cli") == _files(in_process)
+@pytest.mark.parametrize(
+    "args,message",
+    [([], "--out is required"), (["--out={nonempty}"], "is not empty; give a new or empty folder")],
+)
+def test_the_command_names_a_missing_or_used_out_folder(args, message, tmp_path, capsys, monkeypatch):
+  nonempty = tmp_path / "used"
+  nonempty.mkdir()
+  (nonempty / "notes.txt").write_text("mine")
+  argv = ["synthetic.py", *(a.format(nonempty=nonempty) for a in args)]
+  code, _, err = cli_in_process.command_in_process(
+      synthetic_command.main, argv, capsys, monkeypatch
+  )
+  assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+  assert (nonempty / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,15 @@ and `invariance`, each `python -m pirl_jax.commands.<name>`; `program` is how ea
 Importing a command takes seconds (jax, TensorFlow) before `program.run_program` installs its
 SIGTERM handler; a SIGTERM in that time would end the process silently with status 143, so a
 small handler is installed here first, before those imports: a message and exit status 0.
+
+TensorFlow is then imported here, once, with its load-time notices kept off the terminal
+(`program.import_tensorflow`): every command's modules import it (tf.data, clu), and by the time
+`program.run_program` runs, a command started with `python -m` would already have printed them.
 """
 
 import os
 import signal
+import sys
 import threading
 
 
@@ -30,3 +35,8 @@ if threading.current_thread() is threading.main_thread() and signal.getsignal(si
 ):
   _STDERR = os.dup(2)
   signal.signal(signal.SIGTERM, _stop_while_importing)
+
+# After the handler: this import is what takes the seconds.
+from pirl_jax.commands import program as _program  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_program.import_tensorflow(_program.argv_verbosity(sys.argv))

@@ -78,6 +78,23 @@ _TF_LOAD_NOTICES = (
 )
 
 
+def argv_verbosity(argv) -> int:
+  """--verbosity (or -v) as given on the command line, before the flags are parsed; 0 if absent."""
+  for i, arg in enumerate(argv):
+    for name in ("--verbosity", "-verbosity", "--v", "-v"):
+      if arg == name and i + 1 < len(argv):
+        value = argv[i + 1]
+      elif arg.startswith(name + "="):
+        value = arg.split("=", 1)[1]
+      else:
+        continue
+      try:
+        return int(value)
+      except ValueError:
+        return 0  # absl names the bad value when it parses the flags
+  return 0
+
+
 def import_tensorflow(verbosity: int = 0):
   """Imports TensorFlow, dropping its load-time notices from stderr unless --verbosity >= 1.
 

@@ -17,15 +17,11 @@ flat)::
       ISIC-2017_Test_v2_Part3_GroundTruth.csv
       SYNTHETIC_COMPLETE.json                      (written last)
 
-Command line::
-
-    python -m pirl_jax.data.synthetic --out DIR [--seed S --num-train 2000
-        --num-val 150 --num-test 600 --num-unlabeled M --workers N]
+Command line: `python -m pirl_jax.commands.synthetic` (pirl_jax/commands/synthetic.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -283,36 +279,3 @@ def ensure_synthetic(
     return path
   logging.info("synthetic set: wrote %s in %.1f s", path, time.monotonic() - start)
   return path
-
-
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m pirl_jax.data.synthetic",
-      description="Write the synthetic dermoscopy set in the ISIC 2017 Part 3 layout.",
-  )
-  parser.add_argument("--out", required=True, help="destination folder (absent or empty)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--num-train", type=int, default=2000)
-  parser.add_argument("--num-val", type=int, default=150)
-  parser.add_argument("--num-test", type=int, default=600)
-  parser.add_argument("--num-unlabeled", type=int, default=0)
-  parser.add_argument(
-      "--workers", type=int, default=None, help="rendering threads (default: CPU count, at most 8)"
-  )
-  args = parser.parse_args(argv)
-  start = time.monotonic()
-  out = generate(
-      args.out,
-      seed=args.seed,
-      num_train=args.num_train,
-      num_val=args.num_val,
-      num_test=args.num_test,
-      num_unlabeled=args.num_unlabeled,
-      workers=args.workers,
-  )
-  total = args.num_train + args.num_val + args.num_test + args.num_unlabeled
-  print(f"wrote {total} synthetic images to {out} in {time.monotonic() - start:.1f} s")
-
-
-if __name__ == "__main__":
-  main()
