@@ -385,6 +385,20 @@ def test_help_lists_the_commands_own_flags_with_status_0(module, flag, capsys, m
   assert flag in out and "--verbosity" in out, out
 
 
+def test_orbaxs_item_metadata_notice_is_dropped_and_other_warnings_kept():
+  from pirl_jax.commands import program  # pylint: disable=g-import-not-at-top
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  def record(message):
+    return std_logging.LogRecord("absl", std_logging.WARNING, "orbax/x.py", 1, message, (), None)
+
+  keep = program._ProjectOnly()  # pylint: disable=protected-access
+  notice = "Metadata file does not exist: /w/checkpoints/620/default/_CHECKPOINT_METADATA"
+  assert not keep.filter(record(notice))
+  assert keep.filter(record("Metadata file does not exist: /w/checkpoints/620/_METADATA"))
+  assert keep.filter(record("checkpoint 620 is damaged; restoring 600"))
+
+
 def test_importing_the_commands_defines_no_flags():
   # Flags defined at import would clash with the command that runs in the same process.
   import importlib  # pylint: disable=g-import-not-at-top

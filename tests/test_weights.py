@@ -443,6 +443,7 @@ def test_export_command_writes_the_trunk_with_its_provenance(
   assert code == 0, err[-3000:]
   assert f"of resnet_tiny at width 1 from {tiny_pretraining.workdir} (step 4) to {out}" in stdout
   assert out.stat().st_mode & 0o777 == 0o644  # the user's umask, as any file they write
+  assert "_CHECKPOINT_METADATA" not in err and "WARNING" not in err, err  # no Orbax chatter
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
   with safe_open(str(out), framework="numpy") as f:

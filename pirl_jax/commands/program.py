@@ -30,6 +30,16 @@ _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent.parent)  # pirl_jax/,
 _OWN_FILES = (_PACKAGE_DIR,)
 
 
+def _is_item_metadata_notice(record: std_logging.LogRecord) -> bool:
+  """Orbax's warning that an item folder has no _CHECKPOINT_METADATA of its own: this project
+  restores items (`<step>/default`) whose step metadata sits one folder up, as Orbax writes it;
+  nothing is missing, and the checksums are verified separately."""
+  message = record.getMessage()
+  return message.startswith("Metadata file does not exist") and message.endswith(
+      "_CHECKPOINT_METADATA"
+  )
+
+
 class _ProjectOnly(std_logging.Filter):
   """Keeps warnings and errors from anywhere, but INFO only from this project's modules."""
 
@@ -38,6 +48,8 @@ class _ProjectOnly(std_logging.Filter):
     self._own = _OWN_FILES + tuple(str(pathlib.Path(f).resolve()) for f in entry_files)
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if _is_item_metadata_notice(record):
+      return False
     if record.levelno >= std_logging.WARNING:
       return True
     return record.pathname.startswith(self._own)
